@@ -373,6 +373,17 @@ def preflight_model(path: str, *, dtype: Any = "bfloat16", device: Any = "cpu", 
 
 
 # --------------------------------------------------------------------------- load
+def checkpoint_dir(src: ModelSource, *, trust_remote_code: bool = False) -> Path:
+    """Local directory holding the weights of a preflighted source (downloads them for a hub id)."""
+    if src.kind != "hub":
+        return src.directory
+    weight_patterns = (["*.safetensors", "model.safetensors.index.json"] if src.weights_format == "safetensors"
+                       else ["*.bin", "pytorch_model.bin.index.json"])
+    extra = ["*.py"] if trust_remote_code else []
+    return _hub_snapshot(src.hub_id, _HUB_META_PATTERNS + weight_patterns + extra,
+                         f"model path {src.spec!r} (Hugging Face hub id)")
+
+
 def load_model(path: str, *, dtype: Any = "bfloat16", device: Any = "cpu", allow_pickle: bool = False,
                trust_remote_code: bool = False):
     """Load ``(model, tokenizer)`` from ``zoo:NAME``, a local directory or a hub id (see module docstring).
@@ -389,13 +400,8 @@ def load_model(path: str, *, dtype: Any = "bfloat16", device: Any = "cpu", allow
                           trust_remote_code=trust_remote_code)
     for note in src.warnings:
         warnings.warn(note, LoadingWarning, stacklevel=2)
-    directory = src.directory
+    directory = checkpoint_dir(src, trust_remote_code=trust_remote_code)
     where = f"model path {src.spec!r}"
-    if src.kind == "hub":
-        weight_patterns = (["*.safetensors", "model.safetensors.index.json"] if src.weights_format == "safetensors"
-                           else ["*.bin", "pytorch_model.bin.index.json"])
-        extra = ["*.py"] if trust_remote_code else []
-        directory = _hub_snapshot(src.hub_id, _HUB_META_PATTERNS + weight_patterns + extra, where)
     torch_dtype = "auto" if src.dtype == "auto" else getattr(torch, src.dtype)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*weights_only.*")
@@ -479,5 +485,6 @@ def describe_model(model) -> dict:
     }
 
 
-__all__ = ["load_model", "preflight_model", "zoo_path", "zoo_names", "describe_model", "ModelSource",
+__all__ = ["load_model", "preflight_model", "zoo_path", "zoo_names", "describe_model", "checkpoint_dir",
+           "ModelSource",
            "LoadingWarning", "ZOO_DIR"]

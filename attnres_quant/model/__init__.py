@@ -17,6 +17,11 @@ class FLATransformerConfig(AttnResConfig):
 
     model_type = "transformer"
 
+    def __init__(self, **kwargs):
+        # Needed: transformers 5 replaces the __init__ of a config subclass that defines
+        # none with a dataclass-field init that skips AttnResConfig.__init__ entirely.
+        super().__init__(**kwargs)
+
 
 class FLATransformerForCausalLM(AttnResForCausalLM):
     config_class = FLATransformerConfig
