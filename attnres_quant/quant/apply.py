@@ -1,0 +1,239 @@
+"""Apply a variant to a fresh copy of the baseline: ``quantize(model, variant, calibration)``."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from .depth import set_kv_cache, set_softmax, set_sources
+from .plan import Plan, resolve_plan
+from .policy import FLOAT_WEIGHTS, Variant
+from .rtn import add_activation_quantizer, fake_quantize_weight
+
+_FLOAT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class QuantizedModel:
+    model: nn.Module
+    plan: Plan
+    simulated: bool  # True when the quantized Linear layers are simulated (quantize-dequantize)
+    kernel: str  # e.g. "simulated-rtn", "simulated-gptq", "bitsandbytes-nf4", "torchao-int8-dynamic"
+    weight_bytes: int  # bytes of weights as stored (packed int4 = 0.5 byte/weight + scales)
+    avg_bits: float  # bits per weight incl. scale overhead
+    simulated_parts: list[str] = field(default_factory=list)  # simulated pieces inside a real-kernel variant
+    notes: list[str] = field(default_factory=list)
+
+    def info(self) -> dict:
+        return {"variant": self.plan.variant.name, "method": self.plan.variant.method, "simulated": self.simulated,
+                "kernel": self.kernel, "weight_bytes": self.weight_bytes, "avg_bits": self.avg_bits,
+                "simulated_parts": self.simulated_parts, "notes": self.notes}
+
+
+def calibration_batches(calibration, vocab_size: int, n: int = 8, seq_len: int = 64, seed: int = 0,
+                        device=None) -> tuple[list[torch.Tensor], str | None]:
+    """Normalise calibration input to a list of LongTensor [B, T]; random tokens when None."""
+    note = None
+    if calibration is None:
+        g = torch.Generator().manual_seed(seed)
+        calibration = torch.randint(0, vocab_size, (n, seq_len), generator=g)
+        note = (f"no calibration data given: {n} random token sequences of length {seq_len} were used "
+                "(pass calibration=token ids for meaningful GPTQ/static scales)")
+    if isinstance(calibration, torch.Tensor):
+        batches = [calibration if calibration.dim() == 2 else calibration.unsqueeze(0)]
+    else:
+        batches = []
+        for item in calibration:
+            if isinstance(item, dict):
+                item = item["input_ids"]
+            t = torch.as_tensor(item)
+            batches.append(t if t.dim() == 2 else t.unsqueeze(0))
+    if device is not None:
+        batches = [b.to(device) for b in batches]
+    return batches, note
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def _run(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    for b in batches:
+        model(input_ids=b, use_cache=False)
+
+
+def _untie(model: nn.Module, plan: Plan) -> None:
+    """Give a tensor its own storage when two rows share it but get different treatment."""
+    seen: set[int] = set()
+    for row in plan.weight_rows():
+        w = row.part.module.weight
+        ptr = w.data_ptr()
+        if ptr in seen and row.tied_to is None:
+            row.part.module.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
+            if hasattr(model.config, "tie_word_embeddings"):
+                model.config.tie_word_embeddings = False
+        seen.add(ptr)
+
+
+def quantize(model: nn.Module, variant: Variant, calibration=None, *, source: str = "config",
+             inplace: bool = False) -> QuantizedModel:
+    """Quantize a fresh deep copy of ``model`` (the baseline is never touched) according to ``variant``.
+
+    ``calibration``: token ids (LongTensor [N, T], a list of them, or dicts with ``input_ids``) for GPTQ
+    and static activation scales; random tokens (and a note) when None and needed.
+    """
+    resolve_plan(model, variant, source)  # every policy error before any model work
+    method = variant.method
+    if method == "torchao":
+        from .torchao_method import check_torchao_device
+
+        check_torchao_device([r.precision for r in resolve_plan(model, variant, source).weight_rows()
+                              if r.method == "torchao"], _device(model))
+    qmodel = model if inplace else copy.deepcopy(model)
+    qmodel.eval()
+    plan = resolve_plan(qmodel, variant, source)
+    mdtype = _model_dtype(qmodel)
+    notes: list[str] = list(plan.notes)
+    simulated_parts: list[str] = []
+    _untie(qmodel, plan)
+
+    # 1. depth path and KV cache hooks (simulated; set first so calibration sees them).
+    for row in plan.rows:
+        if row.is_weight:
+            continue
+        res, module = row.resolved, row.part.module
+        if row.component == "depth.softmax":
+            set_softmax(module, res.compute)
+        elif row.component == "depth.sources":
+            set_sources(module, res.storage, mdtype)
+        elif row.component == "attn.kv_cache":
+            set_kv_cache(module, res.storage, mdtype)
+        if row.method == "sim":
+            simulated_parts.append(f"{row.component}@{row.name}={row.precision}")
+
+    weight_rows = [r for r in plan.weight_rows() if r.tied_to is None]
+    needs_calib = any(r.method == "gptq" for r in weight_rows) or any(
+        r.resolved.activation in ("int8", "int4") and r.resolved.activation_scheme == "static" for r in weight_rows
+        if r.part.is_linear)
+    batches: list[torch.Tensor] = []
+    if needs_calib:
+        batches, note = calibration_batches(calibration, int(qmodel.config.vocab_size), device=_device(qmodel))
+        if note:
+            notes.append(note)
+
+    # 2. GPTQ (llm-compressor) on the Linear rows that ask for it.
+    gptq_groups: dict[tuple, list[str]] = {}
+    for r in weight_rows:
+        if r.method == "gptq":
+            key = (r.precision, r.resolved.group_size if r.resolved.group_size and
+                   r.resolved.group_size < r.part.shape[-1] else None, bool(r.resolved.symmetric))
+            gptq_groups.setdefault(key, []).append(r.part.name)
+    if gptq_groups:
+        from .gptq import gptq_quantize
+
+        opts = variant.options
+        gptq_quantize(qmodel, gptq_groups, batches, block_size=int(opts.get("block_size", 128)),
+                      dampening=float(opts.get("dampening", 0.01)), actorder=opts.get("actorder", "static"))
+
+    # 3. RTN / float casts.
+    with torch.no_grad():
+        for r in weight_rows:
+            w = r.part.module.weight
+            if r.method == "cast":
+                w.data.copy_(w.data.to(_FLOAT[r.precision]).to(w.dtype))
+            elif r.method == "rtn":
+                w.data.copy_(fake_quantize_weight(w.data, r.precision, r.resolved.group_size,
+                                                  bool(r.resolved.symmetric)))
+            if r.method in ("cast", "rtn") and method in ("bnb", "torchao"):
+                simulated_parts.append(f"{r.name}={r.precision}")
+
+    # 4. Activation quantizers (simulated) on Linear inputs; static scales from calibration.
+    static = []
+    for r in plan.weight_rows():
+        a = r.resolved.activation
+        if r.part.is_linear and a in ("int8", "int4") and method in ("rtn", "gptq"):
+            q = add_activation_quantizer(r.part.module, a, r.resolved.activation_scheme)
+            if q.scheme == "static":
+                static.append(q)
+    if static:
+        _run(qmodel, batches)
+        for q in static:
+            q.freeze()
+
+    # 5. Real kernels.
+    kernel = {"none": "none", "rtn": "simulated-rtn", "gptq": "simulated-gptq"}.get(method, "")
+    weight_bytes = plan.summary()["weight_bytes"]
+    if method == "bnb":
+        from .bnb import apply_bnb, bnb_weight_bytes
+
+        targets = {r.part.name: (r.precision, r.resolved.group_size) for r in weight_rows if r.method == "bnb"}
+        real = apply_bnb(qmodel, targets, threshold=float(variant.options.get("threshold", 6.0)))
+        planned = sum(r.numel * r.bits for r in weight_rows if r.method == "bnb") / 8
+        weight_bytes = int(weight_bytes - planned + real)
+        kinds = sorted({p for p, _ in targets.values()})
+        kernel = "bitsandbytes-" + "+".join(kinds) if kinds else "none"
+        del bnb_weight_bytes
+    elif method == "torchao":
+        from .torchao_method import apply_torchao
+
+        targets = {r.part.name: (r.precision, r.resolved.activation, r.resolved.group_size)
+                   for r in weight_rows if r.method == "torchao"}
+        kinds = apply_torchao(qmodel, targets)
+        kernel = "torchao-" + "+".join(sorted(kinds)) if kinds else "none"
+    if kernel == "none" and simulated_parts:
+        kernel = "simulated-depth"
+    simulated = method in ("rtn", "gptq") or (method == "none" and bool(simulated_parts))
+    if method in ("bnb", "torchao") and simulated_parts:
+        notes.append("simulated inside a real-kernel variant: " + ", ".join(simulated_parts[:8]) +
+                     (" ..." if len(simulated_parts) > 8 else ""))
+    s = plan.summary()
+    return QuantizedModel(qmodel, plan, simulated, kernel, int(weight_bytes), float(s["avg_bits"]),
+                          simulated_parts, notes)
+
+
+def layer_output_error(baseline: nn.Module, quantized: nn.Module, batches: list[torch.Tensor],
+                       names: list[str] | None = None) -> dict[str, float]:
+    """Relative squared error ||W'x - Wx||^2 / ||Wx||^2 of every Linear (or ``names``) on the
+    baseline's own inputs to that Linear (so errors do not compound across layers)."""
+    inputs: dict[str, list[torch.Tensor]] = {}
+    hooks = []
+    base_mods = dict(baseline.named_modules())
+    q_mods = dict(quantized.named_modules())
+    names = names or [n for n, m in base_mods.items() if isinstance(m, nn.Linear) and n in q_mods]
+    for n in names:
+        hooks.append(base_mods[n].register_forward_pre_hook(
+            lambda m, args, n=n: inputs.setdefault(n, []).append(args[0].detach())))
+    try:
+        _run(baseline, batches)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    with torch.no_grad():
+        for n in names:
+            num = den = 0.0
+            for x in inputs.get(n, []):
+                ref = base_mods[n](x).float()
+                got = q_mods[n](x).float()
+                num += (got - ref).pow(2).sum().item()
+                den += ref.pow(2).sum().item()
+            out[n] = num / den if den else 0.0
+    return out
+
+
+__all__ = ["QuantizedModel", "quantize", "calibration_batches", "layer_output_error", "FLOAT_WEIGHTS",
+           "UserError"]

@@ -1,0 +1,379 @@
+"""Resolve a variant against a model: the precision of every tensor and computation,
+and which rule decided it.
+
+Semantics (docs/quantization.md):
+
+* every part starts at the baseline (``weight: keep``, softmax fp32, sources as the model
+  dtype, activations unquantized);
+* ``default`` applies to every part whose method can provide it, except the
+  ``embed``, ``norm`` and ``lm_head`` components (kept at baseline unless a rule names
+  them -- the usual practice of weight-only quantization studies); where the method
+  cannot provide the default for a part (e.g. bnb's nf4 on a pseudo-query, which is not
+  a module call) the part keeps its baseline precision and the plan says so;
+* rules apply in order, each setting only the fields it names; later rules win;
+* a rule that matches nothing, names an unknown component, asks a precision the method
+  cannot provide for a part it matches, or changes nothing is a UserError.  A rule that
+  selects only ``depth.*`` components on a model without a depth path (standard
+  residual, Llama) is skipped and noted, so one variant can serve AttnRes and
+  standard models in the same study.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from .components import LINEAR_COMPONENTS, Part, is_attnres, num_layers, resolve_components
+from .policy import (
+    ACT_FIELDS,
+    FLOAT_WEIGHTS,
+    WEIGHT_FIELDS,
+    Precision,
+    Variant,
+    activation_capability,
+    check_variant,
+    component_matches,
+    method_fix,
+    selected_layers,
+    weight_capability,
+)
+
+DEFAULT_EXCLUDED = ("embed", "norm", "lm_head")
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_BITS = {"fp32": 32, "bf16": 16, "fp16": 16, "int8": 8, "int4": 4, "nf4": 4, "fp4": 4}
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+@dataclass
+class Resolved:
+    """Effective precision of one part."""
+
+    weight: str | None = None  # None: keep baseline
+    group_size: int | None = None
+    symmetric: bool = True
+    activation: str | None = None  # None / float name: unquantized
+    activation_scheme: str = "dynamic"
+    compute: str | None = None  # depth.softmax
+    storage: str | None = None  # depth.sources / attn.kv_cache
+    decided_by: dict[str, str] = field(default_factory=dict)  # field -> rule label
+
+
+@dataclass
+class PlanRow:
+    component: str
+    layer: int | None
+    name: str  # tensor name (weights) or module name (computations)
+    method: str  # rtn | gptq | bnb | torchao | cast | keep | sim (simulated depth/kv hooks)
+    precision: str  # weight precision, or compute/storage precision of a computation
+    granularity: str  # per-channel sym, g128 asym, per-token, -
+    activation: str  # activation precision and scheme, or -
+    rule: str  # the rule(s) that decided it
+    numel: int = 0
+    bits: float = 0.0  # bits per weight incl. scale/zero overhead (weights only)
+    tied_to: str | None = None  # the same storage as an earlier row (counted once)
+    part: Part | None = field(default=None, repr=False, compare=False)
+    resolved: Resolved | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def is_weight(self) -> bool:
+        return self.part is None or self.part.kind == "weight"
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("component", "layer", "name", "method", "precision", "granularity",
+                                              "activation", "rule", "numel", "bits", "tied_to")}
+
+
+@dataclass
+class Plan:
+    variant: Variant
+    rows: list[PlanRow]
+    notes: list[str] = field(default_factory=list)
+    model_dtype: str = "bf16"
+
+    def weight_rows(self) -> list[PlanRow]:
+        return [r for r in self.rows if r.is_weight]
+
+    def summary(self) -> dict:
+        """avg bits per weight (incl. scale overhead) and total weight bytes (tied tensors once)."""
+        rows = [r for r in self.weight_rows() if r.tied_to is None]
+        n = sum(r.numel for r in rows)
+        bits = sum(r.numel * r.bits for r in rows)
+        by_prec: dict[str, int] = {}
+        for r in rows:
+            by_prec[r.precision] = by_prec.get(r.precision, 0) + r.numel
+        return {"variant": self.variant.name, "method": self.variant.method, "n_weights": n,
+                "avg_bits": bits / n if n else 0.0, "weight_bytes": int(math.ceil(bits / 8)),
+                "weights_by_precision": by_prec}
+
+    def row(self, name: str) -> PlanRow:
+        for r in self.rows:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+    def to_table(self) -> str:
+        head = ("component", "layer", "tensor / computation", "method", "precision", "granularity", "activation",
+                "rule")
+        body = [(r.component, "-" if r.layer is None else str(r.layer), r.name + (f" (tied to {r.tied_to})"
+                 if r.tied_to else ""), r.method, r.precision, r.granularity, r.activation, r.rule)
+                for r in self.rows]
+        widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+        lines += [fmt.format(*b) for b in body]
+        s = self.summary()
+        lines.append("")
+        lines.append(f"summary: {s['n_weights']:,} weights, {s['avg_bits']:.3f} bits/weight on average "
+                     f"(incl. scales), {s['weight_bytes']:,} bytes of weights")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- bits
+def weight_bits(method: str, precision: str, shape: tuple[int, ...], group_size: int | None, symmetric: bool,
+                baseline_bits: int) -> float:
+    """Bits per weight as stored, including scale (and zero-point) overhead."""
+    if precision in FLOAT_WEIGHTS:
+        return float(min(_BITS[precision], baseline_bits))
+    cols = shape[-1] if shape else 1
+    if method == "bnb":
+        if precision == "int8":  # LLM.int8: int8 + one fp32 scale per output row
+            return 8 + 32 / cols
+        block = group_size or 64  # nf4/fp4: fp32 absmax per block
+        return 4 + 32 / block
+    group = effective_group(shape, group_size)
+    bits = _BITS[precision]
+    overhead = 16 + (0 if symmetric else (16 if method == "torchao" else bits))  # bf16 scale (+ zero point)
+    if method == "torchao" and precision == "int4":
+        overhead = 32  # bf16 scale and zero per group
+    return bits + overhead / group
+
+
+def effective_group(shape: tuple[int, ...], group_size: int | None) -> int:
+    """Elements sharing one scale: the group, or the whole row (per-channel; 1-D: per-tensor)."""
+    cols = shape[-1] if shape else 1
+    if group_size is None or group_size >= cols:
+        return cols
+    return group_size
+
+
+def granularity(shape: tuple[int, ...], group_size: int | None, symmetric: bool) -> str:
+    sym = "sym" if symmetric else "asym"
+    if len(shape) <= 1:
+        return f"per-tensor {sym}" if group_size is None or group_size >= (shape[0] if shape else 1) else \
+            f"g{group_size} {sym}"
+    if group_size is None or group_size >= shape[-1]:
+        return f"per-channel {sym}"
+    return f"g{group_size} {sym}"
+
+
+# --------------------------------------------------------------------------- resolve
+def _matches(rule, part: Part, n_layers: int) -> bool:
+    if not component_matches(rule.select, part.component):
+        return False
+    if rule.layers is not None:
+        layers = selected_layers(rule.layers, n_layers)
+        if part.layer is None or part.layer not in layers:
+            return False
+    if rule.modules is not None and not re.search(rule.modules, part.name):
+        return False
+    return True
+
+
+def _relevant(fields: list[str], part: Part) -> list[str]:
+    if part.kind == "weight":
+        ok = list(WEIGHT_FIELDS) + (list(ACT_FIELDS) if part.component in LINEAR_COMPONENTS else [])
+    elif part.component == "depth.softmax":
+        ok = ["compute"]
+    else:  # depth.sources, attn.kv_cache
+        ok = ["storage"]
+    return [f for f in fields if f in ok]
+
+
+def _apply(res: Resolved, prec: Precision, fields: list[str], label: str) -> None:
+    for f in fields:
+        setattr(res, f, getattr(prec, f))
+        res.decided_by[f] = label
+    if res.symmetric is None:
+        res.symmetric = True
+    if res.activation_scheme is None:
+        res.activation_scheme = "dynamic"
+
+
+def _default_ok(variant: Variant, part: Part, fields: list[str]) -> list[str]:
+    """Default fields that apply to ``part`` (those the method can provide)."""
+    if part.component in DEFAULT_EXCLUDED:
+        return []
+    d = variant.default
+    out = []
+    for f in fields:
+        if f == "weight" and d.weight not in weight_capability(variant.method, part.component):
+            continue
+        if f in ("group_size", "symmetric") and (d.weight is None or
+                                                  d.weight not in weight_capability(variant.method,
+                                                                                     part.component)):
+            continue
+        if f == "activation" and d.activation not in activation_capability(variant.method, part.component,
+                                                                           d.weight):
+            continue
+        out.append(f)
+    return out
+
+
+def resolve_plan(model: nn.Module, variant: Variant, source: str = "config") -> Plan:
+    """The precision plan of ``variant`` on ``model`` (UserError on a bad rule; no model work)."""
+    check_variant(variant, source)
+    parts = resolve_components(model)
+    n_layers = num_layers(model)
+    attnres = is_attnres(model)
+    method = variant.method
+    where0 = f"{source}, variant {variant.name!r}"
+    notes: list[str] = []
+    resolved = {id(p): Resolved() for p in parts}
+
+    dfields = variant.default.set_fields()
+    for p in parts:
+        fields = _default_ok(variant, p, _relevant(dfields, p))
+        _apply(resolved[id(p)], variant.default, fields, "default")
+
+    for i, rule in enumerate(variant.rules):
+        label = rule.label(i)
+        where = f"{where0}, {label}"
+        hits = [p for p in parts if _matches(rule, p, n_layers)]
+        if not hits:
+            depth_only = all(c.startswith("depth.") for c in
+                             [c for c in {p.component for p in parts} | {"depth.query", "depth.key_norm",
+                                                                          "depth.softmax", "depth.sources"}
+                              if component_matches(rule.select, c)])
+            if depth_only and not attnres and rule.select.startswith("depth"):
+                notes.append(f"{label} skipped: the model has no depth path (not an AttnRes model)")
+                continue
+            present = sorted({p.component for p in parts})
+            raise UserError("the rule matches nothing in this model", where,
+                            f"check the selector; this model has components {', '.join(present)}"
+                            f" and layers 0..{n_layers - 1} (layer {n_layers} = final norm / final depth mix)")
+        fields = rule.set_fields()
+        changed = False
+        for p in hits:
+            rel = _relevant(fields, p)
+            if not rel:
+                continue
+            changed = True
+            res = resolved[id(p)]
+            if "weight" in rel and rule.weight not in weight_capability(method, p.component):
+                raise UserError(f"method {method!r} cannot provide weight {rule.weight} for {p.component} "
+                                f"({p.tensor_name})", where, method_fix(method, rule.weight, p.component))
+            if "activation" in rel:
+                w = rule.weight if "weight" in rel else res.weight
+                if rule.activation not in activation_capability(method, p.component, w):
+                    raise UserError(f"method {method!r} cannot quantize the activations of {p.tensor_name} to "
+                                    f"{rule.activation}", where,
+                                    "use `method: rtn`/`gptq` (simulated) or torchao int8 activations with int8 "
+                                    "weights")
+            _apply(res, rule, rel, label)
+        if not changed:
+            raise UserError(f"the rule sets {', '.join(fields)}, which applies to none of the parts it selects "
+                            f"({', '.join(sorted({p.component for p in hits}))})", where,
+                            "weight/group_size/symmetric apply to weights, activation* to nn.Linear inputs, "
+                            "compute to depth.softmax, storage to depth.sources and attn.kv_cache")
+
+    # Cross-field checks per part.
+    for p in parts:
+        res = resolved[id(p)]
+        if p.kind != "weight" or res.weight is None:
+            continue
+        if method == "torchao" and res.activation == "int8" and res.weight != "int8":
+            raise UserError(f"torchao's dynamic int8 activations need int8 weights, {p.tensor_name} has "
+                            f"{res.weight}", where0, "set `weight: int8` with `activation: int8` for torchao")
+        if res.weight.startswith("int") and res.group_size is not None and len(p.shape) == 2:
+            cols = p.shape[-1]
+            if res.group_size < cols and cols % res.group_size:
+                raise UserError(f"group_size {res.group_size} does not divide the {cols} input features of "
+                                f"{p.tensor_name}", f"{where0} ({res.decided_by.get('group_size', 'default')})",
+                                "choose a group_size that divides every selected layer's input size, or "
+                                "null (per-channel)")
+
+    rows = _rows(parts, resolved, variant, model)
+    plan = Plan(variant, rows, notes, dtype_name(_model_dtype(model)))
+    return plan
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _method_for(method: str, part: Part, res: Resolved, baseline: str) -> str:
+    if part.kind == "compute":
+        return "hook"
+    w = res.weight
+    if w is None or (w in FLOAT_WEIGHTS and _BITS[w] >= _BITS.get(baseline, 32)):
+        return "keep"
+    if w in FLOAT_WEIGHTS:
+        return "cast"
+    if method == "gptq":
+        return "gptq" if part.is_linear else "rtn"
+    if method in ("bnb", "torchao"):
+        return method
+    return "rtn"
+
+
+def _rows(parts: list[Part], resolved: dict, variant: Variant, model: nn.Module) -> list[PlanRow]:
+    method = variant.method
+    rows: list[PlanRow] = []
+    seen: dict[int, tuple] = {}
+    mdtype = dtype_name(_model_dtype(model))
+    for p in parts:
+        res = resolved[id(p)]
+        rule = "; ".join(sorted(set(res.decided_by.values()), key=lambda s: (s != "default", s))) or "baseline"
+        if p.kind == "compute":
+            if p.component == "depth.softmax":
+                prec = res.compute or "fp32"
+            else:
+                prec = res.storage or ("bf16" if mdtype == "bf16" else mdtype)
+                if p.component == "attn.kv_cache" and res.storage is None:
+                    prec = mdtype
+            gran = {"depth.softmax": "per-token" if prec == "int8" else "elementwise",
+                    "depth.sources": "per-token" if prec in ("int8", "int4", "fp8") else "-",
+                    "attn.kv_cache": "per-token-head" if prec in ("int8", "int4", "fp8") else "-"}[p.component]
+            base_prec = "fp32" if p.component == "depth.softmax" else mdtype
+            keep = prec == base_prec or (prec == "fp32" and p.component != "depth.softmax")
+            rows.append(PlanRow(p.component, p.layer, p.name, "keep" if keep else "sim", prec,
+                                gran, "-", rule, part=p, resolved=res))
+            continue
+        w = p.module.weight
+        base = dtype_name(w.dtype)
+        m = _method_for(method, p, res, base)
+        prec = base if m == "keep" else res.weight
+        if m in ("keep", "cast"):
+            gran = "-"
+            bits = float(min(_BITS.get(prec, 32), _BITS.get(base, 32)))
+        else:
+            gran = granularity(p.shape, res.group_size, res.symmetric)
+            if m == "bnb":
+                gran = "per-row (LLM.int8)" if prec == "int8" else f"block {res.group_size or 64}"
+            bits = weight_bits(m if m in ("bnb", "torchao") else "rtn", prec, p.shape, res.group_size,
+                               res.symmetric, _BITS.get(base, 32))
+        act = "-"
+        if p.is_linear:
+            a = res.activation
+            act = a if a in ("int8", "int4") else "bf16" if a is None else a
+            if a in ("int8", "int4"):
+                act += " per-token dyn" if res.activation_scheme == "dynamic" else " per-tensor static"
+        key = (m, prec, gran)
+        first = seen.get(w.data_ptr())
+        tied = first[0] if first is not None and first[1] == key else None
+        seen.setdefault(w.data_ptr(), (f"{p.name}.weight", key))
+        rows.append(PlanRow(p.component, p.layer, f"{p.name}.weight", m, prec, gran, act, rule, p.numel, bits,
+                            tied, part=p, resolved=res))
+    return rows

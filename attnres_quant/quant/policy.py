@@ -1,0 +1,282 @@
+"""Precision policy schema (SPEC section 3): a variant = method + default precision +
+ordered override rules; later rules win.
+
+```yaml
+variants:
+  - name: int4_hybrid
+    method: gptq
+    default: {weight: int4, group_size: 128, activation: bf16}
+    rules:
+      - select: depth.*
+        weight: bf16
+        compute: bf16
+      - select: lm_head
+        weight: int8
+```
+
+The pydantic models here only check shapes and spellings. Checks that need the
+method (``check_variant``) or the model (``resolve_plan``) raise
+:class:`~attnres_quant.errors.UserError` naming the file, the variant, the rule and
+the fix -- always before any model work.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..errors import UserError
+from .components import COMPONENTS, LINEAR_COMPONENTS
+
+FLOAT_WEIGHTS = ("bf16", "fp16", "fp32")
+WEIGHT_PRECISIONS = FLOAT_WEIGHTS + ("int8", "int4", "nf4", "fp4")
+ACTIVATION_PRECISIONS = ("bf16", "fp16", "fp32", "int8", "int4")
+ACTIVATION_SCHEMES = ("dynamic", "static")
+COMPUTE_PRECISIONS = ("fp32", "bf16", "fp16", "fp8", "int8")
+STORAGE_PRECISIONS = ("fp32", "bf16", "fp8", "int8", "int4")
+METHODS = ("none", "rtn", "gptq", "bnb", "torchao")
+
+WeightP = Literal["bf16", "fp16", "fp32", "int8", "int4", "nf4", "fp4"]
+ActP = Literal["bf16", "fp16", "fp32", "int8", "int4"]
+SchemeP = Literal["dynamic", "static"]
+ComputeP = Literal["fp32", "bf16", "fp16", "fp8", "int8"]
+StorageP = Literal["fp32", "bf16", "fp8", "int8", "int4"]
+MethodP = Literal["none", "rtn", "gptq", "bnb", "torchao"]
+
+PRECISION_FIELDS = ("weight", "group_size", "symmetric", "activation", "activation_scheme", "compute",
+                    "storage")
+WEIGHT_FIELDS = ("weight", "group_size", "symmetric")
+ACT_FIELDS = ("activation", "activation_scheme")
+
+
+class Precision(BaseModel):
+    """Precision fields; an unset field inherits (default -> earlier rules -> baseline).
+
+    weight            bf16 | fp16 | fp32 | int8 | int4 | nf4 | fp4 (unset: keep the baseline's)
+    group_size        int (per-group) or null (per-channel); default null
+    symmetric         bool; default true
+    activation        bf16 | fp16 | fp32 (no activation quantization) | int8 | int4
+    activation_scheme dynamic (per-token, default) | static (per-tensor, calibrated)
+    compute           depth.softmax: fp32 (default) | bf16 | fp16 | fp8 | int8 (simulated)
+    storage           depth.sources / attn.kv_cache: fp32 | bf16 | fp8 | int8 | int4 (simulated)
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    weight: WeightP | None = None
+    group_size: int | None = Field(default=None, gt=0)
+    symmetric: bool | None = None
+    activation: ActP | None = None
+    activation_scheme: SchemeP | None = None
+    compute: ComputeP | None = None
+    storage: StorageP | None = None
+
+    def set_fields(self) -> list[str]:
+        return [f for f in PRECISION_FIELDS if f in self.model_fields_set]
+
+
+class Rule(Precision):
+    """An override: selectors + the precision fields it sets."""
+
+    select: str = "*"
+    layers: list[int] | str | None = None
+    modules: str | None = None
+
+    @field_validator("layers")
+    @classmethod
+    def _check_layers(cls, v):
+        if isinstance(v, str):
+            parse_slice(v)  # raises ValueError with a clear message
+        return v
+
+    @field_validator("modules")
+    @classmethod
+    def _check_regex(cls, v):
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"`modules` is not a valid regular expression: {exc}") from None
+        return v
+
+    def label(self, index: int) -> str:
+        sel = [f"select: {self.select}"]
+        if self.layers is not None:
+            sel.append(f"layers: {self.layers}")
+        if self.modules is not None:
+            sel.append(f"modules: {self.modules}")
+        return f"rules[{index}] ({', '.join(sel)})"
+
+
+class Variant(BaseModel):
+    """One quantized variant of a study (embedded in the study config's ``variants:`` list)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    method: MethodP = "rtn"
+    default: Precision = Field(default_factory=Precision)
+    rules: list[Rule] = Field(default_factory=list)
+    # Method options (all optional): GPTQ block size / dampening, bnb int8 threshold.
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+def parse_slice(text: str) -> slice:
+    """ "-2:" -> slice(-2, None); "1:3" -> slice(1, 3); "::2" ..."""
+    parts = text.split(":")
+    if not 1 < len(parts) <= 3:
+        raise ValueError(f"layers {text!r} is not a python slice such as \"-2:\" or \"0:4\"")
+    try:
+        vals = [int(p) if p.strip() else None for p in parts]
+    except ValueError:
+        raise ValueError(f"layers {text!r} is not a python slice such as \"-2:\" or \"0:4\"") from None
+    return slice(*vals)
+
+
+def selected_layers(layers: list[int] | str | None, n_layers: int) -> set[int] | None:
+    """Layer indices a rule's ``layers`` selects (negative indices count from the end).
+
+    Index ``n_layers`` (the final norm / final depth mix, "after the last layer") is
+    selectable explicitly or by a slice/negative index over 0..n_layers.
+    """
+    if layers is None:
+        return None
+    universe = list(range(n_layers + 1))
+    if isinstance(layers, str):
+        return set(universe[parse_slice(layers)]) if n_layers else set()
+    out = set()
+    for i in layers:
+        out.add(i if i >= 0 else n_layers + i)
+    return out
+
+
+def component_matches(pattern: str, component: str) -> bool:
+    return fnmatch.fnmatchcase(component, pattern)
+
+
+def known_pattern(pattern: str) -> bool:
+    return any(component_matches(pattern, c) for c in COMPONENTS)
+
+
+# ----------------------------------------------------------------- method capabilities
+def weight_capability(method: str, component: str) -> tuple[str, ...]:
+    """Weight precisions ``method`` can give ``component``."""
+    linear = component in LINEAR_COMPONENTS
+    if method == "none":
+        return FLOAT_WEIGHTS
+    if method in ("rtn", "gptq"):
+        return FLOAT_WEIGHTS + ("int8", "int4")
+    if method == "bnb":
+        return FLOAT_WEIGHTS + (("int8", "nf4", "fp4") if linear else ())
+    if method == "torchao":
+        return FLOAT_WEIGHTS + (("int8", "int4") if linear else ())
+    return ()
+
+
+def activation_capability(method: str, component: str, weight: str | None) -> tuple[str, ...]:
+    if component not in LINEAR_COMPONENTS:
+        return ("bf16", "fp16", "fp32")
+    if method in ("rtn", "gptq"):
+        return ACTIVATION_PRECISIONS
+    if method == "torchao" and weight == "int8":
+        return ("bf16", "fp16", "fp32", "int8")
+    return ("bf16", "fp16", "fp32")
+
+
+def method_fix(method: str, precision: str, component: str) -> str:
+    if precision in ("nf4", "fp4"):
+        return "use `method: bnb` for nf4/fp4 (bitsandbytes), or int4 with rtn/gptq"
+    if method == "bnb" and precision == "int4":
+        return "bitsandbytes has no int4 integer format; use nf4 or fp4, or `method: rtn`/`gptq` for int4"
+    if component not in LINEAR_COMPONENTS and method in ("bnb", "torchao"):
+        return (f"{method} only replaces nn.Linear modules; quantize {component} with `method: rtn` in a "
+                f"separate variant, or keep it at bf16")
+    return "pick a precision the method supports (see docs/quantization.md, 'Methods')"
+
+
+def check_variant(variant: Variant, source: str = "config") -> None:
+    """Model-independent checks: known components, method can provide every precision a rule asks."""
+    where0 = f"{source}, variant {variant.name!r}"
+    d = variant.default
+    if d.weight in ("nf4", "fp4") and variant.method != "bnb" or (
+            d.weight == "int4" and variant.method == "bnb"):
+        raise UserError(f"method {variant.method!r} cannot provide weight {d.weight}",
+                        f"{where0}, default", method_fix(variant.method, d.weight, "attn.q"))
+    if d.activation in ("int8", "int4") and variant.method in ("none", "bnb"):
+        raise UserError(f"method {variant.method!r} cannot quantize activations to {d.activation}",
+                        f"{where0}, default",
+                        "use `method: rtn` or `gptq` (simulated activations) or torchao with int8 weights")
+    for i, rule in enumerate(variant.rules):
+        where = f"{where0}, {rule.label(i)}"
+        if not known_pattern(rule.select):
+            raise UserError(f"unknown component {rule.select!r}", where,
+                            "use one of " + ", ".join(COMPONENTS) + " or a glob such as `depth.*`")
+        if not rule.set_fields():
+            raise UserError("the rule sets no precision field", where,
+                            "add e.g. `weight: bf16`, `activation: int8`, `compute: fp32` or `storage: int8`")
+        comps = [c for c in COMPONENTS if component_matches(rule.select, c)]
+        if rule.weight is not None:
+            ok = [c for c in comps if rule.weight in weight_capability(variant.method, c)]
+            weighty = [c for c in comps if c not in ("depth.softmax", "depth.sources", "attn.kv_cache")]
+            if weighty and not ok:
+                raise UserError(f"method {variant.method!r} cannot provide weight {rule.weight} for "
+                                f"{rule.select}", where, method_fix(variant.method, rule.weight, weighty[0]))
+        if rule.activation in ("int8", "int4"):
+            if not any(rule.activation in activation_capability(variant.method, c, rule.weight or d.weight)
+                       for c in comps):
+                raise UserError(f"method {variant.method!r} cannot quantize activations of {rule.select} to "
+                                f"{rule.activation}", where,
+                                "activations are quantized only at the inputs of nn.Linear projections, with "
+                                "`method: rtn`/`gptq` (simulated) or torchao int8 (int8 weights)")
+
+
+def format_validation_error(exc: ValidationError, source: str, variant_name: str | None = None,
+                            data: Any = None) -> UserError:
+    """Turn a pydantic error on a variant into a UserError naming file, variant, rule and fix."""
+    err = exc.errors()[0]
+    loc = list(err.get("loc", ()))
+    where = source
+    if variant_name:
+        where += f", variant {variant_name!r}"
+    if loc[:1] == ["rules"] and len(loc) > 1 and isinstance(loc[1], int):
+        idx = loc[1]
+        sel = None
+        try:
+            sel = data["rules"][idx].get("select")
+        except Exception:  # noqa: BLE001
+            pass
+        where += f", rules[{idx}]" + (f" (select: {sel})" if sel else "")
+        loc = loc[2:]
+    key = ".".join(str(p) for p in loc)
+    if key:
+        where += f", key {key!r}"
+    allowed = {
+        "weight": WEIGHT_PRECISIONS, "activation": ACTIVATION_PRECISIONS, "activation_scheme": ACTIVATION_SCHEMES,
+        "compute": COMPUTE_PRECISIONS, "storage": STORAGE_PRECISIONS, "method": METHODS,
+    }
+    last = str(loc[-1]) if loc else ""
+    if err.get("type") == "extra_forbidden":
+        fix = (f"remove {last!r}; precision keys are {', '.join(PRECISION_FIELDS)}, rule selectors are select, "
+               "layers, modules")
+        what = f"unknown key {last!r}"
+    elif last in allowed:
+        what = f"unknown {last} precision {err.get('input')!r}"
+        fix = f"use one of {', '.join(allowed[last])}"
+    else:
+        what = err.get("msg", "invalid value")
+        fix = "see docs/quantization.md for the policy schema"
+    return UserError(what, where, fix)
+
+
+def parse_variant(data: Any, source: str = "config") -> Variant:
+    """dict -> checked Variant (UserError on any problem)."""
+    name = data.get("name") if isinstance(data, dict) else None
+    try:
+        variant = Variant.model_validate(data)
+    except ValidationError as exc:
+        raise format_validation_error(exc, source, name, data) from None
+    check_variant(variant, source)
+    return variant
