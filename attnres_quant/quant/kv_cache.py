@@ -1,0 +1,183 @@
+"""Component ``attn.kv_cache``: the attention KV cache stored at lower precision (simulated),
+and the per-token memory of the KV cache versus Block AttnRes's depth sources.
+
+The reference model calls ``layer.attn.kv_quantizer(k)`` and ``layer.attn.kv_quantizer(v)``
+on the rotated keys and the values, each ``[B, H_kv, T, head_dim]``, before they enter the
+cache (and before attention, so prefill and decode both see the stored values).
+:func:`make_kv_quantizer` builds that callable:
+
+* precision ``bf16``: a cast to bfloat16 and back (a no-op in a bf16 model);
+* ``fp8``: scaled float8 e4m3fn (scale = amax / 448 over the granule) cast and back;
+* ``int8`` / ``int4``: symmetric integer quantize-dequantize, scale = amax / qmax
+  (qmax 127 / 7) so the largest element of each granule is represented exactly.
+  ``symmetric=False`` gives the asymmetric (min/max, zero point) variant.
+
+Granularity (one scale per):
+
+* ``per_token``: (batch, kv-head, token) over ``head_dim`` -- what a cache that appends
+  token by token can do online; one scale per token and head is stored beside the data.
+* ``per_head``: (batch, kv-head) over all tokens and ``head_dim`` of the tensor written in
+  one call. On prefill that is the whole prompt (a per-sequence, per-head scale); on
+  decode a call writes one token, so it degenerates to per-token. The study's
+  log-likelihood evaluations are single prefills, where the two granularities differ.
+
+Memory (:func:`kv_cache_bytes_per_token`, :func:`depth_source_bytes_per_token`): the KV
+cache keeps ``2 * L * H_kv * head_dim`` values for every token of the context, for the
+whole generation. Block AttnRes keeps, per token *in flight* through the layer stack, the
+embedding, the completed block sums and the partial sum of the current block: at most
+``N + 1`` vectors of ``d`` (N = number of blocks = ceil(2L / S)); Full AttnRes (S = 1)
+``2L + 1``; the standard residual stream 1. Depth sources are needed only inside one
+forward pass -- a decoded token never reads an earlier token's sources -- so they scale with
+the prefill chunk, while the KV cache scales with the context length.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+PRECISIONS = ("bf16", "fp8", "int8", "int4")
+GRANULARITIES = ("per_head", "per_token")
+_BITS = {"bf16": 16, "fp8": 8, "int8": 8, "int4": 4, "fp16": 16, "fp32": 32}
+_QMAX = {"int8": 127, "int4": 7}
+_FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
+_TINY = torch.finfo(torch.float32).tiny
+
+
+class KVQuantizer:
+    """Simulated KV-cache storage: ``q(x) -> x'`` with x's shape and dtype ([B, H, T, D])."""
+
+    elementwise = False
+
+    def __init__(self, precision: str, granularity: str = "per_token", symmetric: bool = True):
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown KV-cache precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"unknown KV-cache granularity {granularity!r}; choose from {', '.join(GRANULARITIES)}")
+        self.precision = precision
+        self.granularity = granularity
+        self.symmetric = symmetric
+
+    def _reduce_dims(self, x: torch.Tensor) -> tuple[int, ...]:
+        if self.granularity == "per_token" or x.dim() < 3:
+            return (-1,)
+        return (-2, -1)  # per (batch, head): over tokens and head_dim
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.precision
+        if p == "bf16":
+            return x.to(torch.bfloat16).to(x.dtype)
+        xf = x.float()
+        dims = self._reduce_dims(x)
+        if p == "fp8":
+            scale = (xf.abs().amax(dims, keepdim=True) / _FP8_MAX).clamp(min=_TINY)
+            return ((xf / scale).to(torch.float8_e4m3fn).float() * scale).to(x.dtype)
+        qmax = _QMAX[p]
+        if self.symmetric:
+            scale = (xf.abs().amax(dims, keepdim=True) / qmax).clamp(min=_TINY)
+            q = torch.clamp(torch.round(xf / scale), -qmax - 1, qmax)
+            return (q * scale).to(x.dtype)
+        lo = xf.amin(dims, keepdim=True)
+        hi = xf.amax(dims, keepdim=True)
+        levels = 2 * qmax + 1  # 255 / 15
+        scale = ((hi - lo) / levels).clamp(min=_TINY)
+        zp = torch.round(-lo / scale)
+        q = torch.clamp(torch.round(xf / scale) + zp, 0, levels)
+        return ((q - zp) * scale).to(x.dtype)
+
+    def __repr__(self) -> str:
+        sym = "" if self.symmetric else ", asymmetric"
+        return f"KVQuantizer({self.precision}, {self.granularity}{sym})"
+
+
+def make_kv_quantizer(precision: str, granularity: str = "per_token", *, symmetric: bool = True) -> KVQuantizer:
+    """The callable for ``Attention.kv_quantizer``: simulated KV storage at ``precision``
+    (``bf16`` | ``fp8`` | ``int8`` | ``int4``), one scale per ``granularity``
+    (``per_token`` | ``per_head``); applied separately to k and to v [B, H_kv, T, head_dim]."""
+    return KVQuantizer(precision, granularity, symmetric)
+
+
+def set_kv_quantizer(model, precision: str | None, granularity: str = "per_token", *,
+                     layers=None, symmetric: bool = True) -> int:
+    """Install (or, with ``precision=None``, remove) the KV quantizer on every attention layer of
+    ``model`` (or only ``layers``, a collection of layer indices). Returns the count installed."""
+    n = 0
+    for module in model.modules():
+        if hasattr(module, "kv_quantizer") and hasattr(module, "k_proj"):
+            idx = getattr(module, "layer_idx", None)
+            if layers is not None and idx not in layers:
+                continue
+            module.kv_quantizer = None if precision is None else make_kv_quantizer(precision, granularity,
+                                                                                   symmetric=symmetric)
+            n += 1
+    return n
+
+
+# ------------------------------------------------------------------------------ memory
+def _element_bytes(precision: str) -> float:
+    if precision not in _BITS:
+        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(_BITS)}")
+    return _BITS[precision] / 8
+
+
+def _scale_bytes(precision: str, scale_bytes: int) -> int:
+    return scale_bytes if precision in ("fp8", "int8", "int4") else 0
+
+
+def _cfg(config, name, default=None):
+    return getattr(config, name, default)
+
+
+def kv_cache_bytes_per_token(config, precision: str = "bf16", granularity: str = "per_token", *,
+                             scale_bytes: int = 2) -> float:
+    """Bytes the KV cache holds per token of context, all layers:
+    ``L * 2 * H_kv * head_dim * bits/8`` plus, for ``per_token`` fp8/int8/int4, one fp16 scale per
+    token, head and tensor (``L * 2 * H_kv * scale_bytes``). ``per_head`` scales are per sequence,
+    not per token (counted as 0 here)."""
+    L = int(config.num_hidden_layers)
+    h_kv = int(_cfg(config, "num_key_value_heads", None) or _cfg(config, "num_kv_heads", None)
+               or config.num_heads)
+    hd = int(_cfg(config, "head_dim", None) or config.hidden_size // config.num_heads)
+    data = L * 2 * h_kv * hd * _element_bytes(precision)
+    scales = L * 2 * h_kv * _scale_bytes(precision, scale_bytes) if granularity == "per_token" else 0
+    return data + scales
+
+
+def depth_sources_held(config) -> int:
+    """Peak number of d-vectors per token the residual/depth path holds during a forward pass:
+    standard residual 1 (the stream); Full AttnRes (S = 1) 2L + 1 (embedding + every sub-layer
+    output); Block AttnRes N + 1 with N = ceil(2L / S) blocks (embedding, N - 1 completed block
+    sums and the partial sum of the last block, all live at the final mix)."""
+    S = _cfg(config, "attnres_block_size", None)
+    n_sub = 2 * int(config.num_hidden_layers)
+    if S is None:
+        return 1
+    S = int(S)
+    return math.ceil(n_sub / S) + 1
+
+
+def depth_source_bytes_per_token(config, precision: str = "bf16", *, scale_bytes: int = 2) -> float:
+    """Bytes of depth sources per token in flight: ``depth_sources_held(config) * d * bits/8`` plus
+    one scale per stored vector for fp8/int8/int4 (per-token quantization)."""
+    n = depth_sources_held(config)
+    d = int(config.hidden_size)
+    return n * (d * _element_bytes(precision) + _scale_bytes(precision, scale_bytes))
+
+
+def memory_comparison(config, precision: str = "bf16", *, context_len: int = 2048, tokens_in_flight: int = 512,
+                      granularity: str = "per_token", scale_bytes: int = 2) -> dict:
+    """Per-token and total bytes of the KV cache (``context_len`` tokens, batch 1) and of the depth
+    sources (``tokens_in_flight`` tokens, e.g. a prefill chunk), at the same precision."""
+    kv = kv_cache_bytes_per_token(config, precision, granularity, scale_bytes=scale_bytes)
+    ds = depth_source_bytes_per_token(config, precision, scale_bytes=scale_bytes)
+    return {"precision": precision, "kv_bytes_per_token": kv, "depth_bytes_per_token": ds,
+            "depth_over_kv_per_token": ds / kv if kv else float("nan"),
+            "depth_vectors_per_token": depth_sources_held(config),
+            "kv_total_bytes": kv * context_len, "depth_total_bytes": ds * tokens_in_flight,
+            "context_len": context_len, "tokens_in_flight": tokens_in_flight}
+
+
+__all__ = ["PRECISIONS", "GRANULARITIES", "KVQuantizer", "make_kv_quantizer", "set_kv_quantizer",
+           "kv_cache_bytes_per_token", "depth_sources_held", "depth_source_bytes_per_token", "memory_comparison"]
