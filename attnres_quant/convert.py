@@ -266,7 +266,7 @@ def convert_checkpoint(src: str, out: str | os.PathLike, *, block_size: int, dty
     import torch
     from safetensors.torch import save_file
 
-    from .loading import checkpoint_dir, preflight_model
+    from .loading import TOKENIZER_FILES, checkpoint_dir, preflight_model
 
     if verify is True:
         verify = "yes"
@@ -397,7 +397,9 @@ def convert_checkpoint(src: str, out: str | os.PathLike, *, block_size: int, dty
             "tokenizer_files": copied,
             "identity_property": "logits equal the source's up to the RMSNorm epsilon (SPEC section 1)",
         }
-        if not copied:
+        has_tokenizer = any(c in TOKENIZER_FILES for c in copied)
+        card["tokenizer"] = has_tokenizer
+        if not has_tokenizer:
             warnings.warn(f"{where}: no tokenizer files to copy; the converted checkpoint has no tokenizer",
                           stacklevel=2)
         with open(tmp / "conversion_card.json", "w", encoding="utf-8") as fh:
@@ -480,8 +482,8 @@ def main(args: argparse.Namespace) -> int:
               f"(max |logit| {ver['max_abs_logit']:.3g}), top-1 agreement {ver['top1_agreement']:.3f}")
     else:
         print("not verified (pass --verify yes to compare logits)")
-    if not card["tokenizer_files"]:
-        print("warning: the source has no tokenizer files; none were copied")
+    if not card["tokenizer"]:
+        print("warning: the source has no tokenizer files; the converted checkpoint has no tokenizer")
     return 0
 
 
