@@ -316,18 +316,8 @@ def _hub_files(repo_id: str, snapshot: Path, where: str) -> set[str]:
 
 
 # --------------------------------------------------------------------------- preflight
-def preflight_model(path: str, *, dtype: Any = "bfloat16", device: Any = "cpu", allow_pickle: bool = False,
-                    trust_remote_code: bool = False) -> ModelSource:
-    """Check a model path without reading weights; raise ``UserError`` on anything ``load_model`` would refuse.
-
-    For a hub id this downloads (or finds cached) only config and tokenizer files.
-    """
-    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
-        raise UserError("The model path is empty", where="model path",
-                        fix="give zoo:NAME, a local checkpoint directory or a hub id")
-    spec = str(path).strip()
-    dtype_name = _normalise_dtype(dtype)
-    device_name = _check_device(device)
+def _resolve(spec: str) -> tuple[str, Path, str, str | None]:
+    """(kind, local directory with at least config.json, where-text, hub id) for a model path."""
     hub_id = None
     if spec.startswith(ZOO_PREFIX):
         kind, directory = "zoo", zoo_path(spec[len(ZOO_PREFIX):])
@@ -347,6 +337,22 @@ def preflight_model(path: str, *, dtype: Any = "bfloat16", device: Any = "cpu", 
         else:
             kind, hub_id, where = "hub", spec, f"model path {spec!r} (Hugging Face hub id)"
             directory = _hub_snapshot(spec, _HUB_META_PATTERNS, where)
+    return kind, directory, where, hub_id
+
+
+def preflight_model(path: str, *, dtype: Any = "bfloat16", device: Any = "cpu", allow_pickle: bool = False,
+                    trust_remote_code: bool = False) -> ModelSource:
+    """Check a model path without reading weights; raise ``UserError`` on anything ``load_model`` would refuse.
+
+    For a hub id this downloads (or finds cached) only config and tokenizer files.
+    """
+    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+        raise UserError("The model path is empty", where="model path",
+                        fix="give zoo:NAME, a local checkpoint directory or a hub id")
+    spec = str(path).strip()
+    dtype_name = _normalise_dtype(dtype)
+    device_name = _check_device(device)
+    kind, directory, where, hub_id = _resolve(spec)
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise UserError("The checkpoint has no config.json", where=where,
@@ -370,6 +376,34 @@ def preflight_model(path: str, *, dtype: Any = "bfloat16", device: Any = "cpu", 
     return ModelSource(spec=spec, kind=kind, directory=directory, model_type=model_type, family=family,
                        block_size=block, weights_format=fmt, weight_files=weight_files, has_tokenizer=has_tok,
                        dtype=dtype_name, device=device_name, config=config, warnings=notes, hub_id=hub_id)
+
+
+def structure_model(path: str, *, trust_remote_code: bool = False, dtype: Any = "bfloat16", **_ignored):
+    """The model's module structure on the ``meta`` device: names, shapes and dtypes, no weights read.
+
+    Used to resolve precision plans before any heavy work; the config is checked as by
+    ``preflight_model`` (remote code refused without ``trust_remote_code``).  Extra keyword
+    arguments (``allow_pickle``, ``device``) are accepted and ignored: no weight file is opened.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from . import model as _registers_attnres  # noqa: F401
+
+    spec = str(path).strip()
+    dtype_name = _normalise_dtype(dtype)
+    _kind, directory, where, _hub = _resolve(spec)
+    if not (directory / "config.json").is_file():
+        raise UserError("The checkpoint has no config.json", where=where,
+                        fix="point at a transformers-format checkpoint directory (config.json + weights)")
+    _check_config(_read_json(directory / "config.json", where), where, trust_remote_code)
+    config = AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code, local_files_only=True)
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        skeleton = AutoModelForCausalLM.from_config(
+            config, trust_remote_code=trust_remote_code,
+            dtype=None if dtype_name == "auto" else getattr(torch, dtype_name))
+    return skeleton.eval()
 
 
 # --------------------------------------------------------------------------- load
@@ -485,6 +519,5 @@ def describe_model(model) -> dict:
     }
 
 
-__all__ = ["load_model", "preflight_model", "zoo_path", "zoo_names", "describe_model", "checkpoint_dir",
-           "ModelSource",
-           "LoadingWarning", "ZOO_DIR"]
+__all__ = ["load_model", "preflight_model", "structure_model", "zoo_path", "zoo_names", "describe_model",
+           "checkpoint_dir", "ModelSource", "LoadingWarning", "ZOO_DIR"]

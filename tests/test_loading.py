@@ -324,3 +324,27 @@ def test_bundled_zoo_checkpoints_preflight():
     for name in names:
         src = preflight_model(f"zoo:{name}")
         assert src.weights_format == "safetensors" and src.kind == "zoo"
+
+
+# --------------------------------------------------------------------------- structure (plan resolution)
+@pytest.mark.parametrize("kind", ["fla", "llama"])
+def test_structure_model_reads_no_weights(tmp_path, kind):
+    from attnres_quant.loading import structure_model
+
+    ckpt = tmp_path / kind
+    if kind == "fla":
+        write_fla_checkpoint(ckpt, block_size=2)
+    else:
+        _tiny_hf("llama").save_pretrained(str(ckpt))
+    (ckpt / "model.safetensors").write_bytes(b"not a safetensors file")  # would fail if opened
+    skeleton = structure_model(str(ckpt))
+    params = dict(skeleton.named_parameters())
+    assert all(p.device.type == "meta" for p in params.values())
+    assert params["lm_head.weight"].shape == (VOCAB, D) and params["lm_head.weight"].dtype == torch.bfloat16
+    if kind == "fla":
+        assert len(skeleton.model.depth_mixers()) == 2 * LAYERS + 1
+        assert describe_model(skeleton)["family"] == "attnres-block"
+    remote = tmp_path / "remote"
+    write_fla_checkpoint(remote, auto_map={"AutoConfig": "x.Y"})
+    with pytest.raises(UserError, match="trust_remote_code"):
+        structure_model(str(remote))
