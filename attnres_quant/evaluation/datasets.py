@@ -1,0 +1,293 @@
+"""Local copies of the real benchmarks (MMLU, GPQA, Math), read without the network.
+
+A benchmark's data comes from, in order:
+
+1. ``settings.datasets[<benchmark>]``: a local path the user points at;
+2. otherwise the Hugging Face hub *cache* (``snapshot_download(..., local_files_only=True)``),
+   i.e. a copy that was downloaded earlier on this machine;
+3. otherwise, only when the hub is not switched off (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``
+   unset), a download of the hub repository snapshot.
+
+Whatever the source, the folder is read by :func:`load_split` in one of these layouts
+(``<cfg>`` is the benchmark's config, e.g. an MMLU subject or a Math subject; ``<split>`` is
+``test``, ``dev``, ``validation``, ``train``):
+
+* **hub repository snapshot** (what ``huggingface-cli download <repo> --repo-type dataset
+  --local-dir PATH`` gives): ``PATH/<cfg>/<split>-00000-of-00001.parquet`` (any
+  ``<split>-*.parquet`` / ``.jsonl`` / ``.json`` / ``.csv`` / ``.arrow``), also under ``PATH/data/``;
+  GPQA's csv files ``PATH/gpqa_diamond.csv``;
+* **plain files**: ``PATH/<cfg>/<split>.{parquet,jsonl,json,csv}`` or ``PATH/<cfg>_<split>.<ext>``;
+* **``save_to_disk``**: ``PATH/<cfg>/`` is a ``DatasetDict`` (or ``Dataset``) saved with
+  ``save_to_disk``, or ``PATH/`` itself is a ``DatasetDict`` whose rows carry the config in a
+  column (MMLU's ``all`` config: ``subject``; Math: ``type``) and are filtered by it;
+* **original MATH release** (the ``MATH.tar`` of Hendrycks et al.): ``PATH/<split>/<cfg>/*.json``
+  (one problem per file).
+
+The schemas are the hub's: MMLU (``cais/mmlu``) ``question, subject, choices[4], answer`` (int);
+GPQA (``Idavidrein/gpqa``) ``Question, Correct Answer, Incorrect Answer 1..3``; Math
+(``EleutherAI/hendrycks_math``) ``problem, level, type, solution``.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from attnres_quant.errors import UserError
+
+FILE_EXTS = ("parquet", "jsonl", "json", "csv", "arrow")
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str            # config key: settings.datasets[name]
+    hub_repo: str        # hub dataset repository the layout mirrors
+    configs: tuple[str, ...]
+    splits: tuple[str, ...]   # splits the tasks read (eval split first)
+    config_column: str | None  # column naming the config in an all-in-one save_to_disk copy
+    column_values: dict[str, str] | None = None  # config -> value of config_column
+    required_columns: tuple[str, ...] = ()
+
+
+MMLU_SUBJECTS = (
+    "abstract_algebra", "anatomy", "astronomy", "business_ethics", "clinical_knowledge",
+    "college_biology", "college_chemistry", "college_computer_science", "college_mathematics",
+    "college_medicine", "college_physics", "computer_security", "conceptual_physics", "econometrics",
+    "electrical_engineering", "elementary_mathematics", "formal_logic", "global_facts",
+    "high_school_biology", "high_school_chemistry", "high_school_computer_science",
+    "high_school_european_history", "high_school_geography", "high_school_government_and_politics",
+    "high_school_macroeconomics", "high_school_mathematics", "high_school_microeconomics",
+    "high_school_physics", "high_school_psychology", "high_school_statistics",
+    "high_school_us_history", "high_school_world_history", "human_aging", "human_sexuality",
+    "international_law", "jurisprudence", "logical_fallacies", "machine_learning", "management",
+    "marketing", "medical_genetics", "miscellaneous", "moral_disputes", "moral_scenarios",
+    "nutrition", "philosophy", "prehistory", "professional_accounting", "professional_law",
+    "professional_medicine", "professional_psychology", "public_relations", "security_studies",
+    "sociology", "us_foreign_policy", "virology", "world_religions",
+)
+
+MATH_SUBJECTS = {  # hendrycks_math config -> value of the `type` column
+    "algebra": "Algebra",
+    "counting_and_probability": "Counting & Probability",
+    "geometry": "Geometry",
+    "intermediate_algebra": "Intermediate Algebra",
+    "number_theory": "Number Theory",
+    "prealgebra": "Prealgebra",
+    "precalculus": "Precalculus",
+}
+
+BENCHMARKS: dict[str, Benchmark] = {
+    "mmlu": Benchmark("mmlu", "cais/mmlu", MMLU_SUBJECTS, ("test", "dev"), "subject",
+                      required_columns=("question", "choices", "answer")),
+    "gpqa": Benchmark("gpqa", "Idavidrein/gpqa", ("gpqa_diamond",), ("train",), None,
+                      required_columns=("Question", "Correct Answer", "Incorrect Answer 1",
+                                        "Incorrect Answer 2", "Incorrect Answer 3")),
+    "math": Benchmark("math", "EleutherAI/hendrycks_math", tuple(MATH_SUBJECTS), ("test",), "type",
+                      column_values=MATH_SUBJECTS, required_columns=("problem", "solution")),
+}
+
+
+def _offline() -> bool:
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def how_to_provide(bench: Benchmark) -> str:
+    return (f"download it once on a machine with network, e.g. `huggingface-cli download {bench.hub_repo} "
+            f"--repo-type dataset --local-dir /data/{bench.name}` (or `datasets.load_dataset(...)"
+            f".save_to_disk(...)`), copy the folder here and set `datasets: {{{bench.name}: /data/{bench.name}}}` "
+            f"in the study config's eval section (layouts: docs/evaluation.md)")
+
+
+def resolve_root(bench_name: str, datasets: dict[str, str] | None, *, download: bool = False) -> tuple[Path, list[str]]:
+    """Folder holding ``bench_name``'s data, and the places looked at (for messages).
+
+    Raises :class:`UserError` when none is available.
+    """
+    bench = BENCHMARKS[bench_name]
+    looked: list[str] = []
+    given = (datasets or {}).get(bench_name)
+    if given:
+        root = Path(os.path.expanduser(str(given)))
+        looked.append(f"datasets.{bench_name} = {given}")
+        if not root.exists():
+            raise UserError(f"task '{bench_name}': its local dataset path does not exist",
+                            where=f"datasets.{bench_name} = {given}", fix=how_to_provide(bench))
+        return root, looked
+    looked.append(f"no `datasets.{bench_name}` entry in the config")
+    try:
+        from huggingface_hub import snapshot_download
+
+        root = Path(snapshot_download(bench.hub_repo, repo_type="dataset", local_files_only=True))
+        return root, looked
+    except Exception:  # noqa: BLE001 - not in the cache
+        looked.append(f"the Hugging Face hub cache has no copy of {bench.hub_repo}")
+    if download and not _offline():
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(bench.hub_repo, repo_type="dataset")), looked
+        except Exception as e:  # noqa: BLE001
+            looked.append(f"downloading {bench.hub_repo} failed ({type(e).__name__})")
+    elif _offline():
+        looked.append("the hub is switched off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)")
+    raise UserError(f"task '{bench_name}' has no data on this machine", where="; ".join(looked),
+                    fix=how_to_provide(bench))
+
+
+# ---------------------------------------------------------------------------
+# locating files
+
+
+def _is_saved_dataset(p: Path) -> bool:
+    return p.is_dir() and ((p / "dataset_dict.json").exists() or (p / "state.json").exists()
+                           or (p / "dataset_info.json").exists() and any(p.glob("*.arrow")))
+
+
+def _split_files(folder: Path, split: str) -> list[Path]:
+    for ext in FILE_EXTS:
+        hits = sorted(Path(x) for x in glob.glob(str(folder / f"{split}-*.{ext}")))
+        hits += [folder / f"{split}.{ext}"] if (folder / f"{split}.{ext}").exists() else []
+        if hits:
+            return hits
+    return []
+
+
+@dataclass
+class Located:
+    kind: str          # "files" | "saved" | "saved_all" | "math_json"
+    paths: list[Path]
+    filter_value: str | None = None
+
+
+def locate(root: Path, bench: Benchmark, config: str, split: str) -> Located | None:
+    """Where ``config``/``split`` lies under ``root`` (None when not found); reads nothing."""
+    if root.is_file():  # a single file given for a single-config benchmark
+        return Located("files", [root]) if len(bench.configs) == 1 else None
+    for base in (root, root / "data"):
+        sub = base / config
+        if _is_saved_dataset(sub):
+            return Located("saved", [sub])
+        if sub.is_dir():
+            files = _split_files(sub, split)
+            if files:
+                return Located("files", files)
+        for ext in FILE_EXTS:  # cfg_split.ext, cfg-split.ext, cfg.ext (GPQA's csv files)
+            for name in (f"{config}_{split}.{ext}", f"{config}-{split}.{ext}", f"{config}.{ext}"):
+                if (base / name).is_file():
+                    return Located("files", [base / name])
+    if bench.name == "math":
+        folder = root / split / config
+        if folder.is_dir() and any(folder.glob("*.json")):
+            return Located("math_json", sorted(folder.glob("*.json")))
+    if _is_saved_dataset(root) and bench.config_column:
+        value = (bench.column_values or {}).get(config, config)
+        return Located("saved_all", [root], filter_value=value)
+    for base in (root / "all", root / "data" / "all"):  # MMLU's `all` config as files
+        if bench.config_column and base.is_dir():
+            files = _split_files(base, split)
+            if files:
+                return Located("files", files, filter_value=(bench.column_values or {}).get(config, config))
+    return None
+
+
+def _read_files(paths: list[Path]) -> list[dict]:
+    import pandas as pd
+
+    frames = []
+    for p in paths:
+        ext = p.suffix.lstrip(".")
+        if ext == "parquet":
+            frames.append(pd.read_parquet(p))
+        elif ext == "csv":
+            frames.append(pd.read_csv(p, keep_default_na=False))
+        elif ext == "jsonl":
+            frames.append(pd.read_json(p, lines=True))
+        elif ext == "json":
+            with open(p, encoding="utf-8") as f:
+                data = json.load(f)
+            frames.append(pd.DataFrame(data if isinstance(data, list) else [data]))
+        elif ext == "arrow":
+            from datasets import Dataset
+
+            frames.append(Dataset.from_file(str(p)).to_pandas())
+    df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    rows = df.to_dict(orient="records")
+    return [{k: (v.tolist() if hasattr(v, "tolist") and not isinstance(v, (str, bytes)) else v)
+             for k, v in r.items()} for r in rows]
+
+
+def _read_saved(path: Path, split: str) -> list[dict] | None:
+    from datasets import Dataset, DatasetDict, load_from_disk
+
+    ds = load_from_disk(str(path))
+    if isinstance(ds, DatasetDict):
+        if split not in ds:
+            return None
+        ds = ds[split]
+    assert isinstance(ds, Dataset)
+    return ds.to_list()
+
+
+def load_split(root: Path, bench_name: str, config: str, split: str) -> list[dict]:
+    """Rows of ``config``/``split`` of a benchmark from a local folder (hub schema)."""
+    bench = BENCHMARKS[bench_name]
+    loc = locate(root, bench, config, split)
+    if loc is None:
+        raise UserError(f"task '{bench_name}': no '{config}' {split} split in the local copy",
+                        where=str(root), fix=how_to_provide(bench))
+    if loc.kind == "files":
+        rows = _read_files(loc.paths)
+    elif loc.kind == "math_json":
+        rows = []
+        for p in loc.paths:
+            with open(p, encoding="utf-8") as f:
+                rows.append(json.load(f))
+    else:
+        rows = _read_saved(loc.paths[0], split)
+        if rows is None:
+            raise UserError(f"task '{bench_name}': the saved dataset has no '{split}' split",
+                            where=str(loc.paths[0]), fix=how_to_provide(bench))
+    if loc.filter_value is not None:
+        rows = [r for r in rows if r.get(bench.config_column) == loc.filter_value]
+    missing = [c for c in bench.required_columns if rows and c not in rows[0]]
+    if missing:
+        raise UserError(f"task '{bench_name}': the local copy of '{config}' lacks columns {missing} "
+                        f"of the {bench.hub_repo} schema", where=str(root), fix=how_to_provide(bench))
+    return rows
+
+
+def check_available(bench_name: str, datasets: dict[str, str] | None) -> Path:
+    """Preflight: the benchmark's folder exists and holds every config's eval split (reads no rows)."""
+    bench = BENCHMARKS[bench_name]
+    root, looked = resolve_root(bench_name, datasets, download=False) if _offline() else \
+        _resolve_or_defer(bench_name, datasets)
+    if root is None:  # online and not cached: the loader downloads at task build time
+        return None  # type: ignore[return-value]
+    eval_split = bench.splits[0]
+    absent = [c for c in bench.configs if locate(root, bench, c, eval_split) is None]
+    if absent:
+        shown = ", ".join(absent[:5]) + (f" and {len(absent) - 5} more" if len(absent) > 5 else "")
+        raise UserError(
+            f"task '{bench_name}': the local copy lacks the {eval_split} split of {shown}",
+            where=f"{root} ({'; '.join(looked)})", fix=how_to_provide(bench))
+    return root
+
+
+def _resolve_or_defer(bench_name: str, datasets: dict[str, str] | None) -> tuple[Path | None, list[str]]:
+    try:
+        return resolve_root(bench_name, datasets, download=False)
+    except UserError:
+        if (datasets or {}).get(bench_name):
+            raise
+        return None, []
+
+
+def rows_to_dataset_dict(splits: dict[str, list[dict]]) -> Any:
+    from datasets import Dataset, DatasetDict
+
+    return DatasetDict({k: Dataset.from_list(v) for k, v in splits.items()})

