@@ -259,7 +259,8 @@ def resolve_plan(model: nn.Module, variant: Variant, source: str = "config") -> 
             present = sorted({p.component for p in parts})
             raise UserError("the rule matches nothing in this model", where,
                             f"check the selector; this model has components {', '.join(present)}"
-                            f" and layers 0..{n_layers - 1} (layer {n_layers} = final norm / final depth mix)")
+                            f" and layers 0..{n_layers - 1} (layer {n_layers} = final norm / final depth mix; slices "
+                            f"and negative indices count over 0..{n_layers - 1})")
         fields = rule.set_fields()
         changed = False
         for p in hits:
@@ -348,7 +349,8 @@ def _rows(parts: list[Part], resolved: dict, variant: Variant, model: nn.Module)
                     "attn.kv_cache": "per-token-head" if prec in ("int8", "int4", "fp8") else "-"}[p.component]
             base_prec = "fp32" if p.component == "depth.softmax" else mdtype
             keep = prec == base_prec or (prec == "fp32" and p.component != "depth.softmax")
-            rows.append(PlanRow(p.component, p.layer, p.name, "keep" if keep else "sim", prec,
+            suffix = {"depth.softmax": ".softmax", "depth.sources": ".sources", "attn.kv_cache": ".kv_cache"}
+            rows.append(PlanRow(p.component, p.layer, p.name + suffix[p.component], "keep" if keep else "sim", prec,
                                 gran, "-", rule, part=p, resolved=res))
             continue
         w = p.module.weight

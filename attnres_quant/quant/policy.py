@@ -137,20 +137,19 @@ def parse_slice(text: str) -> slice:
 
 
 def selected_layers(layers: list[int] | str | None, n_layers: int) -> set[int] | None:
-    """Layer indices a rule's ``layers`` selects (negative indices count from the end).
+    """Layer indices a rule's ``layers`` selects.
 
-    Index ``n_layers`` (the final norm / final depth mix, "after the last layer") is
-    selectable explicitly or by a slice/negative index over 0..n_layers.
+    Slices and negative indices count over the transformer layers 0..n_layers-1 (so
+    ``"-2:"`` is the last two layers). The parts after the last layer (final norm, final
+    depth mix, final pseudo-query) have layer index ``n_layers`` and are selected only by
+    naming that index explicitly (e.g. ``layers: [4]`` on a 4-layer model).
     """
     if layers is None:
         return None
-    universe = list(range(n_layers + 1))
+    universe = list(range(n_layers))
     if isinstance(layers, str):
-        return set(universe[parse_slice(layers)]) if n_layers else set()
-    out = set()
-    for i in layers:
-        out.add(i if i >= 0 else n_layers + i)
-    return out
+        return set(universe[parse_slice(layers)])
+    return {i if i >= 0 else n_layers + i for i in layers}
 
 
 def component_matches(pattern: str, component: str) -> bool:
