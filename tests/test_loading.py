@@ -159,6 +159,10 @@ def test_fla_options_the_reference_does_not_implement_are_refused(tmp_path, no_w
     write_fla_checkpoint(ckpt, qk_norm=True)
     with pytest.raises(UserError, match="qk_norm"):
         load_model(str(ckpt))
+    ckpt1 = tmp_path / "norope"
+    write_fla_checkpoint(ckpt1, rope_theta=None)
+    with pytest.raises(UserError, match="rope_theta"):
+        load_model(str(ckpt1))
     ckpt2 = tmp_path / "odd"
     write_fla_checkpoint(ckpt2, attnres_block_size=3)
     with pytest.raises(UserError, match="attnres_block_size"):
