@@ -217,24 +217,30 @@ def _run_llm_compressor(work: nn.Module, batches: list[dict], names: list[str], 
         awq = AWQModifier(mappings=maps, **awq_kwargs)
         recipe.append(awq)
     recipe.append(QuantizationModifier(config_groups=_config_groups(work, names, bits, group_size, symmetric)))
-    loader = DataLoader(batches, batch_size=None, shuffle=False)
+    # The basic pipeline moves every batch value to the device (tensors only): use_cache goes
+    # through the config instead, so cached parent-module kwargs never hold a KV cache.
+    loader = DataLoader([{k: v for k, v in b.items() if isinstance(v, torch.Tensor)} for b in batches],
+                        batch_size=None, shuffle=False)
     search, smoothed = [], []
-    session = active_session()
-    session.reset()
     was_training = work.training
+    old_use_cache = getattr(work.config, "use_cache", None)
+    work.config.use_cache = False
     work.eval()
-    try:
-        with _quiet(quiet), _cpu_pin_memory_workaround(work):
+    with _quiet(quiet), _cpu_pin_memory_workaround(work):
+        session = active_session()
+        session.reset()
+        try:
             session.initialize(model=work, start=-1, recipe=recipe, calib_data=loader)
             if awq is not None:
-                smoothed = [m.smooth_name for m in awq._resolved_mappings] if awq._resolved_mappings else []
+                smoothed = [m.smooth_name for m in awq._resolved_mappings]
             BasicPipeline()(work, loader, None)
             if awq is not None:
                 search = [dict(m) for m in awq._error_metrics]
             session.finalize()
-    finally:
-        session.reset()
-        work.train(was_training)
+        finally:
+            session.reset()
+            work.train(was_training)
+            work.config.use_cache = old_use_cache
     if awq is not None and not smoothed:
         smoothed = [m["layer_name"] for m in search]
     modules = dict(work.named_modules())
