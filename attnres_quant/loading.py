@@ -195,8 +195,8 @@ def _weights(files: set[str], where: str, allow_pickle: bool) -> tuple[str, list
                 "The checkpoint has only pickle weights (pytorch_model.bin) and loading pickle files can run "
                 "arbitrary code, so it is refused by default",
                 where=where,
-                fix="convert it to safetensors, or set `allow_pickle: true` on this model's entry under `models:` "
-                    "in the study config (load_model(..., allow_pickle=True)) if you trust its origin")
+                fix="convert it to safetensors, or set `allow_pickle: true` on the model's entry (`model:` or "
+                    "`models:`) in the study config (load_model(..., allow_pickle=True)) if you trust its origin")
         notes.append(f"{where}: loading pickle weights ({', '.join(pickles)}) because allow_pickle is set; "
                      "only do this for checkpoints you trust")
         return "pickle", pickles, notes
@@ -213,7 +213,7 @@ def _check_config(config: dict, where: str, trust_remote_code: bool) -> tuple[st
                 "The checkpoint ships its own modelling code (`auto_map` in config.json); running remote code "
                 "is refused by default",
                 where=where,
-                fix="set `trust_remote_code: true` on this model's entry under `models:` in the study config "
+                fix="set `trust_remote_code: true` on the model's entry (`model:` or `models:`) in the study config "
                     "(load_model(..., trust_remote_code=True)) only if you trust the code in that checkpoint")
         notes.append(f"{where}: running the checkpoint's own modelling code because trust_remote_code is set")
     model_type = config.get("model_type")
@@ -370,7 +370,7 @@ def preflight_model(path: str, *, dtype: Any = "bfloat16", device: Any = "cpu", 
         if tok_cfg.is_file() and _read_json(tok_cfg, where).get("auto_map") and not trust_remote_code:
             raise UserError("The checkpoint's tokenizer ships its own code (`auto_map` in tokenizer_config.json); "
                             "running remote code is refused by default", where=where,
-                            fix="set `trust_remote_code: true` on this model's entry under `models:` in the "
+                            fix="set `trust_remote_code: true` on the model's entry (`model:` or `models:`) in the "
                                 "study config only if you trust that code")
     else:
         notes.append(f"{where}: no tokenizer files (tokenizer.json / tokenizer_config.json); the tokenizer is None "
