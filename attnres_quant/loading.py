@@ -134,6 +134,8 @@ def _check_device(device: Any) -> str:
     import torch
 
     name = str(device)
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(name)
     except (RuntimeError, TypeError) as exc:
@@ -184,7 +186,7 @@ def _read_json(path: Path, where: str) -> dict:
 def _weights(files: set[str], where: str, allow_pickle: bool) -> tuple[str, list[str], list[str]]:
     """(format, weight files, warnings) for a checkpoint's file names."""
     notes: list[str] = []
-    safetensors = sorted(f for f in files if f.endswith(".safetensors"))
+    safetensors = sorted(f for f in files if f == "model.safetensors" or re.fullmatch(r"model-.*\.safetensors", f))
     if "model.safetensors.index.json" in files or safetensors:
         return "safetensors", (["model.safetensors.index.json"] if "model.safetensors.index.json" in files
                                else safetensors), notes
@@ -428,6 +430,7 @@ def load_model(path: str, *, dtype: Any = "bfloat16", device: Any = "cpu", allow
     (a partly random model must never enter a study); so are unexpected weights for AttnRes checkpoints.
     """
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     from . import model as _registers_attnres  # noqa: F401  (AutoConfig/AutoModel registration)
@@ -439,11 +442,18 @@ def load_model(path: str, *, dtype: Any = "bfloat16", device: Any = "cpu", allow
     directory = checkpoint_dir(src, trust_remote_code=trust_remote_code)
     where = f"model path {src.spec!r}"
     torch_dtype = "auto" if src.dtype == "auto" else getattr(torch, src.dtype)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*weights_only.*")
-        model, info = AutoModelForCausalLM.from_pretrained(
-            str(directory), dtype=torch_dtype, use_safetensors=src.weights_format == "safetensors",
-            trust_remote_code=trust_remote_code, local_files_only=True, output_loading_info=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*weights_only.*")
+            model, info = AutoModelForCausalLM.from_pretrained(
+                str(directory), dtype=torch_dtype, use_safetensors=src.weights_format == "safetensors",
+                trust_remote_code=trust_remote_code, local_files_only=True, output_loading_info=True,
+                ignore_mismatched_sizes=True)  # reported below as a UserError naming the tensors
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "no detail"
+        raise UserError(f"The checkpoint could not be loaded ({type(exc).__name__}: {detail[:400]})", where=where,
+                        fix="check that the weights are complete and belong to config.json "
+                            "(see docs/checkpoints.md)") from exc
     _check_loading_info(info, src, where)
     model = model.to(src.device).eval()
     tokenizer = None

@@ -176,6 +176,19 @@ def test_missing_weights_are_an_error(tmp_path):
         load_model(str(ckpt))
 
 
+def test_wrong_shapes_and_corrupt_files_are_clear_errors(tmp_path):
+    ckpt = tmp_path / "shape"
+    write_fla_checkpoint(ckpt)
+    tensors = fla_tensors()
+    tensors["model.layers.0.attn.q_proj.weight"] = torch.zeros(32, D)
+    save_file(tensors, str(ckpt / "model.safetensors"))
+    with pytest.raises(UserError, match="wrong shape model.layers.0.attn.q_proj.weight"):
+        load_model(str(ckpt))
+    (ckpt / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(UserError, match="could not be loaded"):
+        load_model(str(ckpt))
+
+
 # --------------------------------------------------------------------------- HF comparators
 def _tiny_hf(kind, seed=0):
     import transformers
@@ -303,6 +316,7 @@ def test_bad_paths_dtypes_and_devices(tmp_path, no_weight_loading):
     write_fla_checkpoint(tmp_path / "ok")
     with pytest.raises(UserError, match="dtype"):
         preflight_model(str(tmp_path / "ok"), dtype="int3")
+    assert preflight_model(str(tmp_path / "ok"), device="auto").device in ("cpu", "cuda")
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="CUDA"):
             preflight_model(str(tmp_path / "ok"), device="cuda")
