@@ -225,6 +225,8 @@ def layer_output_error(baseline: nn.Module, quantized: nn.Module, batches: list[
     out = {}
     with torch.no_grad():
         for n in names:
+            if n not in inputs:  # not called as a module (e.g. pseudo-queries)
+                continue
             num = den = 0.0
             for x in inputs.get(n, []):
                 ref = base_mods[n](x).float()
