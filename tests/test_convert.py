@@ -206,3 +206,18 @@ def test_hub_source_while_offline(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="offline"):
         convert_checkpoint("attnres-quant-tests/not-a-cached-model", tmp_path / "out", block_size=2)
     assert not (tmp_path / "out").exists()
+
+
+def test_convert_config_reads_transformers_v4_style_configs():
+    v4 = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "num_key_value_heads": 1, "intermediate_size": 96, "vocab_size": 97, "rms_norm_eps": 1e-5,
+          "rope_theta": 500000.0, "rope_scaling": None, "hidden_act": "silu", "tie_word_embeddings": True,
+          "bos_token_id": 1, "eos_token_id": [2, 3], "max_position_embeddings": 4096}
+    cfg = convert_config(v4, 4)
+    assert cfg["rope_theta"] == 500000.0 and cfg["norm_eps"] == 1e-5 and cfg["num_kv_heads"] == 1
+    assert cfg["eos_token_id"] == [2, 3] and cfg["tie_word_embeddings"] is True and cfg["hidden_act"] == "swish"
+    assert cfg["max_position_embeddings"] == 4096 and cfg["attnres_block_size"] == 4
+    with pytest.raises(UserError, match="RoPE scaling 'linear'"):
+        convert_config({**v4, "rope_scaling": {"type": "linear", "factor": 2.0}}, 2)
+    with pytest.raises(UserError, match="hidden_act"):
+        convert_config({**v4, "hidden_act": "gelu"}, 2)
