@@ -41,6 +41,6 @@ def tiny_llama(kind: str = "llama", layers: int = 2, hidden: int = 64, vocab: in
 
 def kl_divergence(base_logits: torch.Tensor, var_logits: torch.Tensor) -> float:
     """Mean over tokens of KL(baseline || variant) in nats."""
-    lp = torch.log_softmax(base_logits.float(), -1)
-    lq = torch.log_softmax(var_logits.float(), -1)
+    lp = torch.log_softmax(base_logits.detach().float(), -1)
+    lq = torch.log_softmax(var_logits.detach().float(), -1)
     return float((lp.exp() * (lp - lq)).sum(-1).mean())
