@@ -73,6 +73,7 @@ class AWQResult:
     sublayer_errors: dict[str, float]  # per attn / mlp block: relative output MSE vs the baseline
     search: list[dict] = field(default_factory=list)  # llm-compressor's per-mapping grid-search record
     smoothed: list[str] = field(default_factory=list)  # smoothing layers whose scales were applied
+    scales: dict[str, torch.Tensor] = field(default_factory=dict)  # smoothing layer -> AWQ scale s
     method: str = "awq"
     backend: str = "llm-compressor AWQModifier + QuantizationModifier (basic pipeline)"
     bits: int = 4
@@ -194,16 +195,36 @@ def _cpu_pin_memory_workaround(model: nn.Module):
         yield
 
 
+def _basic_calibration(model: nn.Module, loader, session) -> None:
+    """llm-compressor's ``basic`` pipeline, with one fix: the sequential-epoch-end event (where
+    AWQ smooths) fires while quantization is still disabled, as the ``sequential`` pipeline does.
+    llm-compressor 0.14's BasicPipeline fires it after leaving ``DisableQuantization``, so AWQ's
+    full-precision reference pass runs the balance Linears through fake quantization with
+    weight qparams not yet computed (uninitialised memory: NaN or garbage, and the mapping is
+    skipped or mis-scaled)."""
+    from llmcompressor.core import LifecycleCallbacks
+    from llmcompressor.utils import calibration_forward_context
+    from llmcompressor.utils.helpers import DisableQuantization
+
+    LifecycleCallbacks.calibration_start()
+    with calibration_forward_context(model), DisableQuantization(model):
+        for batch_idx, batch in enumerate(loader):
+            session.state.current_batch_idx = batch_idx
+            model(**batch)
+        LifecycleCallbacks.sequential_epoch_end(list(model.modules()))
+    LifecycleCallbacks.calibration_end()
+
+
 def _run_llm_compressor(work: nn.Module, batches: list[dict], names: list[str], bits: int,
                         group_size: int | None, symmetric: bool, awq_kwargs: dict | None,
-                        mappings, quiet: bool) -> tuple[list[dict], list[str]]:
+                        mappings, quiet: bool, original: nn.Module | None = None
+                        ) -> tuple[list[dict], list[str], dict[str, torch.Tensor]]:
     """Run [AWQModifier] + QuantizationModifier on ``work`` in place through the session
     lifecycle and the basic pipeline; then replace every targeted Linear's weight by its
     dequantized value and strip the compressed-tensors wrappers."""
     from compressed_tensors.quantization import forward_quantize
     from llmcompressor.core import active_session
     from llmcompressor.modifiers.quantization import QuantizationModifier
-    from llmcompressor.pipelines.basic import BasicPipeline
     from torch.utils.data import DataLoader
 
     recipe = []
@@ -231,19 +252,17 @@ def _run_llm_compressor(work: nn.Module, batches: list[dict], names: list[str], 
         session.reset()
         try:
             session.initialize(model=work, start=-1, recipe=recipe, calib_data=loader)
-            if awq is not None:
-                smoothed = [m.smooth_name for m in awq._resolved_mappings]
-            BasicPipeline()(work, loader, None)
+            _basic_calibration(work, loader, session)
             if awq is not None:
                 search = [dict(m) for m in awq._error_metrics]
+                smoothed = [m["layer_name"] for m in search]
             session.finalize()
         finally:
             session.reset()
             work.train(was_training)
             work.config.use_cache = old_use_cache
-    if awq is not None and not smoothed:
-        smoothed = [m["layer_name"] for m in search]
     modules = dict(work.named_modules())
+    scales = _recover_scales(original, work, search) if original is not None else {}
     with torch.no_grad():
         for n in names:
             m = modules[n]
@@ -256,7 +275,36 @@ def _run_llm_compressor(work: nn.Module, batches: list[dict], names: list[str], 
     if hasattr(work.config, "quantization_config"):
         with contextlib.suppress(AttributeError):
             delattr(work.config, "quantization_config")
-    return search, smoothed
+    return search, smoothed, scales
+
+
+@torch.no_grad()
+def _recover_scales(original: nn.Module, work: nn.Module, search: list[dict]) -> dict[str, torch.Tensor]:
+    """The per-channel AWQ scale s of every applied mapping, read back from the smoothed (not yet
+    quantized) weights: a smoothing norm's gain became g / s; a smoothing Linear's output rows
+    (v_proj, up_proj) became W / s, so its outputs are y / s."""
+    orig = dict(original.named_modules())
+    new = dict(work.named_modules())
+    out = {}
+    for rec in search:
+        name = rec["layer_name"]
+        w0 = orig[name].weight.detach().float()
+        w1 = new[name].weight.detach().float()
+        if w0.dim() == 1:  # a norm gain: g -> g / s
+            s = torch.where(w1 != 0, w0 / w1, torch.ones_like(w0))
+        else:
+            # A smoothing Linear (v_proj, up_proj) may itself have been rescaled as a balance layer
+            # (its input columns), so read s from its single balance layer (o_proj, down_proj),
+            # whose input columns became W[:, c] * s_c.
+            bal = rec.get("parent_name")
+            if bal not in new or not isinstance(new[bal], nn.Linear):
+                continue
+            b0 = orig[bal].weight.detach().float()
+            b1 = new[bal].weight.detach().float()
+            den = (b0 * b0).sum(0)
+            s = torch.where(den != 0, (b0 * b1).sum(0) / den.clamp_min(1e-30), torch.ones_like(den))
+        out[name] = s.cpu()
+    return out
 
 
 def _prepare(model, calibration_batches, bits, group_size, symmetric, skip, targets):
@@ -304,11 +352,14 @@ def apply_awq(model: nn.Module, calibration_batches, *, bits: int | str = 4, gro
                                                       symmetric, skip, targets)
     if mappings is None and _is_attnres(model):
         mappings = ATTNRES_MAPPINGS
-    search, smoothed = _run_llm_compressor(work, batches, names, bits, group_size, symmetric,
-                                           {"duo_scaling": duo_scaling, "n_grid": n_grid}, mappings, quiet)
+    search, smoothed, scales = _run_llm_compressor(work, batches, names, bits, group_size, symmetric,
+                                                   {"duo_scaling": duo_scaling, "n_grid": n_grid}, mappings,
+                                                   quiet, original=model)
     work = work.to(orig_dtype)
-    layer_err, sub_err = (layer_output_errors(model, work, batches, names) if measure else ({}, {}))
-    return AWQResult(work, names, layer_err, sub_err, search, smoothed, "awq", bits=bits,
+    out_scales = {n: s for n, s in scales.items() if n in names}
+    layer_err, sub_err = (layer_output_errors(model, work, batches, names, output_scales=out_scales)
+                          if measure else ({}, {}))
+    return AWQResult(work, names, layer_err, sub_err, search, smoothed, scales, "awq", bits=bits,
                      group_size=group_size, symmetric=symmetric)
 
 
@@ -323,14 +374,16 @@ def apply_rtn_reference(model: nn.Module, calibration_batches, *, bits: int | st
     _run_llm_compressor(work, batches, names, bits, group_size, symmetric, None, None, quiet)
     work = work.to(orig_dtype)
     layer_err, sub_err = (layer_output_errors(model, work, batches, names) if measure else ({}, {}))
-    return AWQResult(work, names, layer_err, sub_err, [], [], "rtn", backend="llm-compressor QuantizationModifier",
+    return AWQResult(work, names, layer_err, sub_err, [], [], {}, "rtn", backend="llm-compressor QuantizationModifier",
                      bits=bits, group_size=group_size, symmetric=symmetric)
 
 
 # ------------------------------------------------------------------------ error metric
 @torch.no_grad()
 def layer_output_errors(base: nn.Module, quant: nn.Module, calibration_batches,
-                        names: Iterable[str] | None = None) -> tuple[dict[str, float], dict[str, float]]:
+                        names: Iterable[str] | None = None,
+                        output_scales: dict[str, torch.Tensor] | None = None
+                        ) -> tuple[dict[str, float], dict[str, float]]:
     """Relative output MSE, sum ||y_q - y||^2 / sum ||y||^2 over the calibration tokens, of every
     named Linear and of every attention / MLP sub-layer block, **with the baseline's sub-layer
     inputs**: for AttnRes models each sub-layer j of both models is fed the baseline's depth mix
@@ -338,8 +391,12 @@ def layer_output_errors(base: nn.Module, quant: nn.Module, calibration_batches,
     norm scales are included. For other models both models run the same batches end to end
     (errors then include upstream propagation).
 
+    ``output_scales`` maps a Linear that AWQ used as a smoothing layer (v_proj, up_proj: rows
+    divided by s) to s; its quantized output is multiplied back by s before comparing.
+
     Returns (per-Linear errors, per-block errors keyed ``model.layers.N.attn`` / ``.mlp``).
     """
+    output_scales = output_scales or {}
     batches = _batches(calibration_batches)
     device = next(base.parameters()).device
     batches = [{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()} for b in batches]
@@ -349,6 +406,8 @@ def layer_output_errors(base: nn.Module, quant: nn.Module, calibration_batches,
 
     def acc(key, y, yq):
         y, yq = y.float(), yq.float()
+        if key in output_scales:
+            yq = yq * output_scales[key].to(yq.device)
         num[key] = num.get(key, 0.0) + float((yq - y).pow(2).sum())
         den[key] = den.get(key, 0.0) + float(y.pow(2).sum())
 
