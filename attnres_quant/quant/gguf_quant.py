@@ -31,10 +31,11 @@ Types and where their arithmetic comes from:
 
   The blocks are packed in GGUF layout, and ``gguf.quants.dequantize`` reads them back
   to exactly the tensor :func:`gguf_roundtrip` returns (tests check bit equality).
-  The rounding follows llama.cpp's reference algorithm step by step in float32; sums
-  are numpy reductions rather than C's sequential loops, so a code can differ from a
-  llama.cpp-produced file in rare near-tie cases -- the format and the dequantized
-  values of *our* blocks are exact.
+  The rounding follows llama.cpp's reference algorithm step by step in float32, with
+  sums accumulated left to right like the C loops (tests check the vectorised code
+  against a plain scalar transcription, bit for bit). A llama.cpp binary built with
+  FMA contraction (-march=native) may still round a near tie differently in rare
+  sub-blocks; the format, and the dequantized values of *our* blocks, are exact.
 
 Rows whose length is not a multiple of the type's block size are refused with a
 ``ValueError`` (naming the shape and block size); :func:`fallback_type` gives the type
@@ -147,6 +148,12 @@ def _fp16_round(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return h, h.astype(_F32)
 
 
+def _seqsum(a: np.ndarray) -> np.ndarray:
+    """Row sums accumulated left to right in float32, like the C reference's loops (numpy's
+    ``sum`` is pairwise, which can flip near-tie decisions of the scale searches)."""
+    return np.cumsum(a, axis=1, dtype=_F32)[:, -1]
+
+
 def _chunks(n_rows: int, row_len: int):
     step = max(1, _ROW_CHUNK_ELEMS // max(1, row_len))
     for start in range(0, n_rows, step):
@@ -162,8 +169,8 @@ def _make_qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: flo
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         mn = x.min(axis=1)
         mx = x.max(axis=1)
-        sum_w = w.sum(axis=1, dtype=_F32)
-        sum_x = (w * x).sum(axis=1, dtype=_F32)
+        sum_w = _seqsum(w)
+        sum_x = _seqsum(w * x)
         mn = np.minimum(mn, _F32(0))
         flat = mx == mn
         rng = np.where(flat, _F32(1), mx - mn)
@@ -171,7 +178,7 @@ def _make_qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: flo
         scale = (_F32(1) / iscale).astype(_F32)
         L = np.clip(_nearest_int(iscale[:, None] * (x - mn[:, None])), 0, nmax)
         diff = scale[:, None] * L.astype(_F32) + mn[:, None] - x
-        best = (w * diff * diff).sum(axis=1, dtype=_F32)
+        best = _seqsum(w * (diff * diff))
         for i in range(nstep + 1):
             cand = (_F32(rmin) + _F32(rdelta) * _F32(i) + _F32(nmax)).astype(_F32)
             rng = np.where(flat, _F32(1), mx - mn)  # mn is updated by better candidates
@@ -179,9 +186,9 @@ def _make_qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: flo
             La = np.clip(_nearest_int(isc[:, None] * (x - mn[:, None])), 0, nmax)
             Lf = La.astype(_F32)
             wl = w * Lf
-            sum_l = wl.sum(axis=1, dtype=_F32)
-            sum_l2 = (wl * Lf).sum(axis=1, dtype=_F32)
-            sum_xl = (wl * x).sum(axis=1, dtype=_F32)
+            sum_l = _seqsum(wl)
+            sum_l2 = _seqsum(wl * Lf)
+            sum_xl = _seqsum(wl * x)
             D = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
@@ -189,7 +196,7 @@ def _make_qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: flo
             this_min = np.where(pos, _F32(0), this_min)
             this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
             diff = this_scale[:, None] * Lf + this_min[:, None] - x
-            cur = (w * diff * diff).sum(axis=1, dtype=_F32)
+            cur = _seqsum(w * (diff * diff))
             better = (D > 0) & (cur < best) & ~flat
             if better.any():
                 L = np.where(better[:, None], La, L)
@@ -215,8 +222,8 @@ def _make_qx_rmse1(x: np.ndarray, nmax: int):
         iscale = (_F32(-nmax) / safe).astype(_F32)
         lq = np.clip(_nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
         lf = lq.astype(_F32)
-        sumlx = (w * x * lf).sum(axis=1, dtype=_F32)
-        suml2 = (w * lf * lf).sum(axis=1, dtype=_F32)
+        sumlx = _seqsum(w * x * lf)
+        suml2 = _seqsum(w * lf * lf)
         scale = np.where(suml2 != 0, sumlx / suml2, _F32(0)).astype(_F32)
         best = scale * sumlx
         L = lq + nmax
@@ -226,8 +233,8 @@ def _make_qx_rmse1(x: np.ndarray, nmax: int):
             isc = (-(_F32(nmax) + _F32(0.1) * _F32(i)) / safe).astype(_F32)
             lq = np.clip(_nearest_int(isc[:, None] * x), -nmax, nmax - 1)
             lf = lq.astype(_F32)
-            slx = (w * x * lf).sum(axis=1, dtype=_F32)
-            sl2 = (w * lf * lf).sum(axis=1, dtype=_F32)
+            slx = _seqsum(w * x * lf)
+            sl2 = _seqsum(w * lf * lf)
             better = (sl2 > 0) & (slx * slx > best * sl2) & ~zero
             if better.any():
                 L = np.where(better[:, None], lq + nmax, L)
@@ -246,7 +253,7 @@ def _make_qx_rmse1(x: np.ndarray, nmax: int):
 def _encode_q45k(x: np.ndarray, nmax: int, rmin: float, nstep: int) -> dict:
     nb = x.shape[0]
     sub = x.reshape(nb * 8, 32)
-    av_x = np.sqrt((sub * sub).sum(axis=1, dtype=_F32) / _F32(32)).astype(_F32)
+    av_x = np.sqrt(_seqsum(sub * sub) / _F32(32)).astype(_F32)
     weights = av_x[:, None] + np.abs(sub)
     scales, mins, L = _make_qkx2(sub, weights, nmax, rmin, 0.1, nstep)
     scales = scales.reshape(nb, 8)
