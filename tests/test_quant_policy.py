@@ -153,6 +153,8 @@ def test_error_unknown_precision():
 def test_error_method_cannot_provide(model):
     expect_error(lambda: parse_variant({"name": "v5", "method": "rtn", "default": {"weight": "nf4"}}, "c.yaml"),
                  "cannot provide weight nf4", "method: bnb")
+    expect_error(lambda: parse_variant({"name": "v5b", "method": "none", "default": {"weight": "int4"}}, "c.yaml"),
+                 "cannot provide weight int4", "method: rtn")
     expect_error(lambda: parse_variant({"name": "v6", "method": "bnb", "rules": [{"select": "mlp.*",
                                                                                  "weight": "int4"}]}, "c.yaml"),
                  "cannot provide weight int4", "rules[0] (select: mlp.*)", "nf4")

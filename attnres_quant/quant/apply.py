@@ -178,7 +178,7 @@ def quantize(model: nn.Module, variant: Variant, calibration=None, *, source: st
     kernel = {"none": "none", "rtn": "simulated-rtn", "gptq": "simulated-gptq"}.get(method, "")
     weight_bytes = plan.summary()["weight_bytes"]
     if method == "bnb":
-        from .bnb import apply_bnb, bnb_weight_bytes
+        from .bnb import apply_bnb
 
         targets = {r.part.name: (r.precision, r.resolved.group_size) for r in weight_rows if r.method == "bnb"}
         real = apply_bnb(qmodel, targets, threshold=float(variant.options.get("threshold", 6.0)))
@@ -186,7 +186,6 @@ def quantize(model: nn.Module, variant: Variant, calibration=None, *, source: st
         weight_bytes = int(weight_bytes - planned + real)
         kinds = sorted({p for p, _ in targets.values()})
         kernel = "bitsandbytes-" + "+".join(kinds) if kinds else "none"
-        del bnb_weight_bytes
     elif method == "torchao":
         from .torchao_method import apply_torchao
 

@@ -188,6 +188,8 @@ def activation_capability(method: str, component: str, weight: str | None) -> tu
 def method_fix(method: str, precision: str, component: str) -> str:
     if precision in ("nf4", "fp4"):
         return "use `method: bnb` for nf4/fp4 (bitsandbytes), or int4 with rtn/gptq"
+    if method == "none":
+        return "`method: none` only casts floats and sets depth/KV hooks; use `method: rtn` for int weights"
     if method == "bnb" and precision == "int4":
         return "bitsandbytes has no int4 integer format; use nf4 or fp4, or `method: rtn`/`gptq` for int4"
     if component not in LINEAR_COMPONENTS and method in ("bnb", "torchao"):
@@ -200,8 +202,7 @@ def check_variant(variant: Variant, source: str = "config") -> None:
     """Model-independent checks: known components, method can provide every precision a rule asks."""
     where0 = f"{source}, variant {variant.name!r}"
     d = variant.default
-    if d.weight in ("nf4", "fp4") and variant.method != "bnb" or (
-            d.weight == "int4" and variant.method == "bnb"):
+    if d.weight is not None and d.weight not in weight_capability(variant.method, "attn.q"):
         raise UserError(f"method {variant.method!r} cannot provide weight {d.weight}",
                         f"{where0}, default", method_fix(variant.method, d.weight, "attn.q"))
     if d.activation in ("int8", "int4") and variant.method in ("none", "bnb"):
