@@ -266,7 +266,7 @@ def convert_checkpoint(src: str, out: str | os.PathLike, *, block_size: int, dty
     import torch
     from safetensors.torch import save_file
 
-    from .loading import TOKENIZER_FILES, checkpoint_dir, preflight_model
+    from .loading import TOKENIZER_FILES, LoadingWarning, checkpoint_dir, preflight_model
 
     if verify is True:
         verify = "yes"
@@ -401,7 +401,7 @@ def convert_checkpoint(src: str, out: str | os.PathLike, *, block_size: int, dty
         card["tokenizer"] = has_tokenizer
         if not has_tokenizer:
             warnings.warn(f"{where}: no tokenizer files to copy; the converted checkpoint has no tokenizer",
-                          stacklevel=2)
+                          LoadingWarning, stacklevel=2)
         with open(tmp / "conversion_card.json", "w", encoding="utf-8") as fh:
             json.dump(card, fh, indent=2)
         if out_dir.exists():
@@ -480,6 +480,9 @@ def main(args: argparse.Namespace) -> int:
     if ver:
         print(f"verified (fp32, {ver['tokens']} random tokens): max |logit diff| = {ver['max_abs_logit_diff']:.3g} "
               f"(max |logit| {ver['max_abs_logit']:.3g}), top-1 agreement {ver['top1_agreement']:.3f}")
+        if ver["max_abs_logit_diff"] > 1e-2 * max(1.0, ver["max_abs_logit"]) or ver["top1_agreement"] < 0.99:
+            print("warning: the difference is larger than the RMSNorm epsilon explains for a trained model; "
+                  "(an untrained model with tiny activations can show ~1e-2) check the source checkpoint")
     else:
         print("not verified (pass --verify yes to compare logits)")
     if not card["tokenizer"]:

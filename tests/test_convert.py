@@ -11,6 +11,8 @@ from attnres_quant.convert import convert_checkpoint, convert_config
 from attnres_quant.errors import UserError
 from attnres_quant.loading import describe_model, load_model
 
+pytestmark = pytest.mark.filterwarnings("ignore::attnres_quant.loading.LoadingWarning")
+
 VOCAB = 97
 IDS = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(7))
 FLA_FIELDS = ("hidden_size", "num_hidden_layers", "num_heads", "num_kv_heads", "intermediate_size", "hidden_ratio",

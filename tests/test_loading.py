@@ -11,6 +11,8 @@ from attnres_quant import loading
 from attnres_quant.errors import UserError
 from attnres_quant.loading import LoadingWarning, describe_model, load_model, preflight_model, zoo_path
 
+pytestmark = pytest.mark.filterwarnings("ignore::attnres_quant.loading.LoadingWarning")
+
 VOCAB = 97
 D, LAYERS, HEADS, KV_HEADS = 64, 3, 4, 2
 HEAD_DIM = D // HEADS
