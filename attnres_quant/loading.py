@@ -364,6 +364,11 @@ def preflight_model(path: str, *, dtype: Any = "bfloat16", device: Any = "cpu", 
     config = _read_json(config_file, where)
     model_type, family, block, notes = _check_config(config, where, trust_remote_code)
     files = _hub_files(hub_id, directory, where) if hub_id else {p.name for p in directory.iterdir()}
+    if hub_id and _hub_offline() and not any(f.endswith((".safetensors", ".bin", ".index.json")) for f in files):
+        raise UserError(f"The hub is offline (HF_HUB_OFFLINE=1) and the local cache has the config of {hub_id!r} "
+                        "but not its weights", where=where,
+                        fix=f"download it on a machine with network (`huggingface-cli download {hub_id} "
+                            "--local-dir DIR`) and point the model path at DIR, or unset HF_HUB_OFFLINE")
     fmt, weight_files, wnotes = _weights(files, where, allow_pickle)
     notes += wnotes
     has_tok = _has_tokenizer(files)

@@ -296,6 +296,33 @@ def test_hub_id_while_offline_is_a_clear_error(monkeypatch, no_weight_loading):
         assert "offline" in msg and "HF_HUB_OFFLINE" in msg and "--local-dir" in msg
 
 
+def _fake_hub_cache(root, repo_id, with_weights=True):
+    """A Hugging Face cache entry laid out as huggingface_hub writes it (refs/main -> snapshots/<commit>)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    entry = root / ("models--" + repo_id.replace("/", "--"))
+    (entry / "refs").mkdir(parents=True)
+    (entry / "refs" / "main").write_text(commit)
+    snap = entry / "snapshots" / commit
+    write_fla_checkpoint(snap, tokenizer=True)
+    if not with_weights:
+        (snap / "model.safetensors").unlink()
+
+
+def test_hub_id_offline_served_from_the_local_cache(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    _fake_hub_cache(tmp_path, "acme/tiny-fla")
+    src = preflight_model("acme/tiny-fla")
+    assert src.kind == "hub" and src.family == "attnres-block" and src.weight_files == ["model.safetensors"]
+    model, tok = load_model("acme/tiny-fla", dtype="float32")
+    assert tok is not None and describe_model(model)["source"] == "acme/tiny-fla"
+    _fake_hub_cache(tmp_path, "acme/config-only", with_weights=False)
+    with pytest.raises(UserError, match="not its weights"):
+        preflight_model("acme/config-only")
+
+
 def test_bad_paths_dtypes_and_devices(tmp_path, no_weight_loading):
     with pytest.raises(UserError, match="does not exist"):
         load_model(str(tmp_path / "nowhere"))
