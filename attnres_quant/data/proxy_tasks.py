@@ -308,9 +308,37 @@ def _math_mod(rng):
     return f"What is the remainder when {a} is divided by {b}?", a % b
 
 
+def _math_plus_one(rng):
+    n = rng.randint(0, 998)
+    return f"What is {n} + 1?", n + 1
+
+
+def _math_times_ten(rng):
+    n = rng.randint(1, 999)
+    return f"What is {n} times 10?", n * 10
+
+
+def _math_larger(rng):
+    a, b = _distinct_ints(rng, -1, 2, 0, 999)
+    return f"Which is larger, {a} or {b}?", max(a, b)
+
+
+def _math_last(rng):
+    xs = [rng.randint(0, 99) for _ in range(rng.randint(2, 5))]
+    return f"What is the last number in the list {', '.join(str(v) for v in xs)}?", xs[-1]
+
+
+def _math_count_have(rng):
+    name, obj = _pick(rng, _NAMES), _pick(rng, _OBJECTS)
+    a = rng.randint(2, 99)
+    return f"{name} has {a} {obj}. How many {obj} does {name} have?", a
+
+
 _MATH_TEMPLATES: tuple[tuple[str, Callable], ...] = (
     ("add", _math_add), ("sub", _math_sub), ("mul", _math_mul), ("word_add", _math_word_add),
     ("word_sub", _math_word_sub), ("sequence", _math_sequence), ("double", _math_double), ("mod", _math_mod),
+    ("plus_one", _math_plus_one), ("times_ten", _math_times_ten), ("larger", _math_larger),
+    ("last", _math_last), ("count_have", _math_count_have),
 )
 
 
