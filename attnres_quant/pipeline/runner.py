@@ -102,7 +102,7 @@ def config_fingerprint(raw: dict) -> str:
 
 # --------------------------------------------------------------------------- preflight
 def validate_variants(config: StudyConfig, source: str):
-    from ..quant import parse_variants
+    from ..quant import parse_variant
 
     names = [config.baseline.name] + [v.get("name") for v in config.variants if isinstance(v, dict)]
     dupes = {n for n in names if names.count(n) > 1}
@@ -110,7 +110,7 @@ def validate_variants(config: StudyConfig, source: str):
         raise UserError(f"variant names must be unique; {sorted(dupes)} appear more than once "
                         f"(the baseline is named {config.baseline.name!r})", source,
                         "rename the variants (or set baseline.name)")
-    return parse_variants(config.variants, source=source)
+    return [parse_variant(v, source=source) for v in config.variants]
 
 
 def preflight(config: StudyConfig, variants, source: str, device: str) -> None:
@@ -133,7 +133,7 @@ def eval_settings(config: StudyConfig):
 
     e = config.eval
     return EvalSettings(batch_size=e.batch_size, limit=e.limit, num_fewshot=e.num_fewshot, seed=config.seed,
-                        max_gen_toks=e.max_gen_toks, allow_code_execution=e.allow_code_execution,
+                        gen_kwargs={"max_gen_toks": e.max_gen_toks}, allow_code_execution=e.allow_code_execution,
                         code_timeout_s=e.code_timeout_s, datasets=dict(config.datasets))
 
 
@@ -174,21 +174,31 @@ def run_tasks(store, label, vname, model, tokenizer, config, settings) -> None:
         store.put(label, vname, cell, value, wall_s=round(time.perf_counter() - t0, 2))
 
 
-def run_quality(store, label, vname, baseline, model, tokenizer, text_ids, is_baseline) -> None:
+def mean_depth_weights(model, ids) -> list[list[float]] | None:
+    """Depth softmax weights of every sub-layer (+ final mix), averaged over tokens."""
+    import torch
+
+    if not getattr(model.config, "attnres_block_size", None):
+        return None
+    with torch.no_grad():
+        out = model(ids.to(model.device), use_cache=False, output_depth_attentions=True)
+    return [w.float().mean(dim=(0, 1)).tolist() for w in out.depth_attentions]
+
+
+def run_quality(store, label, vname, baseline, model, tokenizer, config, text_ids, is_baseline) -> None:
     from ..evaluation import quality
 
     if store.done(label, vname, CELL_QUALITY) and store.done(label, vname, CELL_DEPTH):
         return
     _log(f"  {label} / {vname}: quality metrics")
     t0 = time.perf_counter()
-    q = quality(baseline, model, tokenizer, text_ids)
-    depth = q.pop("depth_mean_weights", None)
+    q = quality(baseline, model, tokenizer, text_ids.flatten().tolist(), seq_len=config.quality.seq_len)
     if not math.isfinite(q.get("bpb", float("nan"))):
         raise VariantFailed(f"bits-per-byte is not finite ({q.get('bpb')})")
     if is_baseline:
-        q = {k: v for k, v in q.items() if k in ("bpb", "ppl", "tokens", "bytes")}
+        q = {k: v for k, v in q.items() if k in ("bpb", "ppl", "nll", "tokens", "bytes")}
     store.put(label, vname, CELL_QUALITY, q, wall_s=round(time.perf_counter() - t0, 2))
-    store.put(label, vname, CELL_DEPTH, depth)
+    store.put(label, vname, CELL_DEPTH, mean_depth_weights(model, text_ids[:, : config.quality.seq_len]))
 
 
 def run_latency(store, label, vname, model, config, simulated, kernel) -> None:
@@ -214,12 +224,66 @@ def variant_cells(config: StudyConfig) -> list[str]:
     return cells
 
 
+def quality_text_ids(tokenizer, max_tokens: int):
+    """The fixed quality text (HumanEval prompts + canonical solutions) as ids [1, N]."""
+    import torch
+
+    from ..evaluation.metrics import encode, fixed_text
+
+    return torch.tensor([encode(tokenizer, fixed_text(), max_tokens)], dtype=torch.long)
+
+
+def needs_calibration(variant) -> bool:
+    if variant.method in ("gptq", "awq"):
+        return True
+    precisions = [variant.default, *variant.rules]
+    return any(p.activation in ("int8", "int4") and p.activation_scheme == "static" for p in precisions)
+
+
+def calibration_ids(tokenizer, samples: int, seq_len: int, seed: int):
+    """Calibration token ids [samples, seq_len] from the training corpus (never the evaluation text)."""
+    import torch
+
+    from ..data.corpus import calibration_text
+
+    ids = tokenizer(calibration_text(samples * seq_len * 8, seed=seed), add_special_tokens=False)["input_ids"]
+    n = min(samples, len(ids) // seq_len)
+    if n == 0:
+        raise VariantFailed("calibration text is shorter than one sequence")
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def describe_rules(variant) -> str:
+    d = variant.default.model_dump(exclude_none=True)
+    parts = [f"default {d}" if d else "default: baseline"]
+    for rule in variant.rules:
+        r = rule.model_dump(exclude_none=True)
+        sel = r.pop("select", "*")
+        parts.append(f"{sel}: {r}")
+    return "; ".join(parts).replace("'", "")
+
+
+def plan_summary(quantized) -> dict:
+    summary = quantized.plan.summary()
+    summary.update(quantized.info())
+    summary["description"] = describe_rules(quantized.plan.variant)
+    summary["weights_by_precision"] = summary.get("weights_by_precision", {})
+    return summary
+
+
+def baseline_plan(model, name: str) -> dict:
+    from ..quant import Variant, resolve_plan
+
+    summary = resolve_plan(model, Variant(name=name, method="none")).summary()
+    summary.update({"method": "none", "simulated": False, "kernel": "dense", "description": "baseline"})
+    return summary
+
+
 def run_model(store: ResultStore, spec, config: StudyConfig, variants, device: str, source: str) -> None:
     import torch
 
-    from ..evaluation import quality_text_ids
     from ..loading import load_model
-    from ..quant import calibration_batches, quantize
+    from ..quant import quantize
 
     label = spec.label
     cells = variant_cells(config)
@@ -236,18 +300,17 @@ def run_model(store: ResultStore, spec, config: StudyConfig, variants, device: s
                                      allow_pickle=spec.allow_pickle, trust_remote_code=spec.trust_remote_code)
     baseline.eval()
     settings = eval_settings(config)
-    text_ids = quality_text_ids(tokenizer, max_tokens=config.quality.max_tokens, seq_len=config.quality.seq_len)
+    text_ids = quality_text_ids(tokenizer, config.quality.max_tokens)
     store.put(label, base_name, "model", describe(spec, baseline))
 
     # Baseline cells.
     if base_pending:
-        from ..quant import baseline_plan
-
         if not store.done(label, base_name, CELL_PLAN):
-            store.put(label, base_name, CELL_PLAN, baseline_plan(baseline, config.dtype))
+            store.put(label, base_name, CELL_PLAN, baseline_plan(baseline, base_name))
         run_tasks(store, label, base_name, baseline, tokenizer, config, settings)
         if config.quality.enabled:
-            run_quality(store, label, base_name, baseline, baseline, tokenizer, text_ids, is_baseline=True)
+            run_quality(store, label, base_name, baseline, baseline, tokenizer, config, text_ids,
+                        is_baseline=True)
         run_latency(store, label, base_name, baseline, config, simulated=False, kernel=f"dense-{config.dtype}")
 
     calibration = None
@@ -257,18 +320,19 @@ def run_model(store: ResultStore, spec, config: StudyConfig, variants, device: s
         t0 = time.perf_counter()
         quantized = None
         try:
-            if calibration is None and getattr(variant, "needs_calibration", lambda: False)():
-                calibration = calibration_batches(tokenizer, samples=config.calibration.samples,
-                                                  seq_len=config.calibration.seq_len, seed=config.seed)
+            if calibration is None and needs_calibration(variant):
+                calibration = calibration_ids(tokenizer, config.calibration.samples,
+                                              config.calibration.seq_len, config.seed)
             torch.manual_seed(config.seed)
             quantized = quantize(baseline, variant, calibration=calibration, source=source)
             qmodel = quantized.model.eval()
             check_finite(qmodel, text_ids)
             if not store.done(label, vname, CELL_PLAN):
-                store.put(label, vname, CELL_PLAN, quantized.plan_summary())
+                store.put(label, vname, CELL_PLAN, plan_summary(quantized))
             run_tasks(store, label, vname, qmodel, tokenizer, config, settings)
             if config.quality.enabled:
-                run_quality(store, label, vname, baseline, qmodel, tokenizer, text_ids, is_baseline=False)
+                run_quality(store, label, vname, baseline, qmodel, tokenizer, config, text_ids,
+                            is_baseline=False)
             run_latency(store, label, vname, qmodel, config, simulated=quantized.simulated,
                         kernel=quantized.kernel)
             store.put(label, vname, CELL_STATUS, {"wall_s": round(time.perf_counter() - t0, 2)})

@@ -200,7 +200,7 @@ def latency_section(view: View, model: str) -> list[str]:
             speed = base["decode_ms_per_token"] / lat["decode_ms_per_token"]
         rows.append({
             "variant": variant, "kernels": ("simulated" if sim else "real") + f" ({lat.get('kernel')})",
-            "prefill ms": _fmt(lat.get("prefill_ms"), 2), "prefill IQR": _fmt(lat.get("prefill_iqr_ms"), 2),
+            "prefill ms": _fmt(lat.get("prefill_ms"), 2), "prefill IQR": _fmt(lat.get("prefill_ms_iqr"), 2),
             "decode ms/tok": _fmt(lat.get("decode_ms_per_token"), 2),
             "tok/s": _fmt(lat.get("tokens_per_s"), 1),
             "decode speedup": "—" if speed is None else f"{speed:.2f}x" + (" (sim)" if sim else ""),
