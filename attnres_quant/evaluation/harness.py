@@ -10,6 +10,7 @@ called before any model is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -172,6 +173,20 @@ def _sample_value(sample: dict, metric: str) -> float:
     return float(v) if v is not None else float("nan")
 
 
+@contextlib.contextmanager
+def _no_env_probe():
+    """Skip lm-eval's environment report (it shells out to pip/nvidia-smi: ~1 s per call);
+    the pipeline records the environment once per study."""
+    import lm_eval.evaluator as ev
+
+    saved = ev.add_env_info
+    ev.add_env_info = lambda results: None
+    try:
+        yield
+    finally:
+        ev.add_env_info = saved
+
+
 def evaluate(model, tokenizer, tasks: list[str], settings: Any = None, *, lm=None) -> dict[str, TaskResult]:
     """Evaluate ``model`` on ``tasks`` through lm-eval; one :class:`TaskResult` per result name.
 
@@ -200,7 +215,7 @@ def evaluate(model, tokenizer, tasks: list[str], settings: Any = None, *, lm=Non
             model.eval()
         lm = make_lm(model, tokenizer, s)
 
-    with he.code_execution(s.allow_code_execution, s.code_timeout_s, s.code_workers):
+    with he.code_execution(s.allow_code_execution, s.code_timeout_s, s.code_workers), _no_env_probe():
         out = lm_eval.simple_evaluate(
             model=lm, tasks=list(task_objs.values()), num_fewshot=s.num_fewshot, limit=s.limit,
             batch_size=s.batch_size, log_samples=True, bootstrap_iters=0,
