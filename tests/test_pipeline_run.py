@@ -1,0 +1,178 @@
+"""End-to-end `run`: results cells, report, re-render, resume after a kill, failed variants, bad configs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from attnres_quant.cli import main as cli_main
+from attnres_quant.model import AttnResConfig, AttnResForCausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    from attnres_quant.evaluation.testing import tiny_tokenizer
+
+    out = tmp_path_factory.mktemp("ckpt") / "tiny-block"
+    tok = tiny_tokenizer(vocab_size=320)
+    torch.manual_seed(0)
+    cfg = AttnResConfig(hidden_size=64, num_hidden_layers=2, num_heads=4, num_kv_heads=2, vocab_size=len(tok),
+                        intermediate_size=128, attnres_block_size=2, initializer_range=0.2,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = AttnResForCausalLM(cfg)
+    with torch.no_grad():  # learned-looking, non-uniform depth attention
+        for name, p in model.named_parameters():
+            if "res_proj" in name:
+                p.normal_(0, 0.5)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def study(tmp_path, ckpt, **over):
+    cfg = {
+        "name": "mini",
+        "seed": 0,
+        "device": "cpu",
+        "dtype": "float32",
+        "model": {"path": str(ckpt)},
+        "variants": [
+            {"name": "int4_all", "method": "rtn", "default": {"weight": "int4", "group_size": 32},
+             "rules": [{"select": "depth.*", "weight": "int4", "group_size": 32},
+                       {"select": "depth.sources", "storage": "int4"}]},
+            {"name": "int4_hybrid", "method": "rtn", "default": {"weight": "int4", "group_size": 32},
+             "rules": [{"select": "depth.*", "weight": "bf16"}]},
+        ],
+        "tasks": ["proxy_mc"],
+        "eval": {"batch_size": 8, "limit": 6},
+        "quality": {"max_tokens": 200, "seq_len": 64},
+        "bench": {"prompt_len": 8, "decode_tokens": 2, "warmup": 0, "repeats": 1, "threads": 1},
+    }
+    cfg.update(over)
+    path = tmp_path / "mini.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run(path, out, *extra):
+    return cli_main(["run", str(path), "--out", str(out), *extra])
+
+
+def task_values(results):
+    return {k: v["value"] for k, v in results["cells"].items() if "/task:" in k}
+
+
+def test_run_writes_every_cell_and_a_report_that_rerenders(tmp_path, tiny_ckpt):
+    out = tmp_path / "reports"
+    assert run(study(tmp_path, tiny_ckpt), out) == 0
+    results = json.loads((out / "mini" / "results.json").read_text())
+    cells = results["cells"]
+    for variant in ("bf16", "int4_all", "int4_hybrid"):
+        for cell in ("plan", "task:proxy_mc", "quality", "depth", "latency"):
+            assert cells[f"tiny-block/{variant}/{cell}"]["status"] == "ok", (variant, cell)
+    # Hybrid keeps the depth path at baseline precision; int4_all does not.
+    hybrid_q = cells["tiny-block/int4_hybrid/quality"]["value"]
+    all_q = cells["tiny-block/int4_all/quality"]["value"]
+    assert all_q["depth_js_mean"] > hybrid_q["depth_js_mean"]
+    assert cells["tiny-block/int4_all/latency"]["value"]["simulated"] is True
+    assert cells["tiny-block/bf16/latency"]["value"]["simulated"] is False
+    report = (out / "mini.md").read_text()
+    for heading in ("# Quantization study: mini", "### Task scores", "### Quality vs baseline",
+                    "### Latency and memory", "### Precision plans", "## Plots"):
+        assert heading in report
+    assert "simulated" in report and (out / "mini" / "depth_heatmap_tiny-block.png").exists()
+    assert (out / "mini" / "results.csv").exists()
+    # Re-rendering from results.json alone reproduces the report byte for byte.
+    before = report
+    assert cli_main(["report", str(out / "mini" / "results.json")]) == 0
+    assert (out / "mini.md").read_text() == before
+
+
+def test_resume_after_kill_skips_finished_cells(tmp_path, tiny_ckpt, monkeypatch):
+    import attnres_quant.evaluation as evaluation
+
+    path = study(tmp_path, tiny_ckpt, bench={"enabled": False})
+    out = tmp_path / "reports"
+    real = evaluation.evaluate
+    calls = []
+
+    def killed_on_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # baseline and int4_all finished; killed inside int4_hybrid
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "evaluate", killed_on_third)
+    assert run(path, out) == 130
+    partial = json.loads((out / "mini" / "results.json").read_text())
+    assert "tiny-block/int4_all/task:proxy_mc" in partial["cells"]
+    assert "tiny-block/int4_hybrid/task:proxy_mc" not in partial["cells"]
+
+    counted = []
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: (counted.append(1), real(*a, **k))[1])
+    assert run(path, out, "--resume") == 0
+    assert len(counted) == 1, "only the unfinished task cell is recomputed"
+    resumed = json.loads((out / "mini" / "results.json").read_text())
+    for key, value in partial["cells"].items():
+        assert resumed["cells"][key] == value, f"finished cell {key} was recomputed"
+
+    fresh_out = tmp_path / "fresh"
+    monkeypatch.setattr(evaluation, "evaluate", real)
+    assert run(path, fresh_out) == 0
+    fresh = json.loads((fresh_out / "mini" / "results.json").read_text())
+    assert task_values(fresh) == task_values(resumed)
+
+
+def test_nan_variant_is_marked_failed_and_others_continue(tmp_path, tiny_ckpt, monkeypatch):
+    import attnres_quant.quant as quant
+
+    real = quant.quantize
+
+    def poison(model, variant, *args, **kwargs):
+        q = real(model, variant, *args, **kwargs)
+        if variant.name == "int4_all":
+            with torch.no_grad():
+                q.model.lm_head.weight.fill_(float("nan"))
+        return q
+
+    monkeypatch.setattr(quant, "quantize", poison)
+    out = tmp_path / "reports"
+    assert run(study(tmp_path, tiny_ckpt, bench={"enabled": False}), out) == 0
+    cells = json.loads((out / "mini" / "results.json").read_text())["cells"]
+    status = cells["tiny-block/int4_all/status"]
+    assert status["status"] == "failed" and "non-finite" in status["value"]["reason"]
+    assert cells["tiny-block/int4_hybrid/task:proxy_mc"]["status"] == "ok"
+    assert "failed" in (out / "mini.md").read_text()
+
+
+@pytest.mark.parametrize("mutate,expect", [
+    (lambda c: c.update(evaluation={"limit": 2}), "unknown key"),
+    (lambda c: c["variants"][0]["default"].update(weight="int3"), "unknown weight precision 'int3'"),
+    (lambda c: c["variants"][1]["rules"].append({"select": "attn.q", "layers": [7], "weight": "int8"}),
+     "matches nothing"),
+    (lambda c: c["model"].update(path="/nonexistent/ckpt"), "does not exist"),
+    (lambda c: c.update(tasks=["proxy_code"]), "allow_code_execution"),
+])
+def test_malformed_configs_fail_fast_with_one_paragraph(tmp_path, tiny_ckpt, capsys, mutate, expect):
+    path = study(tmp_path, tiny_ckpt)
+    cfg = yaml.safe_load(path.read_text())
+    mutate(cfg)
+    path.write_text(yaml.safe_dump(cfg))
+    assert run(path, tmp_path / "reports") == 2
+    err = capsys.readouterr().err
+    assert expect in err, err
+    assert err.startswith("error: ") and "Traceback" not in err and err.strip().count("\n") == 0
+    assert not (tmp_path / "reports" / "mini" / "results.json").exists(), "nothing runs before validation"
+
+
+def test_missing_config_file_in_a_subprocess_prints_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "attnres_quant", "run", str(tmp_path / "missing.yaml")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2
+    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
