@@ -232,15 +232,15 @@ def plan_section(view: View, model: str) -> list[str]:
 
 
 def sensitivity_rows(view: View, model: str) -> list[dict]:
-    """Variants ranked by damage: mean KL, then mean task-score drop."""
+    """Variants ranked by damage (mean KL against the baseline), with their mean task-score change."""
     base = view.task_results(model, view.baseline)
     rows = []
     for variant in view.variants[1:]:
         q = view.cell(model, variant, "quality") or {}
         res = view.task_results(model, variant)
-        drops = [base[s]["value"] - res[s]["value"] for s in res if s in base]
+        deltas = [res[s]["value"] - base[s]["value"] for s in res if s in base]
         rows.append({"variant": variant, "kl_mean": q.get("kl_mean"),
-                     "mean_drop": sum(drops) / len(drops) if drops else None})
+                     "mean_delta": sum(deltas) / len(deltas) if deltas else None})
     rows.sort(key=lambda r: (-(r["kl_mean"] if r["kl_mean"] is not None else -1)))
     return rows
 
@@ -286,8 +286,8 @@ def render_report(results_path: Path, out_path: Path) -> Path:
         if len(sens) > 1:
             lines += [f"### Component sensitivity ranking — {model}", "",
                       _table([{"rank": i + 1, "variant": r["variant"], "KL mean": _fmt(r["kl_mean"], 5),
-                               "mean task drop (pts)": "—" if r["mean_drop"] is None
-                               else f"{100 * r['mean_drop']:+.1f}"} for i, r in enumerate(sens)]), ""]
+                               "mean task Δ (pts)": "—" if r["mean_delta"] is None
+                               else f"{100 * r['mean_delta']:+.1f}"} for i, r in enumerate(sens)]), ""]
     plots = []
     plots += plot_accuracy_vs_bits(view, plot_dir)
     plots += plot_depth_heatmaps(view, plot_dir)
