@@ -241,16 +241,27 @@ def needs_calibration(variant) -> bool:
 
 
 def calibration_ids(tokenizer, samples: int, seq_len: int, seed: int):
-    """Calibration token ids [samples, seq_len] from the training corpus (never the evaluation text)."""
+    """Calibration ids [samples, seq_len]: training-split text (stdlib train files and proxy-task
+    *train* items, the tiny models' own training mix) -- never the evaluation text."""
+    import random
+
     import torch
 
-    from ..data.corpus import calibration_text
+    from ..data.corpus import proxy_train_texts, stdlib_files
 
-    ids = tokenizer(calibration_text(samples * seq_len * 8, seed=seed), add_special_tokens=False)["input_ids"]
-    n = min(samples, len(ids) // seq_len)
-    if n == 0:
-        raise VariantFailed("calibration text is shorter than one sequence")
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    rng = random.Random(seed)
+    files = stdlib_files("train")
+    half = samples // 2
+    rows = []
+    for _, path in rng.sample(files, min(len(files), 4 * half)):  # one window per stdlib file
+        ids = tokenizer(path.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False)["input_ids"]
+        if len(ids) >= seq_len and len(rows) < half:
+            rows.append(ids[:seq_len])
+    proxy = tokenizer("\n\n".join(proxy_train_texts(4 * samples, seed=seed)), add_special_tokens=False)["input_ids"]
+    rows += [proxy[i:i + seq_len] for i in range(0, len(proxy) - seq_len + 1, seq_len)][: samples - len(rows)]
+    if not rows:
+        raise VariantFailed(f"no calibration sequence of {seq_len} tokens could be built")
+    return torch.tensor(rows, dtype=torch.long)
 
 
 def describe_rules(variant) -> str:
