@@ -28,19 +28,57 @@ class QuantizedModel:
     simulated_parts: list[str] = field(default_factory=list)  # simulated pieces inside a real-kernel variant
     notes: list[str] = field(default_factory=list)
 
+    def plan_summary(self) -> dict:
+        """JSON-ready record for results.json: summary, kernel, simulated flag, notes and plan rows."""
+        return {**self.plan.summary(), "weight_bytes": self.weight_bytes, "avg_bits": self.avg_bits,
+                "simulated": self.simulated, "kernel": self.kernel, "simulated_parts": self.simulated_parts,
+                "notes": self.notes, "rows": [r.as_dict() for r in self.plan.rows]}
+
     def info(self) -> dict:
         return {"variant": self.plan.variant.name, "method": self.plan.variant.method, "simulated": self.simulated,
                 "kernel": self.kernel, "weight_bytes": self.weight_bytes, "avg_bits": self.avg_bits,
                 "simulated_parts": self.simulated_parts, "notes": self.notes}
 
 
-def calibration_batches(calibration, vocab_size: int, n: int = 8, seq_len: int = 64, seed: int = 0,
-                        device=None) -> tuple[list[torch.Tensor], str | None]:
+def calibration_batches(tokenizer=None, samples: int = 16, seq_len: int = 256, seed: int = 0, *,
+                        vocab_size: int | None = None) -> torch.Tensor:
+    """Calibration token ids [samples, seq_len] for GPTQ / static activation scales.
+
+    With a tokenizer: text of the proxy-task *training* split (disjoint from the test items the
+    evaluation scores), tokenized, concatenated and cut into ``samples`` rows. Without one:
+    seeded random tokens over ``vocab_size``.
+    """
+    if tokenizer is None:
+        if vocab_size is None:
+            raise ValueError("calibration_batches needs a tokenizer or vocab_size")
+        g = torch.Generator().manual_seed(seed)
+        return torch.randint(0, vocab_size, (samples, seq_len), generator=g)
+    from ..data.proxy_tasks import FAMILIES, format_training_text, generate
+
+    need = samples * seq_len
+    ids: list[int] = []
+    n = max(8, need // 40)
+    while len(ids) < need:
+        texts = [format_training_text(f, item) for f in FAMILIES for item in generate(f, "train", n, seed=seed)]
+        ids = []
+        for t in texts:
+            ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
+            if len(ids) >= need:
+                break
+        if len(ids) < need:
+            if n > 20000:
+                ids = (ids * (need // max(1, len(ids)) + 1)) if ids else [0] * need
+                break
+            n *= 4
+    return torch.tensor(ids[:need], dtype=torch.long).reshape(samples, seq_len)
+
+
+def as_batches(calibration, vocab_size: int, n: int = 8, seq_len: int = 64, seed: int = 0,
+               device=None) -> tuple[list[torch.Tensor], str | None]:
     """Normalise calibration input to a list of LongTensor [B, T]; random tokens when None."""
     note = None
     if calibration is None:
-        g = torch.Generator().manual_seed(seed)
-        calibration = torch.randint(0, vocab_size, (n, seq_len), generator=g)
+        calibration = calibration_batches(None, n, seq_len, seed, vocab_size=vocab_size)
         note = (f"no calibration data given: {n} random token sequences of length {seq_len} were used "
                 "(pass calibration=token ids for meaningful GPTQ/static scales)")
     if isinstance(calibration, torch.Tensor):
@@ -81,7 +119,7 @@ def _untie(model: nn.Module, plan: Plan) -> None:
     seen: set[int] = set()
     for row in plan.weight_rows():
         w = row.part.module.weight
-        ptr = w.data_ptr()
+        ptr = id(w)
         if ptr in seen and row.tied_to is None:
             row.part.module.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
             if hasattr(model.config, "tie_word_embeddings"):
@@ -131,7 +169,7 @@ def quantize(model: nn.Module, variant: Variant, calibration=None, *, source: st
         if r.part.is_linear)
     batches: list[torch.Tensor] = []
     if needs_calib:
-        batches, note = calibration_batches(calibration, int(qmodel.config.vocab_size), device=_device(qmodel))
+        batches, note = as_batches(calibration, int(qmodel.config.vocab_size), device=_device(qmodel))
         if note:
             notes.append(note)
 
@@ -236,5 +274,4 @@ def layer_output_error(baseline: nn.Module, quantized: nn.Module, batches: list[
     return out
 
 
-__all__ = ["QuantizedModel", "quantize", "calibration_batches", "layer_output_error", "FLOAT_WEIGHTS",
-           "UserError"]
+__all__ = ["QuantizedModel", "quantize", "calibration_batches", "as_batches", "layer_output_error"]

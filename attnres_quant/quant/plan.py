@@ -373,9 +373,18 @@ def _rows(parts: list[Part], resolved: dict, variant: Variant, model: nn.Module)
             if a in ("int8", "int4"):
                 act += " per-token dyn" if res.activation_scheme == "dynamic" else " per-tensor static"
         key = (m, prec, gran)
-        first = seen.get(w.data_ptr())
+        first = seen.get(id(w))  # tied weights are one Parameter object (works on the meta device too)
         tied = first[0] if first is not None and first[1] == key else None
-        seen.setdefault(w.data_ptr(), (f"{p.name}.weight", key))
+        seen.setdefault(id(w), (f"{p.name}.weight", key))
         rows.append(PlanRow(p.component, p.layer, f"{p.name}.weight", m, prec, gran, act, rule, p.numel, bits,
                             tied, part=p, resolved=res))
     return rows
+
+
+def baseline_plan(model: nn.Module, dtype: str | None = None) -> dict:
+    """The plan record of the unquantized baseline (same shape as ``QuantizedModel.plan_summary()``)."""
+    variant = Variant(name="baseline", method="none")
+    plan = resolve_plan(model, variant, "baseline")
+    name = dtype_name(_model_dtype(model))
+    return {**plan.summary(), "variant": "baseline", "dtype": dtype or name, "simulated": False,
+            "kernel": f"dense-{dtype or name}", "notes": plan.notes, "rows": [r.as_dict() for r in plan.rows]}

@@ -123,6 +123,14 @@ class Variant(BaseModel):
     # Method options (all optional): GPTQ block size / dampening, bnb int8 threshold.
     options: dict[str, Any] = Field(default_factory=dict)
 
+    def needs_calibration(self) -> bool:
+        """GPTQ and static activation scales need calibration data."""
+        if self.method == "gptq":
+            return True
+        precs = [self.default] + list(self.rules)  # conservative: static anywhere + int activations anywhere
+        return any(p.activation_scheme == "static" for p in precs) and any(
+            p.activation in ("int8", "int4") for p in precs)
+
 
 def parse_slice(text: str) -> slice:
     """ "-2:" -> slice(-2, None); "1:3" -> slice(1, 3); "::2" ..."""
@@ -280,3 +288,21 @@ def parse_variant(data: Any, source: str = "config") -> Variant:
         raise format_validation_error(exc, source, name, data) from None
     check_variant(variant, source)
     return variant
+
+
+def parse_variants(items: Any, source: str = "config") -> list[Variant]:
+    """The ``variants:`` list of a config -> checked Variants (UserError on any problem, incl. duplicates)."""
+    if not isinstance(items, list):
+        raise UserError("`variants` must be a list of variants", source, "see SPEC section 3 for the format")
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise UserError(f"variants[{i}] is not a mapping", source,
+                            "write each variant as `- name: ...` with method/default/rules")
+        out.append(parse_variant(item, source))
+    names = [v.name for v in out]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise UserError(f"variant names must be unique; {dupes} appear more than once", source,
+                        "rename the variants")
+    return out
