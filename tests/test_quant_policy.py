@@ -226,3 +226,40 @@ def test_tied_lm_head_gets_own_copy_when_treated_differently():
     # same treatment: counted once
     v2 = parse_variant({"name": "t2", "method": "rtn", "rules": [{"select": "lm_head", "weight": "bf16"}]})
     assert rows_by_name(resolve_plan(m, v2))["lm_head.weight"].tied_to == "model.embeddings.weight"
+
+
+def test_parse_variants_baseline_plan_and_meta_skeleton():
+    from attnres_quant.quant import baseline_plan, parse_variants
+
+    items = [{"name": "a", "method": "gptq", "default": {"weight": "int4"}},
+             {"name": "b", "method": "rtn", "default": {"activation": "int8", "activation_scheme": "static"}},
+             {"name": "c", "method": "rtn", "default": {"weight": "int8"}}]
+    a, b, c = parse_variants(items, "s.yaml")
+    assert a.needs_calibration() and b.needs_calibration() and not c.needs_calibration()
+    expect_error(lambda: parse_variants(items + [{"name": "a"}], "s.yaml"), "unique", "s.yaml")
+    from attnres_quant.model import AttnResConfig, AttnResForCausalLM
+
+    cfg = AttnResConfig(hidden_size=64, num_hidden_layers=2, num_heads=4, num_kv_heads=2, vocab_size=97,
+                        attnres_block_size=2, intermediate_size=128, tie_word_embeddings=True)
+    with torch.device("meta"):
+        skeleton = AttnResForCausalLM(cfg).to(torch.bfloat16)
+    plan = resolve_plan(skeleton, a, "s.yaml")
+    tied = [r for r in plan.rows if r.tied_to]
+    assert [r.name for r in tied] == ["lm_head.weight"]  # only the real tie, not every meta tensor
+    rec = baseline_plan(skeleton, "bfloat16")
+    assert rec["avg_bits"] == 16 and rec["kernel"] == "dense-bfloat16" and rec["rows"]
+
+
+def test_calibration_batches_random_and_from_tokenizer():
+    from attnres_quant.quant import calibration_batches
+
+    ids = calibration_batches(None, 4, 16, seed=1, vocab_size=50)
+    assert ids.shape == (4, 16) and ids.max() < 50
+    assert torch.equal(ids, calibration_batches(None, 4, 16, seed=1, vocab_size=50))
+
+    class CharTok:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(ch) % 97 for ch in text]}
+
+    ids = calibration_batches(CharTok(), samples=3, seq_len=32, seed=0)
+    assert ids.shape == (3, 32) and ids.dtype == torch.long
