@@ -39,7 +39,10 @@ Quantizer = Callable[[torch.Tensor], torch.Tensor]
 def inverse_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     """1 / RMS(x) over the last dim, in fp32: [..., D] -> [...]."""
     xf = x.float()
-    return torch.rsqrt(xf.pow(2).mean(-1) + eps)
+    # Perf: one fused reduction (sum of squares) instead of materialising x**2
+    # and then taking its mean; same quantity, mean(x^2) = ||x||^2 / D.
+    ss = torch.linalg.vector_norm(xf, ord=2, dim=-1).square_()
+    return torch.rsqrt(ss.div_(xf.shape[-1]).add_(eps))
 
 
 @dataclass
@@ -98,9 +101,12 @@ class DepthMixer(nn.Module):
         new_max = torch.maximum(state.max, logit)
         a = torch.exp(state.max - new_max).float()
         b = torch.exp(logit - new_max).float()
-        num = state.acc * a.unsqueeze(-1) + pf * b.unsqueeze(-1)
         den = state.sum_exp.float() * a + b
-        return num / den.unsqueeze(-1)
+        # Perf: (acc * a + pf * b) / den as two passes over [B, T, D] (one
+        # multiply, one fused multiply-add) with the 1/den folded into the
+        # per-token coefficients, instead of four full-size temporaries.
+        mix = pf * (b / den).unsqueeze(-1)
+        return mix.addcmul_(state.acc, (a / den).unsqueeze(-1))
 
 
 def folded_query(proj_weight: torch.Tensor, norm_weight: torch.Tensor) -> torch.Tensor:

@@ -264,14 +264,31 @@ class AttnResModel(AttnResPreTrainedModel):
         boundaries = [j for j in range(1, n_sub) if j % S == 0]
 
         completed: list[torch.Tensor] = [subs[0].mixer.store(e)]
-        rinv: list[torch.Tensor] = []
         weights: list[torch.Tensor] = []
         partial = None
         states = {}
+        queries: dict[int, torch.Tensor] = {}
+        if two_phase:
+            # Perf: the fp32 copy of every completed source and its inverse RMS
+            # are written once, when the source is closed, into preallocated
+            # buffers; phase 1 then reads a contiguous [n, B, T, D] prefix
+            # instead of re-stacking (and re-casting) all sources at each block.
+            n_max = 1 + len(boundaries)
+            src_buf = e.new_empty((n_max, *e.shape), dtype=torch.float32)
+            rinv_buf = e.new_empty((n_max, *e.shape[:-1]), dtype=torch.float32)
+            eps = subs[0].mixer.eps
+
+            def close_source(k: int, source: torch.Tensor) -> None:
+                src_buf[k].copy_(source)
+                rinv_buf[k].copy_(inverse_rms(src_buf[k], eps))
+
+            close_source(0, completed[0])
         for sub in subs:
             j = sub.index
             if j > 0 and j in boundaries:
                 completed.append(partial)
+                if two_phase:
+                    close_source(len(completed) - 1, partial)
                 partial = None
             if j == 0:
                 # One source: the softmax weight is 1 and the mix is e itself.
@@ -284,15 +301,14 @@ class AttnResModel(AttnResPreTrainedModel):
                     # final one after the last block) against the completed sources.
                     end = next((k for k in boundaries if k > j), n_sub + 1)
                     block = subs[j:end]
-                    while len(rinv) < len(completed):
-                        rinv.append(inverse_rms(completed[len(rinv)], sub.mixer.eps))
-                    queries = torch.stack([folded_query(s.proj.weight, s.key_norm.weight) for s in block])
-                    st = phase1([s.mixer for s in block], queries,
-                                torch.stack(completed).float(), torch.stack(rinv))
+                    n = len(completed)
+                    block_q = torch.stack([folded_query(s.proj.weight, s.key_norm.weight) for s in block])
+                    st = phase1([s.mixer for s in block], block_q, src_buf[:n], rinv_buf[:n])
                     states = {s.index: state for s, state in zip(block, st)}
+                    # Perf: the folded queries are reused by phase 2 below.
+                    queries = {s.index: block_q[i] for i, s in enumerate(block)}
                 if two_phase:
-                    mix = sub.mixer.merge(states.pop(j), partial,
-                                          folded_query(sub.proj.weight, sub.key_norm.weight))
+                    mix = sub.mixer.merge(states.pop(j), partial, queries[j])
                 else:
                     sources = completed + ([partial] if partial is not None else [])
                     mix, w = naive_mix(sub.mixer, sources, sub.proj.weight, sub.key_norm.weight)
