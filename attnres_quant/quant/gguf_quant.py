@@ -424,6 +424,107 @@ def roundtrip_error(weight: torch.Tensor, qtype: str) -> dict:
             "max_abs": float(d.abs().max()), "bits_per_weight": bits_per_weight(qtype)}
 
 
+# ------------------------------------------------------------------ llama.cpp mixes
+PRESETS = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q5_K_S", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+_PRESET_BASE = {"Q4_K_M": "Q4_K", "Q4_K_S": "Q4_K", "Q5_K_M": "Q5_K", "Q5_K_S": "Q5_K", "Q6_K": "Q6_K",
+                "Q8_0": "Q8_0", "Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1"}
+
+
+def use_more_bits(i_layer: int, n_layers: int) -> bool:
+    """llama.cpp's layer heuristic for the *_M mixes: the first and last eighth of the layers
+    and every third layer in between get more bits."""
+    return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
+
+
+def preset_type(preset: str, component: str, layer: int | None, n_layers: int, *, row_len: int | None = None,
+                tied_embeddings: bool = False) -> str | None:
+    """The GGUF type llama.cpp's ``llama-quantize <preset>`` gives a tensor of ``component``
+    (SPEC component names) in ``layer`` of ``n_layers`` (dense, non-Falcon rules of
+    src/llama-quant.cpp), or ``None`` for tensors it leaves unquantized (1-D: norms, key norms).
+
+    Q4_K_M / Q5_K_M: attn.v and mlp.down at Q6_K where :func:`use_more_bits`, the rest at the
+    base type; Q4_K_S: attn.v of the first 4 layers and mlp.down of the first eighth at Q5_K;
+    lm_head (and a tied embedding) at Q6_K for every preset but Q8_0 (Q8_0 when its rows do not
+    fit). The pseudo-queries (depth.query, 2-D [1, d]) get the base type, as any 2-D
+    weight would. With ``row_len`` the result passes through :func:`fallback_type`.
+    """
+    p = str(preset).upper()
+    if p not in _PRESET_BASE:
+        raise ValueError(f"unknown llama.cpp preset {preset!r}; supported: {', '.join(PRESETS)}")
+    if component in ("norm", "depth.key_norm", "depth.softmax", "depth.sources", "attn.kv_cache"):
+        return None
+    base = _PRESET_BASE[p]
+    t = base
+    if component == "lm_head" or (tied_embeddings and component == "embed"):
+        if base != "Q8_0":  # llama.cpp: output.weight -> Q6_K unless the mix is Q8_0
+            t = "Q6_K" if (row_len is None or row_len % block_size(base) == 0) else "Q8_0"
+    elif layer is not None and component == "attn.v":
+        if p in ("Q4_K_M", "Q5_K_M") and use_more_bits(layer, n_layers):
+            t = "Q6_K"
+        elif p == "Q4_K_S" and layer < 4:
+            t = "Q5_K"
+    elif layer is not None and component == "mlp.down":
+        if p in ("Q4_K_M", "Q5_K_M") and use_more_bits(layer, n_layers):
+            t = "Q6_K"
+        elif p == "Q4_K_S" and layer < n_layers // 8:
+            t = "Q5_K"
+    if row_len is not None:
+        t = fallback_type(t, row_len)
+    return t
+
+
+def preset_rules(preset: str, n_layers: int) -> list[dict]:
+    """Policy rules (SPEC section 3 shape: ``select``, ``layers``, ``weight``) that express a
+    llama.cpp preset on top of ``default: {weight: <base type>}``; add ``depth.*`` rules after
+    them. Example: ``preset_rules("Q4_K_M", 8)`` -> attn.v and mlp.down of layers [0, 3, 6, 7]
+    at Q6_K, lm_head at Q6_K."""
+    p = str(preset).upper()
+    base = _PRESET_BASE[p]
+    rules = []
+    for comp in ("attn.v", "mlp.down"):
+        by_type: dict[str, list[int]] = {}
+        for i in range(n_layers):
+            t = preset_type(p, comp, i, n_layers)
+            if t != base:
+                by_type.setdefault(t, []).append(i)
+        rules += [{"select": comp, "layers": layers, "weight": t} for t, layers in by_type.items()]
+    head = preset_type(p, "lm_head", None, n_layers)
+    if head != base:
+        rules.append({"select": "lm_head", "weight": head})
+    return rules
+
+
+@torch.no_grad()
+def apply_gguf(model: torch.nn.Module, types: dict[str, str], *, fallback: bool = True) -> dict[str, dict]:
+    """Replace, in place, the weight of each module named in ``types`` (module name -> GGUF
+    type) by its GGUF round trip. Rows that do not fit the type's blocks take llama.cpp's
+    fallback type (``fallback=True``; ``"F16"`` = an fp16 cast) or raise ``ValueError``.
+
+    Returns, per module name: ``requested``, ``type`` (after fallback), ``fallback`` (bool),
+    ``bytes`` (stored size), ``bits_per_weight``.
+    """
+    modules = dict(model.named_modules())
+    report = {}
+    for name, qtype in types.items():
+        if name not in modules or not isinstance(getattr(modules[name], "weight", None), torch.Tensor):
+            raise ValueError(f"apply_gguf: {name!r} is not a module with a weight")
+        w = modules[name].weight
+        t = str(qtype).upper()
+        if fallback:
+            t = fallback_type(t, int(w.shape[-1]))
+        if t == "F16":
+            new = w.detach().to(torch.float16).to(w.dtype)
+            nbytes, bpw = w.numel() * 2, 16.0
+        else:
+            new = gguf_roundtrip(w.detach(), t)
+            nbytes, bpw = packed_nbytes(tuple(w.shape), t), bits_per_weight(t)
+        w.data.copy_(new)
+        report[name] = {"requested": str(qtype).upper(), "type": t, "fallback": t != str(qtype).upper(),
+                        "bytes": int(nbytes), "bits_per_weight": bpw}
+    return report
+
+
 __all__ = ["GGUF_TYPES", "LEGACY_TYPES", "K_QUANTS", "block_size", "type_size", "bits_per_weight",
            "check_shape", "is_compatible", "fallback_type", "packed_nbytes", "quantize_packed",
-           "dequantize_packed", "gguf_roundtrip", "roundtrip_error"]
+           "dequantize_packed", "gguf_roundtrip", "roundtrip_error", "PRESETS", "use_more_bits", "preset_type",
+           "preset_rules", "apply_gguf"]
