@@ -367,7 +367,28 @@ def describe(spec, model) -> dict:
     return {"path": spec.path, **describe_model(model)}
 
 
+def quiet_libraries() -> None:
+    """Keep the console to our progress lines, progress bars and warnings."""
+    import logging
+    import warnings
+
+    for name in ("transformers", "llmcompressor", "compressed_tensors", "accelerate", "datasets", "torchao",
+                 "bitsandbytes"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # lm-eval warns on every in-memory model and CLI-style generation kwargs, which is how we call it.
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    try:
+        from loguru import logger as loguru_logger  # llm-compressor logs through loguru
+
+        loguru_logger.remove()
+        loguru_logger.add(sys.stderr, level="WARNING")
+    except ImportError:
+        pass
+    warnings.filterwarnings("ignore", message=".*pretrained.*model kwarg is not of type.*")
+
+
 def main(args) -> int:
+    quiet_libraries()
     source = str(args.config)
     config, raw = load_config(args.config, args.set)
     device = resolve_device(args.device or config.device)
