@@ -1,0 +1,1 @@
+"""Training of the bundled tiny models (`train` verb)."""
