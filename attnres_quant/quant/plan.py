@@ -318,7 +318,7 @@ def _method_for(method: str, part: Part, res: Resolved, baseline: str) -> str:
     if part.kind == "compute":
         return "hook"
     w = res.weight
-    if w is None or (w in FLOAT_WEIGHTS and _BITS[w] >= _BITS.get(baseline, 32)):
+    if w is None or w == baseline or w == "fp32":  # float precisions never raise the baseline's
         return "keep"
     if w in FLOAT_WEIGHTS:
         return "cast"
