@@ -98,6 +98,12 @@ def gptq_quantize(model: nn.Module, groups: dict[tuple[str, int | None, bool], l
                         max_seq_length=max(len(r) for r in rows), shuffle_calibration_samples=False,
                         output_dir=None)
         finally:
+            try:  # the global session keeps a reference to the model; release it
+                from llmcompressor.core.session_functions import active_session
+
+                active_session().reset()
+            except Exception:  # noqa: BLE001
+                pass
             if quiet:
                 _loguru().enable("llmcompressor")
                 _loguru().enable("compressed_tensors")
