@@ -84,3 +84,17 @@ def test_in_memory_attnres_model_through_hflm():
         assert a[name].n == 6 and 0.0 <= a[name].value <= 1.0
         assert a[name].per_sample == b[name].per_sample
     assert a["proxy_code"].value == 0.0  # 8 random tokens do not write working code
+
+
+def test_proxy_few_shot_comes_from_train_items():
+    contexts = []
+
+    def gen(doc, ctx):
+        contexts.append(ctx)
+        return " " + doc["answer"]
+
+    res = evaluate(None, None, ["proxy_math"], EvalSettings(limit=3, num_fewshot=2), lm=T.scripted_lm(generate=gen))
+    assert res["proxy_math"].value == 1.0
+    train = proxy_tasks.generate("proxy_math", "train", 2, seed=0)
+    shots = "".join(proxy_tasks.format_math_prompt(d) + " " + d["answer"] + "\n\n" for d in train)
+    assert all(c.startswith(shots) and c.count("Problem:") == 3 for c in contexts)

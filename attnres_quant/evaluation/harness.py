@@ -103,6 +103,7 @@ def preflight(tasks: list[str], settings: Any) -> list[str]:
         raise UserError("no evaluation tasks given", where="eval.tasks",
                         fix=f"list at least one of {sorted(TASKS) + sorted(GROUPS)} or an lm-eval task name")
     names = expand(list(tasks))
+    catalogue()  # the YAMLs are there (clear error otherwise)
     unknown = [n for n in names if not _ours(n)]
     if unknown:
         tm = _task_manager(s, include_defaults=True)

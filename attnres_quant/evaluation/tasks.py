@@ -22,7 +22,10 @@ from typing import Any
 
 from attnres_quant.evaluation import datasets as local
 
-EVAL_DIR = Path(__file__).resolve().parents[2] / "eval"
+import os as _os
+
+# The task YAMLs: ``eval/`` beside the package in a source checkout; ATTNRES_EVAL_DIR overrides.
+EVAL_DIR = Path(_os.environ.get("ATTNRES_EVAL_DIR") or Path(__file__).resolve().parents[2] / "eval")
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,12 @@ _catalogue: set[str] | None = None
 def catalogue() -> set[str]:
     """Every task/group name defined by the YAMLs under ``eval/``."""
     global _catalogue
+    if not (EVAL_DIR / "proxy" / "proxy_mc.yaml").exists():
+        from attnres_quant.errors import UserError
+
+        raise UserError("the lm-eval task YAMLs of attnres_quant are missing", where=str(EVAL_DIR),
+                        fix="run from a source checkout (the eval/ folder beside the package) or set "
+                            "ATTNRES_EVAL_DIR to a copy of that folder")
     if _catalogue is None:
         from lm_eval.tasks import TaskManager
 
