@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from attnres_quant import cli
 from attnres_quant.quant.testing import tiny_attnres
@@ -35,7 +36,13 @@ def fake_loader(monkeypatch):
         calls.append(path)
         return tiny_attnres(layers=2), None
 
+    def structure_model(path, **kw):
+        calls.append(path)
+        with torch.device("meta"):
+            return tiny_attnres(layers=2, seed=0)
+
     monkeypatch.setattr(loading, "load_model", load_model)
+    monkeypatch.setattr(loading, "structure_model", structure_model)
     return calls
 
 

@@ -71,12 +71,16 @@ def main(args) -> int:
         models = [m for m in models if args.model in (_label(m), m["path"])] or models[:0]
         if not models:
             raise UserError(f"no model {args.model!r} in the config", args.config, "use a model label or path")
-    from ..loading import load_model
+    from .. import loading
 
     out = []
     for spec in models:
-        model, _tok = load_model(spec["path"], dtype=dtype, allow_pickle=bool(spec.get("allow_pickle", False)),
-                                 trust_remote_code=bool(spec.get("trust_remote_code", False)))
+        kw = dict(dtype=dtype, allow_pickle=bool(spec.get("allow_pickle", False)),
+                  trust_remote_code=bool(spec.get("trust_remote_code", False)))
+        if hasattr(loading, "structure_model"):  # module structure on the meta device: no weights read
+            model = loading.structure_model(spec["path"], **kw)
+        else:
+            model, _tok = loading.load_model(spec["path"], **kw)
         for variant in variants:
             plan = resolve_plan(model, variant, args.config)
             if args.format == "json":
