@@ -233,37 +233,6 @@ def quality_text_ids(tokenizer, max_tokens: int):
     return torch.tensor([encode(tokenizer, fixed_text(), max_tokens)], dtype=torch.long)
 
 
-def needs_calibration(variant) -> bool:
-    if variant.method in ("gptq", "awq"):
-        return True
-    precisions = [variant.default, *variant.rules]
-    return any(p.activation in ("int8", "int4") and p.activation_scheme == "static" for p in precisions)
-
-
-def calibration_ids(tokenizer, samples: int, seq_len: int, seed: int):
-    """Calibration ids [samples, seq_len]: training-split text (stdlib train files and proxy-task
-    *train* items, the tiny models' own training mix) -- never the evaluation text."""
-    import random
-
-    import torch
-
-    from ..data.corpus import proxy_train_texts, stdlib_files
-
-    rng = random.Random(seed)
-    files = stdlib_files("train")
-    half = samples // 2
-    rows = []
-    for _, path in rng.sample(files, min(len(files), 4 * half)):  # one window per stdlib file
-        ids = tokenizer(path.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False)["input_ids"]
-        if len(ids) >= seq_len and len(rows) < half:
-            rows.append(ids[:seq_len])
-    proxy = tokenizer("\n\n".join(proxy_train_texts(4 * samples, seed=seed)), add_special_tokens=False)["input_ids"]
-    rows += [proxy[i:i + seq_len] for i in range(0, len(proxy) - seq_len + 1, seq_len)][: samples - len(rows)]
-    if not rows:
-        raise VariantFailed(f"no calibration sequence of {seq_len} tokens could be built")
-    return torch.tensor(rows, dtype=torch.long)
-
-
 def describe_rules(variant) -> str:
     d = variant.default.model_dump(exclude_none=True)
     parts = [f"default {d}" if d else "default: baseline"]
@@ -294,7 +263,7 @@ def run_model(store: ResultStore, spec, config: StudyConfig, variants, device: s
     import torch
 
     from ..loading import load_model
-    from ..quant import quantize
+    from ..quant import calibration_batches, quantize
 
     label = spec.label
     cells = variant_cells(config)
@@ -331,9 +300,9 @@ def run_model(store: ResultStore, spec, config: StudyConfig, variants, device: s
         t0 = time.perf_counter()
         quantized = None
         try:
-            if calibration is None and needs_calibration(variant):
-                calibration = calibration_ids(tokenizer, config.calibration.samples,
-                                              config.calibration.seq_len, config.seed)
+            if calibration is None and variant.needs_calibration():
+                calibration = calibration_batches(tokenizer, config.calibration.samples,
+                                                  config.calibration.seq_len, config.seed)
             torch.manual_seed(config.seed)
             quantized = quantize(baseline, variant, calibration=calibration, source=source)
             qmodel = quantized.model.eval()

@@ -44,33 +44,41 @@ def calibration_batches(tokenizer=None, samples: int = 16, seq_len: int = 256, s
                         vocab_size: int | None = None) -> torch.Tensor:
     """Calibration token ids [samples, seq_len] for GPTQ / static activation scales.
 
-    With a tokenizer: text of the proxy-task *training* split (disjoint from the test items the
-    evaluation scores), tokenized, concatenated and cut into ``samples`` rows. Without one:
-    seeded random tokens over ``vocab_size``.
+    With a tokenizer: the tiny models' own training mix, never evaluation text -- half the rows are
+    one window from each of a seeded sample of stdlib *train*-split files, the rest come from
+    shuffled proxy-task *training* items of every family. Without one: seeded random tokens over
+    ``vocab_size``.
     """
     if tokenizer is None:
         if vocab_size is None:
             raise ValueError("calibration_batches needs a tokenizer or vocab_size")
         g = torch.Generator().manual_seed(seed)
         return torch.randint(0, vocab_size, (samples, seq_len), generator=g)
-    from ..data.proxy_tasks import FAMILIES, format_training_text, generate
+    import random
 
-    need = samples * seq_len
-    ids: list[int] = []
-    n = max(8, need // 40)
-    while len(ids) < need:
-        texts = [format_training_text(f, item) for f in FAMILIES for item in generate(f, "train", n, seed=seed)]
-        ids = []
-        for t in texts:
-            ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
-            if len(ids) >= need:
-                break
-        if len(ids) < need:
-            if n > 20000:
-                ids = (ids * (need // max(1, len(ids)) + 1)) if ids else [0] * need
-                break
-            n *= 4
-    return torch.tensor(ids[:need], dtype=torch.long).reshape(samples, seq_len)
+    from ..data.corpus import proxy_train_texts, stdlib_files
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    half = samples // 2
+    rows: list[list[int]] = []
+    files = stdlib_files("train")
+    for _, path in random.Random(seed).sample(files, min(len(files), 4 * half)):
+        ids = encode(path.read_text(encoding="utf-8", errors="replace"))
+        if len(ids) >= seq_len and len(rows) < half:
+            rows.append(ids[:seq_len])
+    n_items = 4 * samples
+    while len(rows) < samples:
+        proxy = encode("\n\n".join(proxy_train_texts(n_items, seed=seed)))
+        windows = [proxy[i:i + seq_len] for i in range(0, len(proxy) - seq_len + 1, seq_len)]
+        if len(windows) >= samples - len(rows) or n_items > 100_000:
+            rows += windows[: samples - len(rows)]
+            break
+        n_items *= 4
+    if len(rows) < samples:
+        raise ValueError(f"could not build {samples} calibration rows of {seq_len} tokens")
+    return torch.tensor(rows, dtype=torch.long)
 
 
 def as_batches(calibration, vocab_size: int, n: int = 8, seq_len: int = 64, seed: int = 0,
