@@ -216,3 +216,17 @@ def test_preflight_expands_and_checks_names(tmp_path):
         preflight(["proxy_mc"], EvalSettings(datasets={"mmluu": "/x"}))
     with pytest.raises(Exception):
         EvalSettings(batch_size=8, bogus=1)
+
+
+@pytest.mark.slow
+def test_lm_eval_own_tasks_pass_through_and_fail_fast_offline(monkeypatch):
+    """A raw lm-eval name is accepted; offline without cached data it fails in preflight."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(UserError, match="unknown evaluation task"):
+        preflight(["mmlu_typo_task"], EvalSettings())
+    try:
+        names = preflight(["arc_easy"], EvalSettings())
+    except UserError as e:  # the usual case here: no hub, no cache
+        assert "lm-eval task 'arc_easy' could not load its data" in str(e)
+    else:  # a machine whose cache has ai2_arc
+        assert names == ["arc_easy"]

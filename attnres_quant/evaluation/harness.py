@@ -29,6 +29,16 @@ from attnres_quant.evaluation.tasks import (EVAL_DIR, GROUPS, PROXY_SIZES, TASKS
 log = logging.getLogger(__name__)
 
 
+class _DropCustomKwargsHint(logging.Filter):
+    """lm-eval repeats a CLI hint for every task with a custom loader (57 times for MMLU)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Custom kwargs can be passed" not in str(record.msg)
+
+
+logging.getLogger("lm_eval.api.task").addFilter(_DropCustomKwargsHint())
+
+
 class EvalSettings(BaseModel):
     """Evaluation settings (the ``eval`` section of a study config)."""
 
@@ -112,6 +122,8 @@ def preflight(tasks: list[str], settings: Any) -> list[str]:
             raise UserError(f"unknown evaluation task(s) {bad}", where="eval.tasks",
                             fix=f"use one of {sorted(TASKS) + sorted(GROUPS)} or a task name that "
                                 f"`lm_eval ls tasks` lists")
+        for n in unknown:  # lm-eval's own tasks: their data must load now, not after the model
+            _load_tasks(tm, n, n)
     for n in names:
         spec = spec_for(n)
         sub = subtask_of(n)
@@ -139,11 +151,37 @@ def preflight(tasks: list[str], settings: Any) -> list[str]:
 # evaluation
 
 
+_TM_CACHE: dict[str, Any] = {}
+
+
 def _task_manager(s: EvalSettings, include_defaults: bool):
+    """lm-eval TaskManager over eval/ (+ lm-eval's own tasks when needed); indexing lm-eval's
+    ~15k task files takes seconds, so managers are kept per (defaults, metadata)."""
+    import json
+
     from lm_eval.tasks import TaskManager
 
     meta = {"aq_datasets": dict(s.datasets), "aq_proxy_sizes": {**PROXY_SIZES, **s.proxy_sizes}}
-    return TaskManager(include_path=str(EVAL_DIR), include_defaults=include_defaults, metadata=meta)
+    key = json.dumps([include_defaults, str(EVAL_DIR), meta], sort_keys=True)
+    if key not in _TM_CACHE:
+        _TM_CACHE[key] = TaskManager(include_path=str(EVAL_DIR), include_defaults=include_defaults, metadata=meta)
+    return _TM_CACHE[key]
+
+
+def _load_tasks(tm, name: str, lm_eval_name: str) -> dict:
+    """Build the lm-eval Task objects of one result name (reads its data)."""
+    try:
+        return tm.load([lm_eval_name])
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - lm-eval / datasets errors of third-party tasks
+        if spec_for(name) is not None or subtask_of(name) is not None:
+            raise
+        raise UserError(f"lm-eval task '{name}' could not load its data ({type(e).__name__}: {str(e)[:300]})",
+                        where="lm-eval's own task registry and the Hugging Face cache",
+                        fix="run it once on a machine with network to fill the Hugging Face cache and copy "
+                            "the cache here, or use a benchmark with a local copy (mmlu, gpqa, math), "
+                            "humaneval or the proxy tasks") from e
 
 
 def make_lm(model, tokenizer, s: EvalSettings):
@@ -206,7 +244,7 @@ def evaluate(model, tokenizer, tasks: list[str], settings: Any = None, *, lm=Non
     task_objs: dict[str, Any] = {}
     for n in names:
         spec = spec_for(n)
-        loaded = tm.load([spec.lm_eval_task if spec else n])
+        loaded = _load_tasks(tm, n, spec.lm_eval_task if spec else n)
         leaves[n] = sorted(loaded["tasks"])
         for k, t in loaded["tasks"].items():
             task_objs.setdefault(k, t)
