@@ -223,3 +223,63 @@ def test_convert_config_reads_transformers_v4_style_configs():
         convert_config({**v4, "rope_scaling": {"type": "linear", "factor": 2.0}}, 2)
     with pytest.raises(UserError, match="hidden_act"):
         convert_config({**v4, "hidden_act": "gelu"}, 2)
+
+
+def _byte_tokenizer(path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{ch: i + 3 for i, ch in enumerate(alphabet)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                            pad_token="</s>").save_pretrained(str(path))
+    return len(vocab)
+
+
+@pytest.mark.slow
+def test_tiny_llama_and_its_retrofit_run_through_the_study_pipeline(tmp_path):
+    """Issue 8: a third-party Llama runs through `run` with its components resolved, and its Block AttnRes
+    retrofit gives the same baseline numbers (identity property)."""
+    pytest.importorskip("attnres_quant.pipeline.runner")
+    import transformers
+
+    src = tmp_path / "llama"
+    vocab = _byte_tokenizer(src)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+        vocab_size=vocab, initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )).save_pretrained(str(src))
+    convert_checkpoint(str(src), tmp_path / "llama-block2", block_size=2, verify="no")
+    cfg = tmp_path / "tiny_llama.yaml"
+    cfg.write_text(f"""
+name: tiny_llama
+device: cpu
+dtype: float32
+models:
+  - {{path: {src}, name: llama}}
+  - {{path: {tmp_path / 'llama-block2'}, name: llama-block2}}
+variants:
+  - name: int4_hybrid
+    method: rtn
+    default: {{weight: int4, group_size: 32}}
+    rules:
+      - {{select: depth.*, weight: bf16}}
+tasks: [proxy_mc]
+eval: {{limit: 2, batch_size: 4}}
+quality: {{max_tokens: 64, seq_len: 32}}
+bench: {{enabled: false}}
+""")
+    out = tmp_path / "reports"
+    assert cli_main(["run", str(cfg), "--out", str(out)]) == 0
+    cells = json.loads((out / "tiny_llama" / "results.json").read_text())["cells"]
+    assert cells["llama/bf16/model"]["value"]["family"] == "llama"
+    assert cells["llama-block2/bf16/model"]["value"]["family"] == "attnres-block"
+    for model in ("llama", "llama-block2"):
+        plan = cells[f"{model}/int4_hybrid/plan"]
+        assert plan["status"] == "ok" and plan["value"]["weights_by_precision"].get("int4", 0) > 0
+    base, retro = cells["llama/bf16/quality"]["value"], cells["llama-block2/bf16/quality"]["value"]
+    assert base["bpb"] == pytest.approx(retro["bpb"], rel=1e-4)
