@@ -170,6 +170,9 @@ def convert_config(src: dict, block_size: int, *, ignore_sliding_window: bool = 
         raise UserError(f"Cannot convert model_type {model_type!r}{extra}", where=f"{where} (config.json)",
                         fix="convert a Llama-style checkpoint (llama, qwen2, mistral) or a standard-residual "
                             "AttnRes/FLA checkpoint")
+    pad = out.get("pad_token_id")
+    if isinstance(pad, int) and not -out["vocab_size"] <= pad < out["vocab_size"]:
+        out["pad_token_id"] = None  # outside the embedding (some configs use it as "no pad"); forward-neutral
     out.setdefault("qkv_bias", False)
     out.update({
         "model_type": "transformer", "architectures": ["TransformerForCausalLM"],

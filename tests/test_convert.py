@@ -219,6 +219,7 @@ def test_convert_config_reads_transformers_v4_style_configs():
     assert cfg["rope_theta"] == 500000.0 and cfg["norm_eps"] == 1e-5 and cfg["num_kv_heads"] == 1
     assert cfg["eos_token_id"] == [2, 3] and cfg["tie_word_embeddings"] is True and cfg["hidden_act"] == "swish"
     assert cfg["max_position_embeddings"] == 4096 and cfg["attnres_block_size"] == 4
+    assert convert_config({**v4, "pad_token_id": 97}, 2)["pad_token_id"] is None  # outside the vocabulary
     with pytest.raises(UserError, match="RoPE scaling 'linear'"):
         convert_config({**v4, "rope_scaling": {"type": "linear", "factor": 2.0}}, 2)
     with pytest.raises(UserError, match="hidden_act"):
