@@ -101,12 +101,13 @@ def _ours(name: str) -> bool:
     return spec_for(name) is not None or name in catalogue()
 
 
-def preflight(tasks: list[str], settings: Any) -> list[str]:
+def preflight(tasks: list[str], settings: Any, *, load_lm_eval_tasks: bool = True) -> list[str]:
     """Check tasks before any model is loaded; returns the expanded result names.
 
     Raises :class:`UserError` for an unknown task, a benchmark whose data is not on this machine
     (naming where it looked and how to provide it), or a code-executing task without
-    ``allow_code_execution: true``.
+    ``allow_code_execution: true``. lm-eval's own tasks (names not in ``eval/``) are built, which
+    loads their data, unless ``load_lm_eval_tasks`` is false.
     """
     s = coerce_settings(settings)
     if not tasks:
@@ -122,7 +123,7 @@ def preflight(tasks: list[str], settings: Any) -> list[str]:
             raise UserError(f"unknown evaluation task(s) {bad}", where="eval.tasks",
                             fix=f"use one of {sorted(TASKS) + sorted(GROUPS)} or a task name that "
                                 f"`lm_eval ls tasks` lists")
-        for n in unknown:  # lm-eval's own tasks: their data must load now, not after the model
+        for n in unknown if load_lm_eval_tasks else ():  # their data must load now, not after the model
             _load_tasks(tm, n, n)
     for n in names:
         spec = spec_for(n)
@@ -236,7 +237,7 @@ def evaluate(model, tokenizer, tasks: list[str], settings: Any = None, *, lm=Non
     import lm_eval
 
     s = coerce_settings(settings)
-    names = preflight(tasks, s)
+    names = preflight(tasks, s, load_lm_eval_tasks=False)  # loaded just below
     needs_defaults = any(not _ours(n) for n in names)
     tm = _task_manager(s, include_defaults=needs_defaults)
 
