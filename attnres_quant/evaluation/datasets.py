@@ -166,6 +166,11 @@ class Located:
 
 def locate(root: Path, bench: Benchmark, config: str, split: str) -> Located | None:
     """Where ``config``/``split`` lies under ``root`` (None when not found); reads nothing."""
+    snaps = root / "snapshots"  # a hub cache folder (datasets--org--name): its newest snapshot
+    if snaps.is_dir() and not (root / config).exists():
+        newest = sorted((p for p in snaps.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+        if newest:
+            root = newest[-1]
     if root.is_file():  # a single file given for a single-config benchmark
         return Located("files", [root]) if len(bench.configs) == 1 else None
     for base in (root, root / "data"):
@@ -181,9 +186,9 @@ def locate(root: Path, bench: Benchmark, config: str, split: str) -> Located | N
                 if (base / name).is_file():
                     return Located("files", [base / name])
     if bench.name == "math":
-        folder = root / split / config
-        if folder.is_dir() and any(folder.glob("*.json")):
-            return Located("math_json", sorted(folder.glob("*.json")))
+        for folder in (root / split / config, root / "MATH" / split / config):
+            if folder.is_dir() and any(folder.glob("*.json")):
+                return Located("math_json", sorted(folder.glob("*.json")))
     if _is_saved_dataset(root) and bench.config_column:
         value = (bench.column_values or {}).get(config, config)
         return Located("saved_all", [root], filter_value=value)
