@@ -69,6 +69,10 @@ def test_awq_copy_is_plain_simulated_int4_and_leaves_depth_path_alone(runs):
         assert type(lin) is torch.nn.Linear and set(dict(lin.named_parameters())) == {"weight"}
         groups = lin.weight.reshape(lin.out_features, -1, 32)
         assert max(len(torch.unique(g)) for g in groups.reshape(-1, 32)) <= 16  # on an int4 grid
+    for _, mod in awq.model.named_modules():  # no llm-compressor leftovers (hooks, wrapped forwards, flags)
+        assert not mod._forward_hooks and not mod._forward_pre_hooks
+        left = [k for k in mod.__dict__ if k.startswith("quantization_") or k in ("forward", "weight_observer")]
+        assert not left, (_, left)
     # End to end the AWQ copy stays closer to the baseline than RTN.
     ids = calib[0]
     base = model(ids, use_cache=False).logits.log_softmax(-1)

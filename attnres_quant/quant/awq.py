@@ -272,6 +272,13 @@ def _run_llm_compressor(work: nn.Module, batches: list[dict], names: list[str], 
             deq = forward_quantize(m, m.weight, "weight", scheme.weights)
             _strip(m)
             m.weight.data.copy_(deq.to(m.weight.dtype))
+    for m in work.modules():
+        # flags llm-compressor's DisableQuantization leaves on every module, and the instance
+        # ``forward`` its disable_lm_head context restores as a bound copy of the class method
+        m.__dict__.pop("quantization_enabled", None)
+        fwd = m.__dict__.get("forward")
+        if fwd is not None and getattr(fwd, "__func__", None) is type(m).forward and fwd.__self__ is m:
+            del m.__dict__["forward"]
     if hasattr(work.config, "quantization_config"):
         with contextlib.suppress(AttributeError):
             delattr(work.config, "quantization_config")
