@@ -39,7 +39,7 @@ def fixed_text(max_problems: int | None = None) -> str:
 
 
 def encode(tokenizer, text: str, max_tokens: int | None = None) -> list[int]:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     return list(ids[:max_tokens] if max_tokens else ids)
 
 
