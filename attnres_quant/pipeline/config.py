@@ -39,13 +39,16 @@ class TaskSpec(Strict):
     name: str
     limit: int | None = Field(default=None, ge=1)
     num_fewshot: int | None = Field(default=None, ge=0)
+    max_gen_toks: int | None = Field(default=None, ge=1, description="generation cap for this task only")
 
 
 class EvalSettings(Strict):
     batch_size: int = Field(default=16, ge=1)
     limit: int | None = Field(default=None, ge=1, description="max samples per task (None = all)")
     num_fewshot: int = Field(default=0, ge=0)
-    max_gen_toks: int = Field(default=128, ge=1)
+    max_gen_toks: int | None = Field(default=None, ge=1,
+                                     description="cap on generated tokens for every generation task "
+                                                 "(None = each task's own limit)")
     allow_code_execution: bool = False
     code_timeout_s: float = Field(default=5.0, gt=0)
 

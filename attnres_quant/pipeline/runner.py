@@ -133,7 +133,8 @@ def eval_settings(config: StudyConfig):
 
     e = config.eval
     return EvalSettings(batch_size=e.batch_size, limit=e.limit, num_fewshot=e.num_fewshot, seed=config.seed,
-                        gen_kwargs={"max_gen_toks": e.max_gen_toks}, allow_code_execution=e.allow_code_execution,
+                        gen_kwargs={"max_gen_toks": e.max_gen_toks} if e.max_gen_toks else {},
+                        allow_code_execution=e.allow_code_execution,
                         code_timeout_s=e.code_timeout_s, datasets=dict(config.datasets))
 
 
@@ -159,11 +160,10 @@ def run_tasks(store, label, vname, model, tokenizer, config, settings) -> None:
         cell = f"task:{task.name}"
         if store.done(label, vname, cell):
             continue
-        task_settings = settings
-        if task.limit is not None or task.num_fewshot is not None:
-            task_settings = settings.model_copy(update={k: v for k, v in
-                                                        (("limit", task.limit), ("num_fewshot", task.num_fewshot))
-                                                        if v is not None})
+        update = {k: v for k, v in (("limit", task.limit), ("num_fewshot", task.num_fewshot)) if v is not None}
+        if task.max_gen_toks is not None:
+            update["gen_kwargs"] = {**settings.gen_kwargs, "max_gen_toks": task.max_gen_toks}
+        task_settings = settings.model_copy(update=update) if update else settings
         _log(f"  {label} / {vname}: task {task.name}")
         t0 = time.perf_counter()
         results = evaluate(model, tokenizer, [task.name], task_settings)

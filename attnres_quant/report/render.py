@@ -183,7 +183,7 @@ def quality_section(view: View, model: str) -> list[str]:
     n = (view.cell(model, view.baseline, "quality") or {}).get("tokens")
     return [f"### Quality vs baseline — {model}", "", _table(rows), "",
             f"_Fixed text: HumanEval prompts + canonical solutions, {n} tokens. KL(baseline ‖ variant) per "
-            "token in nats; depth JS = Jensen–Shannon divergence (nats) of the depth softmax per sub-layer, "
+            "token in nats; depth JS = Jensen–Shannon divergence (bits) of the depth softmax per sub-layer, "
             "averaged over tokens._", ""]
 
 
