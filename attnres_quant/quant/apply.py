@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .depth import set_kv_cache, set_softmax, set_sources
+from .depth import kv_granularity, set_kv_cache, set_softmax, set_sources
 from .plan import Plan, resolve_plan
 from .policy import FLOAT_WEIGHTS, Variant
 from .rtn import add_activation_quantizer, fake_quantize_weight
@@ -27,17 +27,20 @@ class QuantizedModel:
     avg_bits: float  # bits per weight incl. scale overhead
     simulated_parts: list[str] = field(default_factory=list)  # simulated pieces inside a real-kernel variant
     notes: list[str] = field(default_factory=list)
+    # Method records (JSON-ready): awq {smoothed, mean_layer_error, ...}, gguf {fallbacks, bytes},
+    # kv_cache {precision, granularity, bytes_per_token, baseline_bytes_per_token}.
+    details: dict = field(default_factory=dict)
 
     def plan_summary(self) -> dict:
         """JSON-ready record for results.json: summary, kernel, simulated flag, notes and plan rows."""
         return {**self.plan.summary(), "weight_bytes": self.weight_bytes, "avg_bits": self.avg_bits,
                 "simulated": self.simulated, "kernel": self.kernel, "simulated_parts": self.simulated_parts,
-                "notes": self.notes, "rows": [r.as_dict() for r in self.plan.rows]}
+                "notes": self.notes, "details": self.details, "rows": [r.as_dict() for r in self.plan.rows]}
 
     def info(self) -> dict:
         return {"variant": self.plan.variant.name, "method": self.plan.variant.method, "simulated": self.simulated,
                 "kernel": self.kernel, "weight_bytes": self.weight_bytes, "avg_bits": self.avg_bits,
-                "simulated_parts": self.simulated_parts, "notes": self.notes}
+                "simulated_parts": self.simulated_parts, "notes": self.notes, "details": self.details}
 
 
 def calibration_batches(tokenizer=None, samples: int = 16, seq_len: int = 256, seed: int = 0, *,
@@ -142,20 +145,55 @@ def quantize(model: nn.Module, variant: Variant, calibration=None, *, source: st
     ``calibration``: token ids (LongTensor [N, T], a list of them, or dicts with ``input_ids``) for GPTQ
     and static activation scales; random tokens (and a note) when None and needed.
     """
-    resolve_plan(model, variant, source)  # every policy error before any model work
+    base_plan = resolve_plan(model, variant, source)  # every policy error before any model work
     method = variant.method
     if method == "torchao":
         from .torchao_method import check_torchao_device
 
-        check_torchao_device([r.precision for r in resolve_plan(model, variant, source).weight_rows()
-                              if r.method == "torchao"], _device(model))
-    qmodel = model if inplace else copy.deepcopy(model)
+        check_torchao_device([r.precision for r in base_plan.weight_rows() if r.method == "torchao"], _device(model))
+    base_weight_rows = [r for r in base_plan.weight_rows() if r.tied_to is None]
+    needs_calib = any(r.method in ("gptq", "awq") for r in base_weight_rows) or any(
+        r.resolved.activation in ("int8", "int4") and r.resolved.activation_scheme == "static"
+        for r in base_weight_rows if r.part.is_linear)
+    batches: list[torch.Tensor] = []
+    notes: list[str] = []
+    if needs_calib:
+        batches, note = as_batches(calibration, int(model.config.vocab_size), device=_device(model))
+        if note:
+            notes.append(note)
+    details: dict = {}
+
+    # 0. AWQ (llm-compressor) works on its own float32 copy of the *baseline* (full-precision depth path,
+    # no hooks yet), and returns it: that copy is the quantized model (``inplace`` does not apply).
+    awq_names = {r.part.name for r in base_weight_rows if r.method == "awq"}
+    if awq_names:
+        from .awq import apply_awq
+
+        r0 = next(r for r in base_weight_rows if r.method == "awq")
+        opts = variant.options
+        res = apply_awq(model, batches, bits=r0.precision, group_size=r0.resolved.group_size,
+                        symmetric=bool(r0.resolved.symmetric), skip=lambda n: n not in awq_names,
+                        duo_scaling=opts.get("duo_scaling", True), n_grid=int(opts.get("n_grid", 20)),
+                        measure=bool(opts.get("measure", True)))
+        qmodel = res.model
+        details["awq"] = {"quantized": len(res.quantized), "smoothed": list(res.smoothed),
+                          "mean_layer_error": res.mean_layer_error() if res.layer_errors else None,
+                          "sublayer_errors": res.sublayer_errors, "bits": res.bits, "group_size": res.group_size,
+                          "symmetric": res.symmetric}
+        msg = (f"awq (llm-compressor AWQModifier, basic pipeline): {len(res.quantized)} projections quantized, "
+               f"{len(res.smoothed)} smoothing mappings applied")
+        if res.layer_errors:
+            msg += f", mean relative layer-output error {res.mean_layer_error():.3g} on the calibration data"
+        notes.append(msg)
+    else:
+        qmodel = model if inplace else copy.deepcopy(model)
     qmodel.eval()
     plan = resolve_plan(qmodel, variant, source)
     mdtype = _model_dtype(qmodel)
-    notes: list[str] = list(plan.notes)
+    notes = list(plan.notes) + notes
     simulated_parts: list[str] = []
     _untie(qmodel, plan)
+    kv_gran = kv_granularity(variant.options)
 
     # 1. depth path and KV cache hooks (simulated; set first so calibration sees them).
     for row in plan.rows:
@@ -167,19 +205,14 @@ def quantize(model: nn.Module, variant: Variant, calibration=None, *, source: st
         elif row.component == "depth.sources":
             set_sources(module, res.storage, mdtype)
         elif row.component == "attn.kv_cache":
-            set_kv_cache(module, res.storage, mdtype)
+            set_kv_cache(module, res.storage, mdtype, kv_gran)
         if row.method == "sim":
             simulated_parts.append(f"{row.component}@{row.name}={row.precision}")
 
+    kv = _kv_details(qmodel, plan, kv_gran)
+    if kv:
+        details["kv_cache"] = kv
     weight_rows = [r for r in plan.weight_rows() if r.tied_to is None]
-    needs_calib = any(r.method == "gptq" for r in weight_rows) or any(
-        r.resolved.activation in ("int8", "int4") and r.resolved.activation_scheme == "static" for r in weight_rows
-        if r.part.is_linear)
-    batches: list[torch.Tensor] = []
-    if needs_calib:
-        batches, note = as_batches(calibration, int(qmodel.config.vocab_size), device=_device(qmodel))
-        if note:
-            notes.append(note)
 
     # 2. GPTQ (llm-compressor) on the Linear rows that ask for it.
     gptq_groups: dict[tuple, list[str]] = {}
@@ -194,6 +227,24 @@ def quantize(model: nn.Module, variant: Variant, calibration=None, *, source: st
         opts = variant.options
         gptq_quantize(qmodel, gptq_groups, batches, block_size=int(opts.get("block_size", 128)),
                       dampening=float(opts.get("dampening", 0.01)), actorder=opts.get("actorder", "static"))
+
+    # 2b. GGUF (llama.cpp types) on the rows that ask for it; llama.cpp's fallback where rows do not fit.
+    gguf_bytes = None
+    gguf_rows = [r for r in weight_rows if r.method == "gguf"]
+    if gguf_rows:
+        from .gguf_quant import apply_gguf
+
+        report = apply_gguf(qmodel, {r.part.name: (r.fallback or r.precision) for r in gguf_rows}, fallback=True)
+        for r in gguf_rows:
+            got = report[r.part.name]["type"].lower()
+            if got != ("f16" if r.precision == "fp16" else r.precision):
+                raise RuntimeError(f"gguf: {r.name} became {got}, the plan says {r.precision}")
+        gguf_bytes = sum(v["bytes"] for v in report.values())
+        planned = sum(r.numel * r.bits for r in gguf_rows) / 8
+        details["gguf"] = {"bytes": int(gguf_bytes),
+                           "fallbacks": {f"{r.part.name}.weight": {"requested": r.fallback, "type": r.precision}
+                                         for r in gguf_rows if r.fallback}}
+        gguf_bytes = gguf_bytes - planned
 
     # 3. RTN / float casts.
     with torch.no_grad():
@@ -221,8 +272,11 @@ def quantize(model: nn.Module, variant: Variant, calibration=None, *, source: st
             q.freeze()
 
     # 5. Real kernels.
-    kernel = {"none": "none", "rtn": "simulated-rtn", "gptq": "simulated-gptq"}.get(method, "")
+    kernel = {"none": "none", "rtn": "simulated-rtn", "gptq": "simulated-gptq", "awq": "simulated-awq",
+              "gguf": "simulated-gguf"}.get(method, "")
     weight_bytes = plan.summary()["weight_bytes"]
+    if gguf_bytes is not None:  # measured packed bytes (equal to the plan's bits by construction)
+        weight_bytes = int(round(weight_bytes + gguf_bytes))
     if method == "bnb":
         from .bnb import apply_bnb
 
@@ -241,13 +295,28 @@ def quantize(model: nn.Module, variant: Variant, calibration=None, *, source: st
         kernel = "torchao-" + "+".join(sorted(kinds)) if kinds else "none"
     if kernel == "none" and simulated_parts:
         kernel = "simulated-depth"
-    simulated = method in ("rtn", "gptq") or (method == "none" and bool(simulated_parts))
+    simulated = method in ("rtn", "gptq", "awq", "gguf") or (method == "none" and bool(simulated_parts))
     if method in ("bnb", "torchao") and simulated_parts:
         notes.append("simulated inside a real-kernel variant: " + ", ".join(simulated_parts[:8]) +
                      (" ..." if len(simulated_parts) > 8 else ""))
     s = plan.summary()
     return QuantizedModel(qmodel, plan, simulated, kernel, int(weight_bytes), float(s["avg_bits"]),
-                          simulated_parts, notes)
+                          simulated_parts, notes, details)
+
+
+def _kv_details(model: nn.Module, plan: Plan, granularity: str) -> dict:
+    """KV-cache bytes per token of context (all layers) as planned, and at the baseline dtype."""
+    rows = [r for r in plan.rows if r.component == "attn.kv_cache"]
+    if not rows or not any(r.method == "sim" for r in rows):
+        return {}
+    from .kv_cache import kv_cache_bytes_per_token
+
+    cfg = model.config
+    n = int(cfg.num_hidden_layers)
+    per_layer = [kv_cache_bytes_per_token(cfg, r.precision, granularity) / n for r in rows]
+    return {"precisions": sorted({r.precision for r in rows}), "granularity": granularity,
+            "bytes_per_token": sum(per_layer),
+            "baseline_bytes_per_token": kv_cache_bytes_per_token(cfg, plan.model_dtype, granularity)}
 
 
 def layer_output_error(baseline: nn.Module, quantized: nn.Module, batches: list[torch.Tensor],

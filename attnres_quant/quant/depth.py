@@ -6,7 +6,8 @@
   logits of all sources of a token (not elementwise: the model then takes the naive path).
 * ``depth.sources`` storage: bf16 / fp8 / int8 / int4 set ``DepthMixer.source_quantizer``
   (per-token scales; bf16 is a cast when the model runs in fp32, a no-op in bf16).
-* ``attn.kv_cache`` storage: the same quantizers on ``Attention.kv_quantizer`` (per token and head).
+* ``attn.kv_cache`` storage: ``kv_cache.make_kv_quantizer`` on ``Attention.kv_quantizer`` (bf16 / fp8 / int8 /
+  int4; one scale per token and KV head by default, per KV head with option ``kv_granularity: per_head``).
 """
 
 from __future__ import annotations
@@ -94,5 +95,17 @@ def set_sources(mixer, storage: str | None, model_dtype: torch.dtype) -> None:
     mixer.source_quantizer = storage_quantizer(storage, model_dtype)
 
 
-def set_kv_cache(attn, storage: str | None, model_dtype: torch.dtype) -> None:
-    attn.kv_quantizer = storage_quantizer(storage, model_dtype)
+def kv_granularity(options: dict | None) -> str:
+    """The ``kv_granularity`` option of a variant (per_token, the default, or per_head)."""
+    return (options or {}).get("kv_granularity", "per_token")
+
+
+def set_kv_cache(attn, storage: str | None, model_dtype: torch.dtype, granularity: str = "per_token") -> None:
+    """``Attention.kv_quantizer`` from :func:`attnres_quant.quant.kv_cache.make_kv_quantizer` (the one KV-cache
+    implementation); None when ``storage`` does not lower the model dtype (fp32, or bf16 in a bf16 model)."""
+    from .kv_cache import make_kv_quantizer
+
+    if storage is None or storage == "fp32" or (storage == "bf16" and model_dtype == torch.bfloat16):
+        attn.kv_quantizer = None
+    else:
+        attn.kv_quantizer = make_kv_quantizer(storage, granularity)

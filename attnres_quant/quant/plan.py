@@ -32,8 +32,10 @@ from .components import LINEAR_COMPONENTS, Part, is_attnres, num_layers, resolve
 from .policy import (
     ACT_FIELDS,
     FLOAT_WEIGHTS,
+    GGUF_WEIGHTS,
     WEIGHT_FIELDS,
     Precision,
+    Rule,
     Variant,
     activation_capability,
     check_variant,
@@ -79,6 +81,7 @@ class PlanRow:
     numel: int = 0
     bits: float = 0.0  # bits per weight incl. scale/zero overhead (weights only)
     tied_to: str | None = None  # the same storage as an earlier row (counted once)
+    fallback: str | None = None  # gguf: the requested type when llama.cpp's fallback replaced it
     part: Part | None = field(default=None, repr=False, compare=False)
     resolved: Resolved | None = field(default=None, repr=False, compare=False)
 
@@ -88,7 +91,7 @@ class PlanRow:
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("component", "layer", "name", "method", "precision", "granularity",
-                                              "activation", "rule", "numel", "bits", "tied_to")}
+                                              "activation", "rule", "numel", "bits", "tied_to", "fallback")}
 
 
 @dataclass
@@ -208,11 +211,36 @@ def _apply(res: Resolved, prec: Precision, fields: list[str], label: str) -> Non
         res.activation_scheme = "dynamic"
 
 
-def _default_ok(variant: Variant, part: Part, fields: list[str]) -> list[str]:
+def effective_rules(variant: Variant, n_layers: int) -> tuple[Precision, list[tuple[str, Rule]]]:
+    """The default and the ordered (label, rule) list a variant resolves with: a gguf ``preset``
+    option (e.g. ``q4_k_m``) contributes llama.cpp's mix -- its base type as the default unless
+    ``default.weight`` is set, then its rules (``gguf_quant.preset_rules``) -- before the user's rules."""
+    rules = [(r.label(i), r) for i, r in enumerate(variant.rules)]
+    preset = variant.options.get("preset") if variant.method == "gguf" else None
+    if not preset:
+        return variant.default, rules
+    from .gguf_quant import _PRESET_BASE, preset_rules
+
+    p = str(preset).upper()
+    default = variant.default
+    if default.weight is None:
+        default = default.model_copy(update={"weight": _PRESET_BASE[p].lower()})
+        default.model_fields_set.add("weight")
+    pre = []
+    for r in preset_rules(p, n_layers):
+        rule = Rule.model_validate(r)
+        sel = f"select: {rule.select}" + (f", layers: {rule.layers}" if rule.layers is not None else "")
+        pre.append((f"preset {p.lower()} ({sel})", rule))
+    return default, pre + rules
+
+
+def _default_ok(variant: Variant, part: Part, fields: list[str], default: Precision | None = None) -> list[str]:
     """Default fields that apply to ``part`` (those the method can provide)."""
     if part.component in DEFAULT_EXCLUDED:
         return []
-    d = variant.default
+    d = default if default is not None else variant.default
+    if variant.method == "gguf" and part.kind == "weight" and len(part.shape) < 2:
+        fields = [f for f in fields if f not in WEIGHT_FIELDS]  # llama.cpp never quantizes 1-D tensors
     out = []
     for f in fields:
         if f == "weight" and d.weight not in weight_capability(variant.method, part.component):
@@ -238,14 +266,14 @@ def resolve_plan(model: nn.Module, variant: Variant, source: str = "config") -> 
     where0 = f"{source}, variant {variant.name!r}"
     notes: list[str] = []
     resolved = {id(p): Resolved() for p in parts}
+    default, rule_list = effective_rules(variant, n_layers)
 
-    dfields = variant.default.set_fields()
+    dfields = default.set_fields()
     for p in parts:
-        fields = _default_ok(variant, p, _relevant(dfields, p))
-        _apply(resolved[id(p)], variant.default, fields, "default")
+        fields = _default_ok(variant, p, _relevant(dfields, p), default)
+        _apply(resolved[id(p)], default, fields, "default")
 
-    for i, rule in enumerate(variant.rules):
-        label = rule.label(i)
+    for label, rule in rule_list:
         where = f"{where0}, {label}"
         hits = [p for p in parts if _matches(rule, p, n_layers)]
         if not hits:
@@ -303,8 +331,52 @@ def resolve_plan(model: nn.Module, variant: Variant, source: str = "config") -> 
                                 "null (per-channel)")
 
     rows = _rows(parts, resolved, variant, model)
+    if method == "awq":
+        settings = {(r.precision, r.resolved.group_size, bool(r.resolved.symmetric)) for r in rows
+                    if r.method == "awq"}
+        if len(settings) > 1:
+            desc = "; ".join(f"{w} group_size {g} {'sym' if sy else 'asym'}" for w, g, sy in sorted(
+                settings, key=str))
+            raise UserError(f"AWQ runs one quantization setting for all the projections it quantizes; this plan "
+                            f"asks for several ({desc})", where0,
+                            "give every int attn.*/mlp.* projection the same weight/group_size/symmetric in an awq "
+                            "variant (keep others at bf16), or use rtn/gptq for mixed precisions")
+        if any(r.method == "awq" for r in rows):
+            notes.append("awq folds its smoothing scales into attn_norm/mlp_norm gains and, where o_proj/down_proj "
+                         "are balanced, into v_proj/up_proj rows: those rows say keep/awq but change exactly in "
+                         "fp32 (rounded once to the model dtype); the depth path (depth.query/key_norm) is never "
+                         "rescaled")
+    if method == "gguf":
+        notes += _gguf_notes(rows)
     plan = Plan(variant, rows, notes, dtype_name(_model_dtype(model)))
     return plan
+
+
+def _gguf_notes(rows: list[PlanRow]) -> list[str]:
+    notes = []
+    groups: dict[tuple, list[PlanRow]] = {}
+    for r in rows:
+        if r.method == "gguf" and r.fallback and r.tied_to is None:
+            groups.setdefault((r.fallback, r.precision, r.part.shape[-1]), []).append(r)
+    for (req, got, cols), rs in groups.items():
+        comps = sorted({r.component for r in rs})
+        from .gguf_quant import block_size
+
+        notes.append(f"gguf fallback (llama.cpp's rule): {req} -> {got} for {len(rs)} tensor(s) whose rows of {cols} "
+                     f"are not a multiple of {req}'s block of {block_size(req)} ({', '.join(comps)})")
+    depth = [r for r in rows if r.method == "gguf" and r.component in ("depth.query", "depth.key_norm")
+             and r.tied_to is None]
+    if depth:
+        kinds = sorted({f"{r.component}={r.precision}" + (f" (from {r.fallback})" if r.fallback else "")
+                        for r in depth})
+        notes.append("gguf on the depth path: " + ", ".join(kinds) + "; a K-quant the rows do not fit takes llama.cpp's "
+                     "legacy fallback (q4_k->q5_0, q5_k->q5_1, q6_k->q8_0), fp16 if none fits")
+    ones = [r for r in rows if r.method == "gguf" and r.part is not None and len(r.part.shape) < 2 and
+            r.tied_to is None]
+    if ones:
+        notes.append(f"gguf on {len(ones)} 1-D tensor(s) ({', '.join(sorted({r.component for r in ones}))}): "
+                     "llama.cpp keeps 1-D tensors in F32; simulated here because a rule names them")
+    return notes
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -324,6 +396,10 @@ def _method_for(method: str, part: Part, res: Resolved, baseline: str) -> str:
         return "cast"
     if method == "gptq":
         return "gptq" if part.is_linear else "rtn"
+    if method == "awq":  # AWQ's targets: attention / MLP projections; RTN for the rest
+        return "awq" if part.is_linear and part.component.startswith(("attn.", "mlp.")) else "rtn"
+    if method == "gguf":
+        return "gguf"
     if method in ("bnb", "torchao"):
         return method
     return "rtn"
@@ -346,7 +422,8 @@ def _rows(parts: list[Part], resolved: dict, variant: Variant, model: nn.Module)
                     prec = mdtype
             gran = {"depth.softmax": "per-token" if prec == "int8" else "elementwise",
                     "depth.sources": "per-token" if prec in ("int8", "int4", "fp8") else "-",
-                    "attn.kv_cache": "per-token-head" if prec in ("int8", "int4", "fp8") else "-"}[p.component]
+                    "attn.kv_cache": ("per-head" if variant.options.get("kv_granularity") == "per_head" else
+                                      "per-token-head") if prec in ("int8", "int4", "fp8") else "-"}[p.component]
             base_prec = "fp32" if p.component == "depth.softmax" else mdtype
             keep = prec == base_prec or (prec == "fp32" and p.component != "depth.softmax")
             suffix = {"depth.softmax": ".softmax", "depth.sources": ".sources", "attn.kv_cache": ".kv_cache"}
@@ -357,7 +434,23 @@ def _rows(parts: list[Part], resolved: dict, variant: Variant, model: nn.Module)
         base = dtype_name(w.dtype)
         m = _method_for(method, p, res, base)
         prec = base if m == "keep" else res.weight
-        if m in ("keep", "cast"):
+        fallback = None
+        if m == "gguf":
+            from .gguf_quant import bits_per_weight, block_size, fallback_type
+
+            got = fallback_type(prec.upper(), p.shape[-1] if p.shape else 0).lower()
+            if got != prec:
+                fallback, prec = prec, got
+            if prec == "f16":
+                prec = "fp16"
+                gran = f"fp16 cast (no {fallback} block fits rows of {p.shape[-1] if p.shape else 0})"
+                bits = float(min(16, _BITS.get(base, 32)))
+            else:
+                bs = block_size(prec)
+                gran = (f"super-block {bs}" if prec in ("q4_k", "q5_k", "q6_k") else f"block {bs}") + (
+                    f", fallback from {fallback}" if fallback else "")
+                bits = bits_per_weight(prec)
+        elif m in ("keep", "cast"):
             gran = "-"
             bits = float(min(_BITS.get(prec, 32), _BITS.get(base, 32)))
         else:
@@ -377,7 +470,7 @@ def _rows(parts: list[Part], resolved: dict, variant: Variant, model: nn.Module)
         tied = first[0] if first is not None and first[1] == key else None
         seen.setdefault(id(w), (f"{p.name}.weight", key))
         rows.append(PlanRow(p.component, p.layer, f"{p.name}.weight", m, prec, gran, act, rule, p.numel, bits,
-                            tied, part=p, resolved=res))
+                            tied, fallback, part=p, resolved=res))
     return rows
 
 

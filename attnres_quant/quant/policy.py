@@ -32,19 +32,23 @@ from ..errors import UserError
 from .components import COMPONENTS, LINEAR_COMPONENTS
 
 FLOAT_WEIGHTS = ("bf16", "fp16", "fp32")
-WEIGHT_PRECISIONS = FLOAT_WEIGHTS + ("int8", "int4", "nf4", "fp4")
+# llama.cpp quant types (method gguf only); written lower-case in the plan, upper-case accepted.
+GGUF_WEIGHTS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")
+WEIGHT_PRECISIONS = FLOAT_WEIGHTS + ("int8", "int4", "nf4", "fp4") + GGUF_WEIGHTS
 ACTIVATION_PRECISIONS = ("bf16", "fp16", "fp32", "int8", "int4")
 ACTIVATION_SCHEMES = ("dynamic", "static")
 COMPUTE_PRECISIONS = ("fp32", "bf16", "fp16", "fp8", "int8")
 STORAGE_PRECISIONS = ("fp32", "bf16", "fp8", "int8", "int4")
-METHODS = ("none", "rtn", "gptq", "bnb", "torchao")
+METHODS = ("none", "rtn", "gptq", "awq", "gguf", "bnb", "torchao")
+KV_GRANULARITIES = ("per_token", "per_head")
 
-WeightP = Literal["bf16", "fp16", "fp32", "int8", "int4", "nf4", "fp4"]
+WeightP = Literal["bf16", "fp16", "fp32", "int8", "int4", "nf4", "fp4", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1",
+                  "q4_k", "q5_k", "q6_k"]
 ActP = Literal["bf16", "fp16", "fp32", "int8", "int4"]
 SchemeP = Literal["dynamic", "static"]
 ComputeP = Literal["fp32", "bf16", "fp16", "fp8", "int8"]
 StorageP = Literal["fp32", "bf16", "fp8", "int8", "int4"]
-MethodP = Literal["none", "rtn", "gptq", "bnb", "torchao"]
+MethodP = Literal["none", "rtn", "gptq", "awq", "gguf", "bnb", "torchao"]
 
 PRECISION_FIELDS = ("weight", "group_size", "symmetric", "activation", "activation_scheme", "compute",
                     "storage")
@@ -55,7 +59,8 @@ ACT_FIELDS = ("activation", "activation_scheme")
 class Precision(BaseModel):
     """Precision fields; an unset field inherits (default -> earlier rules -> baseline).
 
-    weight            bf16 | fp16 | fp32 | int8 | int4 | nf4 | fp4 (unset: keep the baseline's)
+    weight            bf16 | fp16 | fp32 | int8 | int4 | nf4 | fp4 | GGUF type (method gguf: q8_0, q4_0, q4_1,
+                      q5_0, q5_1, q4_k, q5_k, q6_k; upper-case accepted) (unset: keep the baseline's)
     group_size        int (per-group) or null (per-channel); default null
     symmetric         bool; default true
     activation        bf16 | fp16 | fp32 (no activation quantization) | int8 | int4
@@ -73,6 +78,14 @@ class Precision(BaseModel):
     activation_scheme: SchemeP | None = None
     compute: ComputeP | None = None
     storage: StorageP | None = None
+
+    @field_validator("weight", mode="before")
+    @classmethod
+    def _gguf_case(cls, v):
+        # GGUF type names are usually written upper-case (Q4_K); the plan uses lower-case.
+        if isinstance(v, str) and v.lower() in GGUF_WEIGHTS:
+            return v.lower()
+        return v
 
     def set_fields(self) -> list[str]:
         return [f for f in PRECISION_FIELDS if f in self.model_fields_set]
@@ -120,12 +133,13 @@ class Variant(BaseModel):
     method: MethodP = "rtn"
     default: Precision = Field(default_factory=Precision)
     rules: list[Rule] = Field(default_factory=list)
-    # Method options (all optional): GPTQ block size / dampening, bnb int8 threshold.
+    # Method options (all optional): GPTQ block_size / dampening / actorder, bnb threshold,
+    # AWQ duo_scaling / n_grid / measure, gguf preset (e.g. q4_k_m), kv_granularity (attn.kv_cache).
     options: dict[str, Any] = Field(default_factory=dict)
 
     def needs_calibration(self) -> bool:
-        """GPTQ and static activation scales need calibration data."""
-        if self.method == "gptq":
+        """GPTQ, AWQ and static activation scales need calibration data."""
+        if self.method in ("gptq", "awq"):
             return True
         precs = [self.default] + list(self.rules)  # conservative: static anywhere + int activations anywhere
         return any(p.activation_scheme == "static" for p in precs) and any(
@@ -174,8 +188,10 @@ def weight_capability(method: str, component: str) -> tuple[str, ...]:
     linear = component in LINEAR_COMPONENTS
     if method == "none":
         return FLOAT_WEIGHTS
-    if method in ("rtn", "gptq"):
+    if method in ("rtn", "gptq", "awq"):  # awq: AWQ for attn/mlp projections, RTN for the other parts
         return FLOAT_WEIGHTS + ("int8", "int4")
+    if method == "gguf":  # every weight tensor (1-D ones only when a rule names them; see plan.py)
+        return FLOAT_WEIGHTS + GGUF_WEIGHTS
     if method == "bnb":
         return FLOAT_WEIGHTS + (("int8", "nf4", "fp4") if linear else ())
     if method == "torchao":
@@ -194,6 +210,15 @@ def activation_capability(method: str, component: str, weight: str | None) -> tu
 
 
 def method_fix(method: str, precision: str, component: str) -> str:
+    if precision in GGUF_WEIGHTS:
+        return (f"{precision.upper()} is a llama.cpp (GGUF) type: use `method: gguf` for GGUF types, or int4/int8 "
+                f"with rtn/gptq/awq")
+    if method == "gguf":
+        return ("`method: gguf` takes llama.cpp types (" + ", ".join(GGUF_WEIGHTS) + ", upper-case accepted) or a "
+                "float (bf16/fp16/fp32); e.g. q4_0 or q4_k instead of int4, q8_0 instead of int8; or use "
+                "`method: rtn`/`gptq`/`awq` for int weights")
+    if method == "awq" and precision in ("nf4", "fp4"):
+        return "AWQ gives int4/int8 integer weights; use `method: bnb` for nf4/fp4"
     if precision in ("nf4", "fp4"):
         return "use `method: bnb` for nf4/fp4 (bitsandbytes), or int4 with rtn/gptq"
     if method == "none":
@@ -213,10 +238,20 @@ def check_variant(variant: Variant, source: str = "config") -> None:
     if d.weight is not None and d.weight not in weight_capability(variant.method, "attn.q"):
         raise UserError(f"method {variant.method!r} cannot provide weight {d.weight}",
                         f"{where0}, default", method_fix(variant.method, d.weight, "attn.q"))
-    if d.activation in ("int8", "int4") and variant.method in ("none", "bnb"):
+    if d.activation in ("int8", "int4") and variant.method in ("none", "bnb", "awq", "gguf"):
         raise UserError(f"method {variant.method!r} cannot quantize activations to {d.activation}",
                         f"{where0}, default",
-                        "use `method: rtn` or `gptq` (simulated activations) or torchao with int8 weights")
+                        "use `method: rtn` or `gptq` (simulated activations) or torchao with int8 weights; "
+                        "awq and gguf are weight-only")
+    check_options(variant, where0)
+    if variant.method == "gguf":
+        for label, prec in [("default", d)] + [(r.label(i), r) for i, r in enumerate(variant.rules)]:
+            bad = [f for f in ("group_size", "symmetric") if f in prec.model_fields_set]
+            if bad:
+                raise UserError(f"`{bad[0]}` does not apply to GGUF types (their block layout is fixed: 32 "
+                                "weights per block for q8_0/q4_0/q4_1/q5_0/q5_1, super-blocks of 256 for "
+                                "q4_k/q5_k/q6_k)", f"{where0}, {label}",
+                                f"remove `{bad[0]}`; pick the type instead (q4_0 symmetric, q4_1 with a min, ...)")
     for i, rule in enumerate(variant.rules):
         where = f"{where0}, {rule.label(i)}"
         if not known_pattern(rule.select):
@@ -239,6 +274,40 @@ def check_variant(variant: Variant, source: str = "config") -> None:
                                 f"{rule.activation}", where,
                                 "activations are quantized only at the inputs of nn.Linear projections, with "
                                 "`method: rtn`/`gptq` (simulated) or torchao int8 (int8 weights)")
+
+
+_METHOD_OPTIONS = {
+    "gptq": ("block_size", "dampening", "actorder"),
+    "awq": ("duo_scaling", "n_grid", "measure"),
+    "gguf": ("preset",),
+    "bnb": ("threshold",),
+}
+_COMMON_OPTIONS = ("kv_granularity",)
+
+
+def check_options(variant: Variant, where0: str) -> None:
+    """Known ``options`` for the new methods (awq, gguf), the gguf preset name, kv_granularity."""
+    opts = variant.options
+    where = f"{where0}, options"
+    if variant.method in ("awq", "gguf"):
+        known = _METHOD_OPTIONS[variant.method] + _COMMON_OPTIONS
+        for k in opts:
+            if k not in known:
+                raise UserError(f"unknown option {k!r} for method {variant.method!r}", where,
+                                f"options of {variant.method} are {', '.join(known)}")
+    if "preset" in opts:
+        from .gguf_quant import PRESETS
+
+        if variant.method != "gguf":
+            raise UserError("option `preset` (a llama.cpp mix) needs `method: gguf`", where,
+                            "set `method: gguf`, or remove `preset`")
+        if str(opts["preset"]).upper() not in PRESETS:
+            raise UserError(f"unknown llama.cpp preset {opts['preset']!r}", where,
+                            "use one of " + ", ".join(p.lower() for p in PRESETS))
+    if "kv_granularity" in opts and opts["kv_granularity"] not in KV_GRANULARITIES:
+        raise UserError(f"unknown kv_granularity {opts['kv_granularity']!r}", where,
+                        "use per_token (one scale per token and KV head, the default) or per_head (one scale per "
+                        "KV head over the tokens written in one call)")
 
 
 def format_validation_error(exc: ValidationError, source: str, variant_name: str | None = None,
