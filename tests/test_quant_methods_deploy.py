@@ -179,3 +179,18 @@ def test_kv_cache_through_policy(model, ids):
     assert not torch.equal(out, base)
     assert 0 < kl_divergence(base, out) < 1e-2
     assert model.model.layers[0].attn.kv_quantizer is None
+
+
+def test_deployment_config_q4_k_m_rules_equal_the_preset():
+    import yaml
+
+    from attnres_quant.quant.testing import tiny_attnres as mk
+
+    from pathlib import Path
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "deployment.yaml").read_text())
+    written = next(x for x in cfg["variants"] if x["name"] == "gguf_q4_k_m")
+    m8 = mk(hidden=64, layers=8, intermediate=256, vocab=97)
+    a = resolve_plan(m8, v(written), "deployment.yaml")
+    b = resolve_plan(m8, v({"name": "p", "method": "gguf", "options": {"preset": "Q4_K_M"}}), "test.yaml")
+    assert [(r.name, r.precision, r.fallback) for r in a.rows] == [(r.name, r.precision, r.fallback) for r in b.rows]
