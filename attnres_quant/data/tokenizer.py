@@ -1,7 +1,9 @@
 """Byte-level BPE tokenizer trained with the ``tokenizers`` library, saved in HF format.
 
-Pre-tokenisation splits every digit into its own piece (helps arithmetic) and then
-applies GPT-2 style byte-level splitting; the vocabulary starts from the 256 byte
+Pre-tokenisation isolates every newline (so a prompt ending in ``"\n"`` -- HumanEval
+style -- tokenizes exactly as inside the training text, where ``"\n    return"``
+would otherwise merge into one token), splits every digit into its own piece (helps
+arithmetic) and then applies GPT-2 style byte-level splitting; the vocabulary starts from the 256 byte
 symbols, so any text round-trips.  Special tokens: ``<pad>`` (0), ``<bos>`` (1),
 ``<eos>`` (2), ``<unk>`` (3, never produced).  The saved directory loads with
 ``AutoTokenizer.from_pretrained(dir)`` (``PreTrainedTokenizerFast``).
@@ -20,6 +22,7 @@ PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2) -> Tokenizer:
     tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split("\n", behavior="isolated"),
         pre_tokenizers.Digits(individual_digits=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     ])

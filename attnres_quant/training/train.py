@@ -94,7 +94,7 @@ def prepare_data(cfg: dict, log=print):
 
     d = cfg["data"]
     corpus = corpus_mod.build_corpus(d["proxy_items_per_family"], seed=d["seed"])
-    key = hashlib.sha256(f"{corpus.sha256}|{d['vocab_size']}|v1".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{corpus.sha256}|{d['vocab_size']}|v2".encode()).hexdigest()[:16]
     cache = pathlib.Path(d["cache_dir"]) / key
     tok_dir = cache / "tokenizer"
     streams = cache / "streams.pt"
