@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 Quantizer = Callable[[torch.Tensor], torch.Tensor]
@@ -51,7 +52,12 @@ class Phase1State:
 
     max: torch.Tensor  # [B, T]
     sum_exp: torch.Tensor  # [B, T]
-    acc: torch.Tensor  # [B, T, D] fp32, sum_s exp(logit_s - max) * v_s
+    acc: torch.Tensor  # [B, T, D] fp32, sum_s exp(logit_s - max) * v_s (may be a strided view)
+    # Default precision only (fp32 softmax, no logit quantizer): max + log(sum_exp)
+    # and 1 / sum_exp, precomputed for the whole block so that phase 2 is a
+    # sigmoid and one fused multiply-add (see DepthMixer.merge).
+    lse: torch.Tensor | None = None  # [B, T, 1] fp32
+    inv_sum: torch.Tensor | None = None  # [B, T, 1] fp32
 
 
 class DepthMixer(nn.Module):
@@ -95,9 +101,24 @@ class DepthMixer(nn.Module):
               ) -> torch.Tensor:
         """Phase 2: fold the partial-sum logit into the phase-1 state -> mix (fp32)."""
         if partial is None:
+            if state.inv_sum is not None:
+                return state.acc * state.inv_sum
             return state.acc / state.sum_exp.float().unsqueeze(-1)
         pf = partial.float()
-        logit = self.prepare_logits((pf @ query) * inverse_rms(pf, self.eps))
+        if query.dim() == 1:
+            query = query.unsqueeze(-1)
+        # w . RMSNorm(partial; g) with g folded into the query: [B, T, 1].
+        logit = self.prepare_logits(F.rms_norm(pf, (pf.shape[-1],), eps=self.eps) @ query)
+        if state.lse is not None:
+            # Perf (default precision): the softmax over [completed..., partial]
+            # is  mix = (acc / sum_exp) * (1 - p) + partial * p  with
+            # p = sigmoid(logit - lse) the partial sum's weight -- the same
+            # online-softmax merge in fewer ops (decode) and two full-size
+            # passes (prefill); 1 - p is taken as sigmoid(lse - logit) for accuracy.
+            d = logit - state.lse
+            mix = pf * torch.sigmoid(d)
+            return mix.addcmul_(state.acc, torch.sigmoid(d.neg_()) * state.inv_sum)
+        logit = logit.squeeze(-1)
         new_max = torch.maximum(state.max, logit)
         a = torch.exp(state.max - new_max).float()
         b = torch.exp(logit - new_max).float()
@@ -128,24 +149,37 @@ def naive_mix(mixer: DepthMixer, sources: list[torch.Tensor], proj_weight: torch
     return mix, probs.permute(1, 2, 0)
 
 
-def phase1(mixers: list[DepthMixer], queries: torch.Tensor, sources: torch.Tensor,
-           source_rinv: torch.Tensor) -> list[Phase1State]:
+def phase1(mixers: list[DepthMixer], logits: torch.Tensor, sources: torch.Tensor) -> list[Phase1State]:
     """Batched phase 1 for every pseudo-query of a block.
 
-    queries [q, D] (folded, fp32); sources [n, B, T, D] fp32; source_rinv [n, B, T].
+    logits [n, B, T, q] fp32: the folded query of each of the block's q
+    sub-layers against each of the n completed sources, already multiplied by
+    the source's inverse RMS (i.e. w . RMSNorm(v; g));
+    sources [B, T, n, D] fp32, token-major so that the weighted sum over sources
+    is one batched [q, n] @ [n, D] product per token.
     """
-    logits = torch.einsum("nbtd,qd->qnbt", sources, queries) * source_rinv.unsqueeze(0)
+    n, b, t, q = logits.shape
+    d = sources.shape[-1]
+    lse = inv_sum = None
     if all(m.is_default for m in mixers):
-        mx = logits.amax(dim=1)
-        e = torch.exp(logits - mx.unsqueeze(1))
-        total = e.sum(dim=1)
-        acc = torch.einsum("qnbt,nbtd->qbtd", e, sources)
-        return [Phase1State(mx[i], total[i], acc[i]) for i in range(len(mixers))]
-    states = []
-    for i, mixer in enumerate(mixers):
-        li = mixer.prepare_logits(logits[i])
-        mx = li.amax(dim=0)
-        e = torch.exp(li - mx.unsqueeze(0))
-        acc = torch.einsum("nbt,nbtd->btd", e.float(), sources)
-        states.append(Phase1State(mx, e.sum(dim=0), acc))
-    return states
+        mx = logits.amax(dim=0)  # [B, T, q]
+        e = torch.exp(logits - mx)  # [n, B, T, q]
+        total = e.sum(dim=0)
+        w = e.permute(1, 2, 3, 0)  # [B, T, q, n]
+        lse = (mx + torch.log(total)).split(1, dim=-1)  # q x [B, T, 1]
+        inv_sum = torch.reciprocal(total).split(1, dim=-1)
+        maxes, sums = mx.unbind(-1), total.unbind(-1)
+    else:
+        maxes, sums, ws = [], [], []
+        for i, mixer in enumerate(mixers):
+            li = mixer.prepare_logits(logits[..., i])  # [n, B, T]
+            mx = li.amax(dim=0)
+            e = torch.exp(li - mx.unsqueeze(0))
+            maxes.append(mx)
+            sums.append(e.sum(dim=0))
+            ws.append(e.float())
+        w = torch.stack(ws, dim=-1).permute(1, 2, 3, 0)
+    acc = torch.bmm(w.reshape(b * t, q, n), sources.reshape(b * t, n, d)).view(b, t, q, d).unbind(2)
+    return [Phase1State(maxes[i], sums[i], acc[i],
+                        None if lse is None else lse[i], None if inv_sum is None else inv_sum[i])
+            for i in range(q)]

@@ -29,7 +29,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_attnres import AttnResConfig
-from .depth import DepthMixer, folded_query, inverse_rms, naive_mix, phase1
+from .depth import DepthMixer, folded_query, naive_mix, phase1
 
 
 class RMSNorm(nn.Module):
@@ -253,6 +253,34 @@ class AttnResModel(AttnResPreTrainedModel):
             hidden, depth_weights = self._attnres_forward(inputs_embeds, subs, run, output_depth_attentions)
         return hidden, past_key_values, depth_weights
 
+    def _folded_queries(self, subs: list[SubLayer]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Every sub-layer's folded pseudo-query w * g as columns: ([D, 2L+1] fp32, its columns
+        as [D, 1] views); column j belongs to sub-layer j (column 0 is unused).
+
+        Perf: cached across forward calls (decode runs one per token) and rebuilt
+        whenever a pseudo-query or key-norm tensor is replaced or modified in
+        place (keyed on the parameter objects, storage pointer and version
+        counter); never cached when autograd is on, so gradients reach them.
+        """
+        params = [(s.proj.weight, s.key_norm.weight) for s in subs]
+        key = None
+        if not torch.is_grad_enabled():
+            try:
+                key = tuple((w.data_ptr(), w._version, g.data_ptr(), g._version, w.dtype, g.dtype, w.device)
+                            for w, g in params)
+            except RuntimeError:  # inference tensors have no version counter
+                key = None
+        cached = self.__dict__.get("_folded_query_cache")
+        # The cache holds the parameter objects themselves, so identity cannot
+        # be confused by a freed tensor's address being reused.
+        if (key is not None and cached is not None and cached[1] == key
+                and all(a is c and b is d for (a, b), (c, d) in zip(params, cached[0]))):
+            return cached[2]
+        queries_t = torch.stack([folded_query(w, g) for w, g in params], dim=1)  # [D, 2L+1]
+        value = (queries_t, queries_t.split(1, dim=1))
+        self.__dict__["_folded_query_cache"] = (params, key, value) if key is not None else None
+        return value
+
     def _attnres_forward(self, e, subs: list[SubLayer], run, output_depth_attentions: bool):
         """The depth loop of Full/Block AttnRes (see module docstring)."""
         cfg = self.config
@@ -267,20 +295,44 @@ class AttnResModel(AttnResPreTrainedModel):
         weights: list[torch.Tensor] = []
         partial = None
         states = {}
-        queries: dict[int, torch.Tensor] = {}
         if two_phase:
-            # Perf: the fp32 copy of every completed source and its inverse RMS
-            # are written once, when the source is closed, into preallocated
-            # buffers; phase 1 then reads a contiguous [n, B, T, D] prefix
-            # instead of re-stacking (and re-casting) all sources at each block.
+            # Perf: pseudo-queries do not depend on the input, so each completed
+            # source is scored against *every* folded query once, when it is
+            # closed (one [B*T, D] @ [D, 2L+1] product, inverse RMS applied), and
+            # its fp32 copy is written once into a preallocated token-major
+            # buffer [B, T, n, D].  Phase 1 of a block then only slices the
+            # logits and does one batched [q, n] @ [n, D] product per token,
+            # instead of re-stacking, re-casting and re-scoring all sources.
             n_max = 1 + len(boundaries)
-            src_buf = e.new_empty((n_max, *e.shape), dtype=torch.float32)
-            rinv_buf = e.new_empty((n_max, *e.shape[:-1]), dtype=torch.float32)
+            queries_t, q_cols = self._folded_queries(subs)  # [D, 2L+1] fp32; q_cols[j]: [D, 1]
+            d_model = e.shape[-1]
             eps = subs[0].mixer.eps
+            # With autograd on (eval-mode gradients) buffers written in place
+            # would invalidate saved tensors: keep lists and stack them instead.
+            functional = torch.is_grad_enabled()
+            if functional:
+                src_list: list[torch.Tensor] = []
+                logit_list: list[torch.Tensor] = []
+            else:
+                src_buf = e.new_empty((*e.shape[:-1], n_max, d_model), dtype=torch.float32)
+                logit_buf = e.new_empty((n_max, *e.shape[:-1], queries_t.shape[1]), dtype=torch.float32)
 
             def close_source(k: int, source: torch.Tensor) -> None:
-                src_buf[k].copy_(source)
-                rinv_buf[k].copy_(inverse_rms(src_buf[k], eps))
+                sf = source.float()
+                # w . RMSNorm(v; g) for every query at once (g folded into w).
+                logits = F.rms_norm(sf, (d_model,), eps=eps) @ queries_t
+                if functional:
+                    src_list.append(sf)
+                    logit_list.append(logits)
+                else:
+                    src_buf[:, :, k].copy_(sf)
+                    logit_buf[k].copy_(logits)
+
+            def phase1_inputs(n: int, j: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+                """(logits [n, B, T, end - j], sources [B, T, n, D]) of the first n sources."""
+                if functional:
+                    return torch.stack(logit_list)[..., j:end], torch.stack(src_list, dim=2)
+                return logit_buf[:n, :, :, j:end], src_buf[:, :, :n]
 
             close_source(0, completed[0])
         for sub in subs:
@@ -302,13 +354,10 @@ class AttnResModel(AttnResPreTrainedModel):
                     end = next((k for k in boundaries if k > j), n_sub + 1)
                     block = subs[j:end]
                     n = len(completed)
-                    block_q = torch.stack([folded_query(s.proj.weight, s.key_norm.weight) for s in block])
-                    st = phase1([s.mixer for s in block], block_q, src_buf[:n], rinv_buf[:n])
+                    st = phase1([s.mixer for s in block], *phase1_inputs(n, j, end))
                     states = {s.index: state for s, state in zip(block, st)}
-                    # Perf: the folded queries are reused by phase 2 below.
-                    queries = {s.index: block_q[i] for i, s in enumerate(block)}
                 if two_phase:
-                    mix = sub.mixer.merge(states.pop(j), partial, queries[j])
+                    mix = sub.mixer.merge(states.pop(j), partial, q_cols[j])
                 else:
                     sources = completed + ([partial] if partial is not None else [])
                     mix, w = naive_mix(sub.mixer, sources, sub.proj.weight, sub.key_norm.weight)
