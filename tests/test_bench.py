@@ -166,3 +166,12 @@ def test_machine_info_records_what_a_figure_needs():
     info = machine_info("cpu")
     for key in ("cpu_model", "physical_cores", "torch_threads", "torch", "device_name", "date_utc"):
         assert info[key] not in (None, "")
+
+
+def test_weight_bytes_of_fbgemm_dynamic_int8_reads_the_packed_weight():
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    model = quantize_dynamic(nn.Sequential(nn.Linear(256, 512)), {"0": per_channel_dynamic_qconfig},
+                             dtype=torch.qint8)
+    # int8 values + per-channel fp64 scales and int64 zero points + fp32 bias
+    assert weight_bytes(model) == 512 * 256 + 512 * 8 + 512 * 8 + 512 * 4

@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _kernel_variant_names() -> list[str]:
     # Kept in sync with kernels.VARIANTS (not imported here: torchao is slow to import).
-    return ["bf16", "fp32", "torchao_int8_wo", "torchao_int8_dyn", "torchao_int4_wo", "bnb_int8", "bnb_nf4"]
+    return ["bf16", "fp32", "torchao_int8_wo", "torchao_int8_dyn", "torchao_int4_wo", "bnb_int8", "bnb_nf4",
+            "fbgemm_int8_dyn", "aten_int8pack_wo"]
 
 
 def _emit(result: dict, args: argparse.Namespace, table) -> None:

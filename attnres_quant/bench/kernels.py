@@ -10,7 +10,15 @@ Variants (all real kernels, none simulated):
 * ``torchao_int4_wo`` -- ``Int4WeightOnlyConfig(group_size=128)`` where this
   torchao build has a kernel for the device;
 * ``bnb_int8`` / ``bnb_nf4`` -- bitsandbytes ``Linear8bitLt`` /
-  ``Linear4bit(quant_type="nf4")`` swapped in for every projection.
+  ``Linear4bit(quant_type="nf4")`` swapped in for every projection;
+* ``fbgemm_int8_dyn`` -- PyTorch's own CPU W8A8 dynamic kernel
+  (``torch.ao.quantization.quantize_dynamic``, fbgemm, fp32 activations in/out);
+* ``aten_int8pack_wo`` -- PyTorch's CPU int8 weight-only kernel
+  ``aten._weight_int8pack_mm`` (bf16 activations) in a small module.
+
+The torchao configs run their eager implementations here (torchao targets
+CUDA and ``torch.compile``; on CPU eager the int8 paths dequantize or call a
+slow ``_int_mm``), so the two PyTorch CPU kernels are timed beside them.
 
 Only the projections of attention, MLP and the LM head are quantized; the
 depth pseudo-queries (d -> 1 linears) and norms stay dense.  A variant whose
@@ -31,7 +39,8 @@ from .latency import linear_weight_bytes, measure_interleaved, model_device, pro
 from .machine import copy_bandwidth_gbs, machine_info, resolve_device
 from .overhead import parse_dtype
 
-VARIANTS = ("bf16", "fp32", "torchao_int8_wo", "torchao_int8_dyn", "torchao_int4_wo", "bnb_int8", "bnb_nf4")
+VARIANTS = ("bf16", "fp32", "torchao_int8_wo", "torchao_int8_dyn", "torchao_int4_wo", "bnb_int8", "bnb_nf4",
+            "fbgemm_int8_dyn", "aten_int8pack_wo")
 
 KERNEL_LABELS = {
     "bf16": "torch dense bf16",
@@ -41,6 +50,8 @@ KERNEL_LABELS = {
     "torchao_int4_wo": "torchao Int4WeightOnlyConfig(group_size=128)",
     "bnb_int8": "bitsandbytes Linear8bitLt (LLM.int8, threshold 0)",
     "bnb_nf4": "bitsandbytes Linear4bit nf4 (blocksize 64, compute bf16)",
+    "fbgemm_int8_dyn": "torch.ao quantize_dynamic: fbgemm int8 W8A8 dynamic (per-channel w, per-tensor act; fp32 io)",
+    "aten_int8pack_wo": "aten._weight_int8pack_mm: int8 weight-only (per-row scale, bf16 act)",
 }
 
 
@@ -100,6 +111,42 @@ def _bnb(model: nn.Module, which: str, compute_dtype: torch.dtype) -> nn.Module:
     return model
 
 
+class Int8PackLinear(nn.Module):
+    """int8 weight-only linear on ``aten._weight_int8pack_mm`` (symmetric, per output row)."""
+
+    def __init__(self, linear: nn.Linear, act_dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        w = linear.weight.data.float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+        self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(act_dtype))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.data.to(act_dtype))
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(self.scale.dtype), self.qweight,
+                                               self.scale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+def _int8pack(model: nn.Module) -> nn.Module:
+    targets = [(name, m) for name, m in model.named_modules() if _quantizable(m, name)]
+    for name, lin in targets:
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        setattr(parent, name.rpartition(".")[2], Int8PackLinear(lin))
+    return model
+
+
+def _fbgemm_dynamic(model: nn.Module) -> nn.Module:
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    model = model.float()
+    spec = {name: per_channel_dynamic_qconfig for name, m in model.named_modules() if _quantizable(m, name)}
+    return quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)
+
+
 def make_variant(base: nn.Module, which: str) -> nn.Module:
     """A quantized (or re-typed) deep copy of ``base`` (bf16); raises if unsupported here."""
     if which == "bf16":
@@ -111,6 +158,10 @@ def make_variant(base: nn.Module, which: str) -> nn.Module:
         return _torchao(model, which)
     if which.startswith("bnb_"):
         return _bnb(model, which, torch.bfloat16)
+    if which == "fbgemm_int8_dyn":
+        return _fbgemm_dynamic(model)
+    if which == "aten_int8pack_wo":
+        return _int8pack(model)
     raise ValueError(f"unknown kernel variant {which!r}; choose from {', '.join(VARIANTS)}")
 
 
@@ -152,9 +203,12 @@ def run_kernels(*, hidden_size: int = 1024, layers: int = 8, seq_len: int = 128,
         models[which] = m
         agreement[which] = float((logits - ref_logits).norm() / ref_logits.norm())
     bandwidth = copy_bandwidth_gbs(dev)
-    res = measure_interleaved(models, prompt_len=seq_len, batch_size=batch_size, decode_tokens=decode_tokens,
-                              warmup=warmup, repeats=repeats, threads=threads, vocab_size=vocab_size,
-                              seed=seed, simulated=False, kernel={k: KERNEL_LABELS[k] for k in models})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bitsandbytes warns on every int8 matmul with bf16 inputs
+        res = measure_interleaved(models, prompt_len=seq_len, batch_size=batch_size,
+                                  decode_tokens=decode_tokens, warmup=warmup, repeats=repeats, threads=threads,
+                                  vocab_size=vocab_size, seed=seed, simulated=False,
+                                  kernel={k: KERNEL_LABELS[k] for k in models})
     bf = res["bf16"]
     out_variants = {}
     for which in wanted:

@@ -81,10 +81,32 @@ def stored_tensors(model: nn.Module) -> list[torch.Tensor]:
     return out
 
 
+def _packed_params_bytes(module: nn.Module) -> int:
+    """torch.ao dynamic-quantized Linear keeps its weight in an opaque fbgemm/onednn
+    packed object (not a parameter or buffer): count int8 values, scales, zero
+    points and bias as unpacked from it."""
+    packed = getattr(module, "_packed_params", None)
+    # Only the holder of the opaque object (LinearPackedParams), not the Linear
+    # that wraps it, so each packed weight is counted once.
+    if not isinstance(packed, torch._C.ScriptObject) or not hasattr(module, "_weight_bias"):
+        return 0
+    w, b = module._weight_bias()
+    total = w.numel() * w.element_size()
+    if w.is_quantized and w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric,
+                                          torch.per_channel_affine_float_qparams):
+        total += w.q_per_channel_scales().nbytes + w.q_per_channel_zero_points().nbytes
+    elif w.is_quantized:
+        total += 8 + 8  # one fp64 scale and one int64 zero point
+    if b is not None:
+        total += b.nbytes
+    return int(total)
+
+
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of parameters and buffers as actually stored (packed int4 = half a byte a weight,
     plus scales/zero points/code books); tied weights are counted once."""
-    return int(sum(t.nbytes for t in stored_tensors(model)))
+    packed = sum(_packed_params_bytes(m) for m in model.modules())
+    return int(sum(t.nbytes for t in stored_tensors(model)) + packed)
 
 
 def linear_weight_bytes(model: nn.Module, *, exclude: tuple[str, ...] = ("embeddings", "embed_tokens")
@@ -96,6 +118,7 @@ def linear_weight_bytes(model: nn.Module, *, exclude: tuple[str, ...] = ("embedd
     for name, module in model.named_modules():
         if any(part in name.split(".") for part in exclude):
             continue
+        total += _packed_params_bytes(module)
         for t in module._parameters.values():
             if t is None:
                 continue
