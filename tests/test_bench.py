@@ -31,7 +31,7 @@ def test_measure_latency_is_well_formed_on_cpu():
     assert len(r["prefill_ms_samples"]) == 3 and len(r["decode_ms_per_token_samples"]) == 3
     assert r["tokens_per_s"] == pytest.approx(1e3 * 2 / r["decode_ms_per_token"])
     assert r["threads"] == 1 and r["device"] == "cpu" and r["dtype"] == "float32"
-    assert r["peak_mem_kind"] == "rss_delta"
+    assert r["peak_mem_kind"] == "rss_delta" and r["clock"] == "wall"
     assert r["simulated"] is False and r["kernel"] == "torch-fp32"
     assert (r["prompt_len"], r["batch_size"], r["decode_tokens"], r["repeats"]) == (8, 2, 3, 3)
     json.dumps(r)  # serialisable as stored in results.json

@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o = sub.add_parser("overhead", help="AttnRes latency overhead vs a standard-residual model of equal size")
     _common(o, hidden=1024, layers=16, seq=512, dtype="float32")
     o.add_argument("--block-size", type=int, default=4, help="Block AttnRes block size S (sub-layers)")
+    o.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="CPU only: wall time, or process CPU time (robust to other jobs; use --threads 1)")
     k = sub.add_parser("kernels", help="real-kernel quantized variants (torchao, bitsandbytes) vs bf16")
     _common(k, hidden=1024, layers=8, seq=128, dtype="bfloat16")
     k.add_argument("--variants", default=None,
@@ -60,7 +62,8 @@ def _overhead_table(r: dict) -> str:
     c = r["config"]
     lines = [f"AttnRes overhead: hidden {c['hidden_size']}, {c['layers']} layers, block size {c['block_size']}, "
              f"seq {c['seq_len']}, batch {c['batch_size']}, {c['dtype']} on {c['device']} "
-             f"({c['threads']} threads, {r['machine']['cpu_model']}, {r['machine']['date_utc']})",
+             f"({c['threads']} threads, {c['clock']} clock, {r['machine']['cpu_model']}, "
+             f"{r['machine']['date_utc']}, load {r['machine']['load_avg_1m']})",
              f"{'model':<12} {'prefill ms':>11} {'iqr':>8} {'decode ms/tok':>14} {'iqr':>8} {'max|dlogit|':>12}"]
     for name in ("standard", "block", "block_naive", "full"):
         if name in r:
@@ -80,7 +83,7 @@ def main(args: argparse.Namespace) -> int:
                               seq_len=args.seq_len, batch_size=args.batch_size, device=args.device,
                               dtype=args.dtype, vocab_size=args.vocab_size, num_heads=args.num_heads,
                               decode_tokens=args.decode_tokens, warmup=args.warmup, repeats=args.repeats,
-                              threads=args.threads, seed=args.seed)
+                              threads=args.threads, seed=args.seed, clock=args.clock)
         _emit(result, args, _overhead_table)
         return 0
     if args.bench_verb == "kernels":

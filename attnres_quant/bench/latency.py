@@ -146,11 +146,16 @@ def summarize(samples: list[float]) -> dict:
 
 
 class _Timer:
-    """Wall-clock milliseconds of a region: CUDA events on GPU, perf_counter on CPU."""
+    """Milliseconds of a region: CUDA events on GPU; on CPU wall clock (``perf_counter``) or,
+    with ``clock="cpu"``, this process's CPU time (``process_time``: robust to other jobs on a
+    shared machine, but it counts every thread, so use it with ``threads=1``)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, clock: str = "wall"):
+        if clock not in ("wall", "cpu"):
+            raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}")
         self.cuda = device.type == "cuda"
         self.device = device
+        self.now = time.process_time if (clock == "cpu" and not self.cuda) else time.perf_counter
 
     @contextlib.contextmanager
     def __call__(self, out: list):
@@ -163,9 +168,9 @@ class _Timer:
             torch.cuda.synchronize(self.device)
             out.append(start.elapsed_time(end))
         else:
-            t0 = time.perf_counter()
+            t0 = self.now()
             yield
-            out.append((time.perf_counter() - t0) * 1e3)
+            out.append((self.now() - t0) * 1e3)
 
 
 @contextlib.contextmanager
@@ -308,7 +313,7 @@ def measure_interleaved(models: dict[str, nn.Module], *, prompt_len: int = 128, 
                         decode_tokens: int = 16, warmup: int = 1, repeats: int = 5,
                         simulated: dict[str, bool] | bool = False, kernel: dict[str, str] | str = "torch",
                         threads: int | None = None, vocab_size: int | None = None, seed: int = 0,
-                        measure_memory: bool = True) -> dict[str, dict]:
+                        measure_memory: bool = True, clock: str = "wall") -> dict[str, dict]:
     """Time several models round-robin on the same prompts; returns one result per name.
 
     Each round runs every model once (prefill + decode); the order is rotated
@@ -325,7 +330,7 @@ def measure_interleaved(models: dict[str, nn.Module], *, prompt_len: int = 128, 
         vocab_size = min(getattr(getattr(m, "config", None), "vocab_size", 32000) or 32000
                          for m in models.values())
     ids = prompt_ids(vocab_size, batch_size, prompt_len, device, seed)
-    timer = _Timer(device)
+    timer = _Timer(device, clock)
     pre = {n: [] for n in names}
     dec = {n: [] for n in names}
     for m in models.values():
@@ -360,6 +365,7 @@ def measure_interleaved(models: dict[str, nn.Module], *, prompt_len: int = 128, 
             "prompt_len": prompt_len, "batch_size": batch_size, "decode_tokens": decode_tokens,
             "warmup": warmup, "repeats": repeats,
             "threads": used_threads, "device": str(device), "dtype": model_dtype(models[n]),
+            "clock": "cuda_events" if device.type == "cuda" else ("process_cpu_time" if clock == "cpu" else "wall"),
             "simulated": bool(sim.get(n, False)), "kernel": kern.get(n, "torch"),
         }
     return results
@@ -368,7 +374,7 @@ def measure_interleaved(models: dict[str, nn.Module], *, prompt_len: int = 128, 
 def measure_latency(model: nn.Module, *, prompt_len: int = 128, batch_size: int = 1,
                     decode_tokens: int = 16, warmup: int = 1, repeats: int = 5, simulated: bool = False,
                     kernel: str = "torch", threads: int | None = None, vocab_size: int | None = None,
-                    seed: int = 0, measure_memory: bool = True) -> dict:
+                    seed: int = 0, measure_memory: bool = True, clock: str = "wall") -> dict:
     """Prefill and KV-cache decode latency, peak memory and stored weight bytes of one model.
 
     Returns a flat dict: ``prefill_ms`` (median) / ``prefill_ms_iqr`` /
@@ -381,7 +387,8 @@ def measure_latency(model: nn.Module, *, prompt_len: int = 128, batch_size: int 
     return measure_interleaved({"model": model}, prompt_len=prompt_len, batch_size=batch_size,
                                decode_tokens=decode_tokens, warmup=warmup, repeats=repeats,
                                simulated=simulated, kernel=kernel, threads=threads,
-                               vocab_size=vocab_size, seed=seed, measure_memory=measure_memory)["model"]
+                               vocab_size=vocab_size, seed=seed, measure_memory=measure_memory,
+                               clock=clock)["model"]
 
 
 def measure_latency_grid(model: nn.Module, *, prompt_lens: list[int], batch_sizes: list[int],

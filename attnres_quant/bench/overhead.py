@@ -94,7 +94,7 @@ def run_overhead(*, hidden_size: int = 1024, layers: int = 16, block_size: int =
                  batch_size: int = 1, device: str = "cpu", dtype: str = "float32", vocab_size: int = 32000,
                  num_heads: int | None = None, decode_tokens: int = 16, warmup: int = 1, repeats: int = 5,
                  threads: int | None = None, seed: int = 0, check_tokens: int = 64,
-                 variants: tuple[str, ...] = VARIANTS) -> dict:
+                 variants: tuple[str, ...] = VARIANTS, clock: str = "wall") -> dict:
     """Build the four models, check they agree, time them interleaved, return the report dict."""
     dev = resolve_device(device)
     torch_dtype = parse_dtype(dtype)
@@ -106,7 +106,7 @@ def run_overhead(*, hidden_size: int = 1024, layers: int = 16, block_size: int =
     timed = {n: models[n] for n in ("standard", *[v for v in variants if v != "standard"])}
     res = measure_interleaved(timed, prompt_len=seq_len, batch_size=batch_size,
                               decode_tokens=decode_tokens, warmup=warmup, repeats=repeats,
-                              threads=threads, vocab_size=vocab_size, seed=seed, kernel="torch")
+                              threads=threads, vocab_size=vocab_size, seed=seed, kernel="torch", clock=clock)
     cfg = models["block"].config
     n_params = sum(p.numel() for p in models["standard"].parameters())
     out = {
@@ -117,6 +117,7 @@ def run_overhead(*, hidden_size: int = 1024, layers: int = 16, block_size: int =
                    "intermediate_size": cfg.mlp_intermediate_size, "params_standard": n_params,
                    "decode_tokens": decode_tokens, "warmup": warmup, "repeats": repeats,
                    "threads": res["standard"]["threads"], "interleaved": True,
+                   "clock": res["standard"]["clock"],
                    "prefill": "one forward over the prompt building the KV cache, next-token logits only",
                    "decode": "greedy single-token steps on that cache, ms per step"},
         "machine": machine_info(dev),
