@@ -61,6 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="build the tokenizer and token cache, then exit")
     parser.add_argument("--no-eval", action="store_true", help="skip proxy-task scoring in the card")
     parser.add_argument("--eval-n", type=int, help="override the number of items per proxy family")
+    parser.add_argument("--init-from", help="start from the weights of a checkpoint directory (continued "
+                        "training; its training card is carried into the new card)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.lr=0.0015 (repeatable)")
 
 
 def _merge(base: dict, over: dict, where: str) -> dict:
@@ -222,6 +226,16 @@ def main(args) -> int:
     from tqdm import tqdm
 
     cfg = load_config(args.config)
+    for item in getattr(args, "set", None) or []:
+        key, _, value = item.partition("=")
+        node = cfg
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            raise UserError(f"--set {item}: unknown config key {key!r}", args.config,
+                            "use a dotted key that exists in the config, e.g. train.lr")
+        node[leaf] = yaml.safe_load(value)
     if args.steps:
         cfg["train"]["steps"] = args.steps
     if args.threads:
@@ -244,7 +258,21 @@ def main(args) -> int:
         use_bf16 = t["autocast"] == "bf16"
 
     torch.manual_seed(t["seed"])
-    model = build_model(cfg, tokenizer).to(device)
+    model = build_model(cfg, tokenizer)
+    prior_card = None
+    init_from = getattr(args, "init_from", None)
+    if init_from:
+        from safetensors.torch import load_file
+
+        state = load_file(str(pathlib.Path(init_from) / "model.safetensors"))
+        missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+        missing = [k for k in missing if k != "lm_head.weight" or not cfg["model"]["tie_word_embeddings"]]
+        if missing or unexpected:
+            raise UserError(f"--init-from {init_from}: missing {missing}, unexpected {unexpected}", args.config,
+                            "continue only from a checkpoint of the same config")
+        card_path = pathlib.Path(init_from) / "training_card.json"
+        prior_card = json.loads(card_path.read_text()) if card_path.exists() else None
+    model = model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -338,6 +366,14 @@ def main(args) -> int:
         "train_time_s": round(train_time, 1), "tokens_per_s": round(tokens_seen / train_time, 1),
         "autocast_bf16": use_bf16, "eval_dtype": str(eval_dtype).replace("torch.", ""),
         "device": device.type, "machine": _machine(),
+        "init_from": str(init_from) if init_from else None,
+        "prior_training": None if prior_card is None else {
+            k: prior_card.get(k) for k in ("steps", "tokens_seen", "train_time_s", "config", "prior_training",
+                                           "final_train_loss", "final_heldout_loss", "final_proxy_test_loss",
+                                           "proxy_scores", "heldout_stdlib", "humaneval_canonical")},
+        "tokens_seen_total": tokens_seen + (prior_card.get("tokens_seen_total", prior_card["tokens_seen"])
+                                            if prior_card else 0),
+        "steps_total": t["steps"] + (prior_card.get("steps_total", prior_card["steps"]) if prior_card else 0),
         "final_train_loss_ema": ema,
         "final_train_loss": history[-1]["loss"],
         "final_heldout_loss": history[-1].get("heldout_loss"),
