@@ -57,7 +57,8 @@ def test_gguf_weights_equal_gguf_roundtrip_bit_exactly_with_fallbacks(model, ids
     assert q.details["gguf"]["fallbacks"]["model.layers.0.attn.q_proj.weight"] == {"requested": "q4_k",
                                                                                    "type": "q5_0"}
     base, got = dict(model.named_parameters()), dict(q.model.named_parameters())
-    for name, qtype in [("model.layers.0.mlp.down_proj.weight", "Q4_K"), ("model.layers.1.mlp.down_proj.weight", "Q4_K"),
+    for name, qtype in [("model.layers.0.mlp.down_proj.weight", "Q4_K"),
+                        ("model.layers.1.mlp.down_proj.weight", "Q4_K"),
                         ("model.layers.0.attn.q_proj.weight", "Q5_0"), ("model.layers.1.attn.v_proj.weight", "Q8_0")]:
         ref = G.gguf_roundtrip(base[name].detach(), qtype)
         assert torch.equal(got[name].view(torch.int16), ref.view(torch.int16)), name

@@ -1,4 +1,5 @@
-"""Quantization engine: components -> policy (Variant) -> plan -> methods (rtn, depth hooks, gptq, bnb, torchao).
+"""Quantization engine: components -> policy (Variant) -> plan -> methods (rtn, depth hooks, gptq, awq, gguf, bnb,
+torchao; attn.kv_cache via kv_cache.make_kv_quantizer).
 
 Public API::
 

@@ -353,6 +353,8 @@ def resolve_plan(model: nn.Module, variant: Variant, source: str = "config") -> 
 
 
 def _gguf_notes(rows: list[PlanRow]) -> list[str]:
+    from .gguf_quant import block_size
+
     notes = []
     groups: dict[tuple, list[PlanRow]] = {}
     for r in rows:
@@ -360,8 +362,6 @@ def _gguf_notes(rows: list[PlanRow]) -> list[str]:
             groups.setdefault((r.fallback, r.precision, r.part.shape[-1]), []).append(r)
     for (req, got, cols), rs in groups.items():
         comps = sorted({r.component for r in rs})
-        from .gguf_quant import block_size
-
         notes.append(f"gguf fallback (llama.cpp's rule): {req} -> {got} for {len(rs)} tensor(s) whose rows of {cols} "
                      f"are not a multiple of {req}'s block of {block_size(req)} ({', '.join(comps)})")
     depth = [r for r in rows if r.method == "gguf" and r.component in ("depth.query", "depth.key_norm")
@@ -369,8 +369,8 @@ def _gguf_notes(rows: list[PlanRow]) -> list[str]:
     if depth:
         kinds = sorted({f"{r.component}={r.precision}" + (f" (from {r.fallback})" if r.fallback else "")
                         for r in depth})
-        notes.append("gguf on the depth path: " + ", ".join(kinds) + "; a K-quant the rows do not fit takes llama.cpp's "
-                     "legacy fallback (q4_k->q5_0, q5_k->q5_1, q6_k->q8_0), fp16 if none fits")
+        notes.append("gguf on the depth path: " + ", ".join(kinds) + "; a K-quant the rows do not fit takes "
+                     "llama.cpp's legacy fallback (q4_k->q5_0, q5_k->q5_1, q6_k->q8_0), fp16 if none fits")
     ones = [r for r in rows if r.method == "gguf" and r.part is not None and len(r.part.shape) < 2 and
             r.tied_to is None]
     if ones:
