@@ -119,7 +119,7 @@ def linear_weight_bytes(model: nn.Module, *, exclude: tuple[str, ...] = ("embedd
         if any(part in name.split(".") for part in exclude):
             continue
         total += _packed_params_bytes(module)
-        for t in module._parameters.values():
+        for t in list(module._parameters.values()) + list(module._buffers.values()):
             if t is None:
                 continue
             for leaf in _inner_tensors(t):
