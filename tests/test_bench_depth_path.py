@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from attnres_quant.model import AttnResConfig, AttnResForCausalLM
+from attnres_quant.model.testing import randomize_depth
 
 VOCAB = 97
 
@@ -18,16 +19,6 @@ def build(block_size, layers=4, seed=0):
     cfg = AttnResConfig(hidden_size=64, num_hidden_layers=layers, num_heads=4, num_kv_heads=2, vocab_size=VOCAB,
                         intermediate_size=96, attnres_block_size=block_size)
     return AttnResForCausalLM(cfg).eval()
-
-
-def randomize_depth(model, seed=1, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "res_proj" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
-            elif "res_norm" in name:
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
 
 
 def both_paths(model, ids, **kw):

@@ -5,6 +5,7 @@ import torch
 
 from attnres_quant.model import AttnResConfig, AttnResForCausalLM
 from attnres_quant.model.depth import naive_mix
+from attnres_quant.model.testing import randomize_depth
 
 VOCAB = 97
 
@@ -26,16 +27,6 @@ def copy_sublayer_weights(src, dst):
     dst_state = dst.state_dict()
     shared = {k: v for k, v in src.state_dict().items() if k in dst_state}
     dst.load_state_dict(shared, strict=False)
-
-
-def randomize_depth(model, scale=1.0, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "res_proj" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
-            elif "res_norm" in name:
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
 
 
 @pytest.mark.parametrize("block_size", [1, 2, 4, 6])

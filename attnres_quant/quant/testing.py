@@ -10,18 +10,13 @@ def tiny_attnres(block_size: int | None = 2, layers: int = 2, hidden: int = 64, 
     """A random Block/Full/standard AttnRes LM; pseudo-queries randomised (not zero) so the
     depth softmax is not uniform."""
     from ..model import AttnResConfig, AttnResForCausalLM
+    from ..model.testing import randomize_depth
 
     cfg = AttnResConfig(hidden_size=hidden, num_hidden_layers=layers, num_heads=4, num_kv_heads=2,
                         vocab_size=vocab, attnres_block_size=block_size, intermediate_size=intermediate)
     torch.manual_seed(seed)
     model = AttnResForCausalLM(cfg).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "res_proj" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * depth_scale)
-            elif "res_norm" in name:
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+    randomize_depth(model, scale=depth_scale, seed=seed + 1)
     return model.to(dtype)
 
 
