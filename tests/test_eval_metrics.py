@@ -9,13 +9,7 @@ import pytest
 import torch
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is fastest, and immune to a busy machine's OpenMP contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 from attnres_quant.evaluation import metrics as M
 from attnres_quant.evaluation import stats as S
