@@ -78,8 +78,8 @@ class ResultStore:
         return entry is not None and entry.get("status") == "ok"
 
     def variant_failed(self, model: str, variant: str) -> dict | None:
-        return self.get(model, variant, "status") if (
-            (self.get(model, variant, "status") or {}).get("status") == "failed") else None
+        entry = self.get(model, variant, "status")
+        return entry if entry and entry.get("status") == "failed" else None
 
     def put(self, model: str, variant: str, cell: str, value: Any, status: str = "ok", **extra) -> None:
         entry = {"status": status, "value": _clean(value), **_clean(extra)}
