@@ -55,3 +55,37 @@ def test_stdlib_split_is_by_file_and_stable():
     assert not {r for r, _ in train_files} & {r for r, _ in held}
     assert [r for r, _ in held] == sorted(r for r, _ in held)
     assert all(corpus.stdlib_split_of(r) == "heldout" for r, _ in held)
+
+
+def test_proxy_mix_per_family_counts():
+    from attnres_quant.data import proxy_tasks
+
+    assert corpus.items_per_family(3) == {f: 3 for f in proxy_tasks.FAMILIES}
+    assert corpus.items_per_family({"proxy_math": 5}) == {"proxy_mc": 0, "proxy_code": 0, "proxy_math": 5}
+    with pytest.raises(ValueError, match="proxy_maths"):
+        corpus.items_per_family({"proxy_maths": 5})
+    texts = corpus.proxy_train_texts({"proxy_mc": 2, "proxy_code": 1, "proxy_math": 4})
+    assert len(texts) == 7
+    assert sum(t.startswith("Problem:") for t in texts) == 4
+    assert sum(t.startswith("Question:") for t in texts) == 2
+    # one count for every family is the same corpus as the equal mapping (cache keys stay valid)
+    assert corpus.proxy_train_texts(3) == corpus.proxy_train_texts({f: 3 for f in proxy_tasks.FAMILIES})
+
+
+def test_continued_training_reuses_the_checkpoint_tokenizer(tmp_path, monkeypatch):
+    """--init-from keeps the checkpoint's vocabulary even when the data mix changes."""
+    from transformers import AutoTokenizer
+
+    tok = tokenizer.to_hf(tokenizer.train_tokenizer(["def f(x):\n    return x\n"] * 20, vocab_size=280))
+    ckpt = tmp_path / "ckpt"
+    tok.save_pretrained(ckpt)
+    # a tiny corpus keeps this fast: no stdlib files, a handful of proxy items
+    monkeypatch.setattr(corpus, "stdlib_texts", lambda split, max_files=None: [("a.py", "x = 1\n")])
+    cfg = train.load_config("configs/train/tiny_block.yaml")
+    cfg["data"]["cache_dir"] = str(tmp_path / "cache")
+    cfg["data"]["proxy_items_per_family"] = {"proxy_math": 3}
+    _, hf, streams, cache = train.prepare_data(cfg, log=lambda s: None, tokenizer_dir=str(ckpt))
+    assert hf.get_vocab() == AutoTokenizer.from_pretrained(ckpt).get_vocab()
+    assert int(streams["proxy"].max()) < len(hf)
+    with pytest.raises(UserError, match="tokenizer.json"):
+        train.prepare_data(cfg, log=lambda s: None, tokenizer_dir=str(tmp_path / "nowhere"))

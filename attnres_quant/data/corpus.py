@@ -63,11 +63,28 @@ def stdlib_texts(split: str, max_files: int | None = None) -> list[tuple[str, st
     return out
 
 
-def proxy_train_texts(n_per_family: int, seed: int = 0) -> list[str]:
-    """Training texts of all proxy families, interleaved deterministically."""
+def items_per_family(n_per_family: int | dict) -> dict[str, int]:
+    """``{family: n}`` from one count for every family or a per-family mapping.
+
+    A mapping weights the families of the training mix (e.g. more math items, which are
+    short); a family missing from it gets no training items.
+    """
+    if isinstance(n_per_family, dict):
+        unknown = sorted(set(n_per_family) - set(proxy_tasks.FAMILIES))
+        if unknown:
+            raise ValueError(f"unknown proxy families {unknown}; expected some of {proxy_tasks.FAMILIES}")
+        return {f: int(n_per_family.get(f, 0)) for f in proxy_tasks.FAMILIES}
+    return {f: int(n_per_family) for f in proxy_tasks.FAMILIES}
+
+
+def proxy_train_texts(n_per_family: int | dict, seed: int = 0) -> list[str]:
+    """Training texts of all proxy families, interleaved deterministically.
+
+    ``n_per_family`` is one count for every family or a ``{family: count}`` mapping.
+    """
     texts: list[str] = []
-    for family in proxy_tasks.FAMILIES:
-        items = proxy_tasks.generate(family, "train", n_per_family, seed=seed)
+    for family, n in items_per_family(n_per_family).items():
+        items = proxy_tasks.generate(family, "train", n, seed=seed)
         texts += [proxy_tasks.format_training_text(family, it) for it in items]
     random.Random(seed + 12345).shuffle(texts)
     return texts
@@ -105,7 +122,7 @@ def data_hash(stdlib_train, stdlib_heldout, proxy_train) -> str:
     return h.hexdigest()
 
 
-def build_corpus(proxy_items_per_family: int, seed: int = 0) -> Corpus:
+def build_corpus(proxy_items_per_family: int | dict, seed: int = 0) -> Corpus:
     tr = stdlib_texts("train")
     ho = stdlib_texts("heldout")
     px = proxy_train_texts(proxy_items_per_family, seed=seed)

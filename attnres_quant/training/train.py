@@ -90,25 +90,50 @@ def load_config(path: str) -> dict:
 # ---------------------------------------------------------------------------
 # data preparation (tokenizer + token streams), cached
 
-def prepare_data(cfg: dict, log=print):
+def prepare_data(cfg: dict, log=print, tokenizer_dir: str | None = None):
+    """Corpus, tokenizer and token streams (cached under ``data.cache_dir``).
+
+    The tokenizer is trained on the corpus unless ``tokenizer_dir`` names one to reuse:
+    continued training (``--init-from``) must keep the checkpoint's vocabulary even when
+    the data mix changes, since the embedding rows belong to its tokens.
+    """
     import torch
 
     from ..data import corpus as corpus_mod
     from ..data import tokenizer as tok_mod
 
     d = cfg["data"]
-    corpus = corpus_mod.build_corpus(d["proxy_items_per_family"], seed=d["seed"])
-    key = hashlib.sha256(f"{corpus.sha256}|{d['vocab_size']}|v2".encode()).hexdigest()[:16]
+    try:
+        corpus = corpus_mod.build_corpus(d["proxy_items_per_family"], seed=d["seed"])
+    except ValueError as exc:
+        raise UserError(f"data.proxy_items_per_family: {exc}", "training config",
+                        "give one count, or a mapping of proxy_mc / proxy_code / proxy_math to counts") from None
+    key_text = f"{corpus.sha256}|{d['vocab_size']}|v2"
+    if tokenizer_dir is not None:
+        tok_json = pathlib.Path(tokenizer_dir) / "tokenizer.json"
+        if not tok_json.is_file():
+            raise UserError(f"no tokenizer.json in {tokenizer_dir}", "--init-from",
+                            "continue from a checkpoint directory written by the train verb")
+        key_text += "|tok:" + hashlib.sha256(tok_json.read_bytes()).hexdigest()
+    key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
     cache = pathlib.Path(d["cache_dir"]) / key
     tok_dir = cache / "tokenizer"
     streams = cache / "streams.pt"
     if not streams.exists():
         cache.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
-        tok = tok_mod.train_tokenizer([t for _, t in corpus.stdlib_train] + corpus.proxy_train, d["vocab_size"])
-        hf = tok_mod.to_hf(tok)
-        hf.save_pretrained(tok_dir)
-        log(f"tokenizer trained ({len(hf)} tokens) in {time.time() - t0:.1f}s")
+        if tokenizer_dir is not None:
+            from transformers import AutoTokenizer
+
+            hf = AutoTokenizer.from_pretrained(tokenizer_dir)
+            hf.save_pretrained(tok_dir)
+            log(f"tokenizer reused from {tokenizer_dir} ({len(hf)} tokens)")
+        else:
+            tok = tok_mod.train_tokenizer([t for _, t in corpus.stdlib_train] + corpus.proxy_train,
+                                          d["vocab_size"])
+            hf = tok_mod.to_hf(tok)
+            hf.save_pretrained(tok_dir)
+            log(f"tokenizer trained ({len(hf)} tokens) in {time.time() - t0:.1f}s")
         eos = hf.eos_token_id
 
         def stream(texts):
@@ -246,7 +271,8 @@ def main(args) -> int:
         torch.set_num_threads(int(t["threads"]))
     wall0 = time.time()
 
-    corpus, tokenizer, streams, cache = prepare_data(cfg, log=lambda s: tqdm.write(s))
+    init_from = getattr(args, "init_from", None)
+    corpus, tokenizer, streams, cache = prepare_data(cfg, log=lambda s: tqdm.write(s), tokenizer_dir=init_from)
     if args.prepare_only:
         print(f"prepared data cache {cache}")
         return 0
@@ -260,7 +286,6 @@ def main(args) -> int:
     torch.manual_seed(t["seed"])
     model = build_model(cfg, tokenizer)
     prior_card = None
-    init_from = getattr(args, "init_from", None)
     if init_from:
         from safetensors.torch import load_file
 
