@@ -86,16 +86,6 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def machine_description(device: str) -> dict:
-    import torch
-
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device}
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
 def config_fingerprint(raw: dict) -> str:
     return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -385,10 +375,12 @@ def main(args) -> int:
         store = ResultStore(results_path)
     import torch
 
+    from ..bench.machine import machine_info
+
     store.meta.update({
         "config_name": config.name, "config_path": source, "config": raw, "config_fingerprint": fingerprint,
         "overrides": list(args.set), "device": device, "dtype": config.dtype, "seed": config.seed,
-        "versions": library_versions(), "machine": machine_description(device), "git_commit": _git_commit(),
+        "versions": library_versions(), "machine": machine_info(device), "git_commit": _git_commit(),
         "models": [m.model_dump() for m in config.models], "baseline": config.baseline.name,
         "variants": [v.name for v in variants], "tasks": [t.name for t in config.tasks],
     })

@@ -108,6 +108,25 @@ def _table(rows: list[dict]) -> str:
     return pd.DataFrame(rows).to_markdown(index=False)
 
 
+def _machine_text(machine: dict) -> str:
+    """One line from :func:`attnres_quant.bench.machine.machine_info` (older results carry
+    ``processor`` / ``cpu_count`` / ``gpu`` instead; they still render)."""
+    if "device_name" not in machine:
+        return (f"{machine.get('gpu') or machine.get('processor')}, {machine.get('cpu_count')} cores, "
+                f"torch threads {machine.get('torch_threads')}")
+    parts = [machine["device_name"]]
+    if machine.get("device_memory_gib"):
+        parts.append(f"{machine['device_memory_gib']} GiB")
+    if str(machine.get("device", "cpu")).startswith("cuda"):
+        parts.append(f"host {machine.get('cpu_model')}")
+    flags = machine.get("cpu_flags")
+    parts.append(f"{machine.get('physical_cores')} cores" + (f" ({'/'.join(flags)})" if flags else ""))
+    parts.append(f"torch threads {machine.get('torch_threads')}")
+    if machine.get("load_avg_1m") is not None:
+        parts.append(f"load average {machine['load_avg_1m']} at start")
+    return ", ".join(parts)
+
+
 # --------------------------------------------------------------------------- sections
 def header(view: View) -> list[str]:
     m = view.meta
@@ -119,9 +138,7 @@ def header(view: View) -> list[str]:
         f"- **Config**: `{m.get('config_path')}`" + (f" (overrides: {', '.join(m['overrides'])})"
                                                       if m.get("overrides") else ""),
         f"- **Models**: " + ", ".join(f"`{x['path']}`" for x in m.get("models", [])),
-        f"- **Device**: {m.get('device')} ({machine.get('gpu') or machine.get('processor')}, "
-        f"{machine.get('cpu_count')} cores, torch threads {machine.get('torch_threads')}); "
-        f"baseline dtype {m.get('dtype')}",
+        f"- **Device**: {m.get('device')} ({_machine_text(machine)}); baseline dtype {m.get('dtype')}",
         f"- **Seed**: {m.get('seed')}; **date**: {m.get('finished') or m.get('started')}; "
         f"**git commit**: {m.get('git_commit') or 'unknown'}; **wall time** (last run): "
         f"{_fmt(m.get('wall_s_last_run'), 1)} s",

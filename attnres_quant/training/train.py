@@ -22,7 +22,6 @@ import json
 import math
 import os
 import pathlib
-import platform
 import time
 
 import yaml
@@ -158,24 +157,6 @@ def prepare_data(cfg: dict, log=print, tokenizer_dir: str | None = None):
 
 
 # ---------------------------------------------------------------------------
-
-def _machine() -> dict:
-    import torch
-
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    if torch.cuda.is_available():
-        info["cuda_device"] = torch.cuda.get_device_name(0)
-    return info
-
 
 def _cpu_has_bf16() -> bool:
     try:
@@ -379,6 +360,8 @@ def main(args) -> int:
     eval_dtype = torch.bfloat16 if use_bf16 else torch.float32
     model.to(eval_dtype)
 
+    from ..bench.machine import machine_info
+
     card = {
         "name": cfg["name"],
         "config": cfg,
@@ -390,7 +373,7 @@ def main(args) -> int:
         "steps": t["steps"], "batch_size": B, "seq_len": T, "tokens_seen": tokens_seen,
         "train_time_s": round(train_time, 1), "tokens_per_s": round(tokens_seen / train_time, 1),
         "autocast_bf16": use_bf16, "eval_dtype": str(eval_dtype).replace("torch.", ""),
-        "device": device.type, "machine": _machine(),
+        "device": device.type, "machine": machine_info(device),
         "init_from": str(init_from) if init_from else None,
         "prior_training": None if prior_card is None else {
             k: prior_card.get(k) for k in ("steps", "tokens_seen", "train_time_s", "config", "prior_training",
