@@ -353,7 +353,7 @@ def main(args) -> int:
     model.eval()
 
     # ---- save the checkpoint in bf16 (HF layout) ----
-    model.config.torch_dtype = "bfloat16"
+    model.config.dtype = "bfloat16"
     model.to(torch.bfloat16).save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     # evaluate the bf16-rounded weights (fp32 compute on CPUs without native bf16)
