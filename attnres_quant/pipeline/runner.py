@@ -359,6 +359,9 @@ def main(args) -> int:
     out_dir = Path(args.out)
     results_path = out_dir / config.name / "results.json"
     fingerprint = config_fingerprint(raw)
+    # before the old results are moved aside: a committed results.json must not make the
+    # checkout look modified
+    git_commit = _git_commit()
     if args.resume and results_path.exists():
         store = ResultStore.load(results_path)
         old = store.meta.get("config_fingerprint")
@@ -380,7 +383,7 @@ def main(args) -> int:
     store.meta.update({
         "config_name": config.name, "config_path": source, "config": raw, "config_fingerprint": fingerprint,
         "overrides": list(args.set), "device": device, "dtype": config.dtype, "seed": config.seed,
-        "versions": library_versions(), "machine": machine_info(device), "git_commit": _git_commit(),
+        "versions": library_versions(), "machine": machine_info(device), "git_commit": git_commit,
         "models": [m.model_dump() for m in config.models], "baseline": config.baseline.name,
         "variants": [v.name for v in variants], "tasks": [t.name for t in config.tasks],
     })
