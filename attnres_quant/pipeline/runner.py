@@ -59,14 +59,25 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
-def _git_commit() -> str | None:
+def _git_commit(outputs: Path | None = None) -> str | None:
+    """Short HEAD commit of the source checkout, "-dirty" when tracked files differ from it.
+
+    Changes under ``outputs`` (the report folder) do not count: a study that re-renders
+    committed reports has not run modified code.
+    """
     try:
         root = Path(__file__).resolve().parents[2]
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                              text=True, timeout=5)
         if out.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        spec = ["."]
+        if outputs is not None:
+            try:
+                spec.append(f":(exclude,top){Path(outputs).resolve().relative_to(root).as_posix()}")
+            except ValueError:  # outputs outside the checkout
+                pass
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *spec], cwd=root,
                                capture_output=True, text=True, timeout=5).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -359,9 +370,7 @@ def main(args) -> int:
     out_dir = Path(args.out)
     results_path = out_dir / config.name / "results.json"
     fingerprint = config_fingerprint(raw)
-    # before the old results are moved aside: a committed results.json must not make the
-    # checkout look modified
-    git_commit = _git_commit()
+    git_commit = _git_commit(outputs=out_dir)
     if args.resume and results_path.exists():
         store = ResultStore.load(results_path)
         old = store.meta.get("config_fingerprint")
