@@ -17,7 +17,8 @@ import shutil
 import sys
 
 FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-         "tokenizer_config.json", "special_tokens_map.json", "loss_curve.png", "loss_log.jsonl")
+         "tokenizer_config.json", "special_tokens_map.json", "loss_curve.png", "loss_log.jsonl",
+         "eval_samples.json")
 MAX_WEIGHT_BYTES = 25 * 1024 * 1024
 
 
