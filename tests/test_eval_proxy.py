@@ -92,3 +92,19 @@ def test_proxy_few_shot_comes_from_train_items():
     train = proxy_tasks.generate("proxy_math", "train", 2, seed=0)
     shots = "".join(proxy_tasks.format_math_prompt(d) + " " + d["answer"] + "\n\n" for d in train)
     assert all(c.startswith(shots) and c.count("Problem:") == 3 for c in contexts)
+
+
+def test_task_yamls_ship_inside_the_package():
+    """The YAMLs are package data (wheel installs carry them); eval/ at the root links to them."""
+    import os
+    import pathlib
+
+    import attnres_quant
+    from attnres_quant.evaluation import tasks
+
+    pkg = pathlib.Path(attnres_quant.__file__).parent
+    if not os.environ.get("ATTNRES_EVAL_DIR"):
+        assert tasks.EVAL_DIR.resolve() == (pkg / "eval_tasks").resolve()
+    assert (pkg / "eval_tasks" / "proxy" / "proxy_mc.yaml").is_file()
+    assert '"eval_tasks/**/*"' in (pkg.parent / "pyproject.toml").read_text()
+    assert (pkg.parent / "eval").resolve() == (pkg / "eval_tasks").resolve()

@@ -24,8 +24,9 @@ from attnres_quant.evaluation import datasets as local
 
 import os as _os
 
-# The task YAMLs: ``eval/`` beside the package in a source checkout; ATTNRES_EVAL_DIR overrides.
-EVAL_DIR = Path(_os.environ.get("ATTNRES_EVAL_DIR") or Path(__file__).resolve().parents[2] / "eval")
+# The task YAMLs ship inside the package (``attnres_quant/eval_tasks``; ``eval/`` at the repository
+# root links to it), so wheel installs carry them too; ATTNRES_EVAL_DIR points elsewhere.
+EVAL_DIR = Path(_os.environ.get("ATTNRES_EVAL_DIR") or Path(__file__).resolve().parents[1] / "eval_tasks")
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ def catalogue() -> set[str]:
         from attnres_quant.errors import UserError
 
         raise UserError("the lm-eval task YAMLs of attnres_quant are missing", where=str(EVAL_DIR),
-                        fix="run from a source checkout (the eval/ folder beside the package) or set "
+                        fix="reinstall attnres_quant (the YAMLs ship in attnres_quant/eval_tasks) or set "
                             "ATTNRES_EVAL_DIR to a copy of that folder")
     if _catalogue is None:
         from lm_eval.tasks import TaskManager
