@@ -17,7 +17,6 @@ import gc
 import hashlib
 import json
 import math
-import os
 import platform
 import subprocess
 import sys

@@ -97,6 +97,7 @@ def prepare_data(cfg: dict, log=print, tokenizer_dir: str | None = None):
     the data mix changes, since the embedding rows belong to its tokens.
     """
     import torch
+    from transformers import AutoTokenizer
 
     from ..data import corpus as corpus_mod
     from ..data import tokenizer as tok_mod
@@ -122,17 +123,14 @@ def prepare_data(cfg: dict, log=print, tokenizer_dir: str | None = None):
         cache.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         if tokenizer_dir is not None:
-            from transformers import AutoTokenizer
-
             hf = AutoTokenizer.from_pretrained(tokenizer_dir)
-            hf.save_pretrained(tok_dir)
-            log(f"tokenizer reused from {tokenizer_dir} ({len(hf)} tokens)")
+            how = f"reused from {tokenizer_dir}"
         else:
-            tok = tok_mod.train_tokenizer([t for _, t in corpus.stdlib_train] + corpus.proxy_train,
-                                          d["vocab_size"])
-            hf = tok_mod.to_hf(tok)
-            hf.save_pretrained(tok_dir)
-            log(f"tokenizer trained ({len(hf)} tokens) in {time.time() - t0:.1f}s")
+            hf = tok_mod.to_hf(tok_mod.train_tokenizer([t for _, t in corpus.stdlib_train] + corpus.proxy_train,
+                                                       d["vocab_size"]))
+            how = f"trained in {time.time() - t0:.1f}s"
+        hf.save_pretrained(tok_dir)
+        log(f"tokenizer {how} ({len(hf)} tokens)")
         eos = hf.eos_token_id
 
         def stream(texts):
@@ -149,8 +147,6 @@ def prepare_data(cfg: dict, log=print, tokenizer_dir: str | None = None):
         os.replace(tmp, streams)
         log(f"tokenized: stdlib {len(data['stdlib'])} tokens, proxy {len(data['proxy'])} tokens "
             f"({time.time() - t0:.1f}s)")
-    from transformers import AutoTokenizer
-
     hf = AutoTokenizer.from_pretrained(tok_dir)
     data = torch.load(streams)
     return corpus, hf, data, cache
