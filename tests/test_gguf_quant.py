@@ -253,10 +253,16 @@ def test_llama_cpp_presets_and_apply_gguf():
     assert G.preset_rules("Q4_K_M", 8) == [
         {"select": "attn.v", "layers": [0, 3, 6, 7], "weight": "Q6_K"},
         {"select": "mlp.down", "layers": [0, 3, 6, 7], "weight": "Q6_K"},
-        {"select": "lm_head", "weight": "Q6_K"}]
+        {"select": "lm_head", "weight": "Q6_K"},
+        {"select": "embed", "weight": "Q4_K"}]
+    assert G.preset_rules("Q4_K_M", 8, tied_embeddings=True)[-1] == {"select": "embed", "weight": "Q6_K"}
     assert G.preset_type("Q4_K_M", "attn.q", 3, 8) == "Q4_K"
     assert G.preset_type("Q4_K_M", "norm", 0, 8) is None
-    assert G.preset_type("Q4_K_M", "depth.query", 0, 8) == "Q4_K"
+    # llama.cpp quantizes only tensors with ggml_n_dims >= 2: a [1, d] pseudo-query has ne = [d, 1]
+    assert G.preset_type("Q4_K_M", "depth.query", 0, 8) is None
+    assert G.preset_type("Q4_K_M", "other", None, 8, shape=(1, 256)) is None
+    assert [G.ggml_n_dims(s) for s in ((1, 256), (256,), (256, 1), (64, 256), (1, 1))] == [1, 1, 2, 2, 1]
+    assert G.preset_type("Q4_K_M", "embed", None, 8) == "Q4_K"
     assert G.preset_type("Q4_K_M", "attn.q", 0, 8, row_len=64) == "Q5_0"  # llama.cpp fallback
     assert G.preset_type("Q8_0", "lm_head", None, 8) == "Q8_0"
     assert G.preset_type("Q4_0", "lm_head", None, 8, row_len=96) == "Q8_0"

@@ -90,17 +90,24 @@ def test_gguf_preset_expands_then_user_rules_and_depth_query_fallback(model):
     v1 = plan.row("model.layers.1.attn.v_proj.weight")
     assert (v1.precision, v1.fallback) == ("q8_0", "q6_k")
     assert plan.row("lm_head.weight").method == "keep"
-    # no depth rule: pseudo-queries [1, d] get the base type as in a naive llama.cpp export (here its fallback),
-    # key norms (1-D) stay unquantized as llama.cpp keeps 1-D tensors.
+    # llama-quantize: the [1, d] pseudo-queries have ggml_n_dims 1 and key norms are 1-D: neither is quantized;
+    # token_embd takes the base type (here its fallback). An explicit rule still quantizes a pseudo-query.
     dq = plan.row("model.layers.0.attn_res_proj.weight")
-    assert (dq.method, dq.precision, dq.fallback) == ("gguf", "q5_0", "q4_k")
+    assert (dq.method, dq.precision, dq.fallback) == ("keep", "bf16", None)
     assert plan.row("model.layers.0.attn_res_norm.weight").method == "keep"
-    assert any("depth path" in n and "depth.query=q5_0" in n for n in plan.notes)
+    emb = plan.row("model.embeddings.weight")
+    assert (emb.precision, emb.fallback) == ("q5_0", "q4_k") and emb.rule.startswith("preset q4_k_m")
+    var_dq = v({"name": "dq", "method": "gguf", "options": {"preset": "q4_k_m"},
+                "rules": [{"select": "depth.query", "weight": "q4_k"}]})
+    plan_dq = resolve_plan(model, var_dq, "test.yaml")
+    dq = plan_dq.row("model.layers.0.attn_res_proj.weight")
+    assert (dq.method, dq.precision, dq.fallback) == ("gguf", "q5_0", "q4_k")
+    assert any("depth path" in n and "depth.query=q5_0" in n for n in plan_dq.notes)
     # an explicit rule may still quantize a 1-D key norm; the plan says llama.cpp would not.
     var2 = v({"name": "k", "method": "gguf", "rules": [{"select": "depth.key_norm", "weight": "q8_0"}]})
     plan2 = resolve_plan(model, var2, "test.yaml")
     assert plan2.row("model.layers.0.attn_res_norm.weight").precision == "q8_0"
-    assert any("1-D" in n for n in plan2.notes)
+    assert any("ggml_n_dims < 2" in n for n in plan2.notes)
 
 
 # ------------------------------------------------------------------------------------- awq

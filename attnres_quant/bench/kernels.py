@@ -90,9 +90,19 @@ def _torchao(model: nn.Module, which: str) -> nn.Module:
 def _bnb(model: nn.Module, which: str, compute_dtype: torch.dtype) -> nn.Module:
     import bitsandbytes as bnb
 
+    from ..quant.bnb import cpu_packing_problem
+
     device = model_device(model)
     targets = [(name, m) for name, m in model.named_modules() if _quantizable(m, name)]
+    kept = []
     for name, lin in targets:
+        if which == "bnb_nf4":
+            # bitsandbytes' AVX512-BF16 CPU path repacks 4-bit weights in blocks of 32 rows and asserts
+            # otherwise (e.g. an lm_head of vocab 97): keep such layers dense on every machine, and say so.
+            problem = cpu_packing_problem(lin.out_features, lin.in_features, 64)
+            if problem:
+                kept.append(f"{name} ({problem})")
+                continue
         parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
         w = lin.weight.data.float()
         if which == "bnb_int8":
@@ -108,6 +118,7 @@ def _bnb(model: nn.Module, which: str, compute_dtype: torch.dtype) -> nn.Module:
         new = new.to(device)  # quantizes the weight
         setattr(parent, name.rpartition(".")[2], new)
     # A tied lm_head/embedding would now be two tensors; bench models are untied.
+    model.kept_dense = kept
     return model
 
 
@@ -233,6 +244,8 @@ def run_kernels(*, hidden_size: int = 1024, layers: int = 8, seq_len: int = 128,
             "peak_mem_bytes": r["peak_mem_bytes"], "peak_mem_kind": r["peak_mem_kind"],
             "rel_logit_error_vs_bf16": agreement[which],
         }
+        if getattr(models[which], "kept_dense", None):
+            out_variants[which]["kept_dense"] = list(models[which].kept_dense)
     if "fp32" in res:
         for which, v in out_variants.items():
             if v.get("supported"):
@@ -267,4 +280,6 @@ def kernels_table(r: dict) -> str:
                      f"{v['decode_ms_per_token']:>10.2f} {v['decode_speedup_vs_bf16']:>7.2f} "
                      f"{v['decode_achieved_gbs']:>6.1f} {v['decode_bandwidth_utilisation']:>5.2f} "
                      f"{v['weight_bytes'] / 1e6:>10.1f} {v['rel_logit_error_vs_bf16']:>8.4f}")
+        if v.get("kept_dense"):
+            lines.append(f"{'':<17} kept dense (bitsandbytes CPU 4-bit packing): {', '.join(v['kept_dense'])}")
     return "\n".join(lines)

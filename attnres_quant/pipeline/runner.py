@@ -118,6 +118,7 @@ def preflight(config: StudyConfig, variants, source: str, device: str) -> None:
     from ..evaluation import preflight as eval_preflight
     from ..loading import preflight_model, structure_model
     from ..quant import resolve_plan
+    from ..quant.methods import check_can_run
 
     settings = eval_settings(config)
     eval_preflight([t.name for t in config.tasks], settings)
@@ -125,7 +126,9 @@ def preflight(config: StudyConfig, variants, source: str, device: str) -> None:
         preflight_model(spec.path, allow_pickle=spec.allow_pickle, trust_remote_code=spec.trust_remote_code)
         skeleton = structure_model(spec.path, trust_remote_code=spec.trust_remote_code)
         for variant in variants:
-            resolve_plan(skeleton, variant, source=f"{source} (model {spec.label})")
+            plan = resolve_plan(skeleton, variant, source=f"{source} (model {spec.label})")
+            # Each method says whether it can run this plan on the device, before any weights load.
+            check_can_run(plan, device, f"{source} (model {spec.label}), variant {variant.name!r}")
 
 
 def eval_settings(config: StudyConfig):

@@ -147,10 +147,9 @@ def quantize(model: nn.Module, variant: Variant, calibration=None, *, source: st
     """
     base_plan = resolve_plan(model, variant, source)  # every policy error before any model work
     method = variant.method
-    if method == "torchao":
-        from .torchao_method import check_torchao_device
+    from .methods import check_can_run
 
-        check_torchao_device([r.precision for r in base_plan.weight_rows() if r.method == "torchao"], _device(model))
+    check_can_run(base_plan, _device(model), f"{source}, variant {variant.name!r}")  # method x device
     base_weight_rows = [r for r in base_plan.weight_rows() if r.tied_to is None]
     needs_calib = any(r.method in ("gptq", "awq") for r in base_weight_rows) or any(
         r.resolved.activation in ("int8", "int4") and r.resolved.activation_scheme == "static"

@@ -9,6 +9,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+# bitsandbytes 0.50's CPU 4-bit path: on a CPU with AVX512-BF16, Linear4bit's first inference forward repacks the
+# weight (bitsandbytes.functional._convert_weight_packed_for_cpu, block_n=32): it asserts N % 32 == 0 (N = output
+# rows) and K % 2 == 0, and reshapes the absmax to [N, K // blocksize] (so K must hold whole 4-bit blocks).
+# AVX2-only CPUs and CUDA never repack. The plan keeps such tensors at baseline precision on every machine.
+BNB_BLOCK_N = 32
+
+
+def cpu_packing_problem(out_features: int, in_features: int, blocksize: int = 64) -> str | None:
+    """Why bitsandbytes' AVX512-BF16 CPU repacking cannot hold a 4-bit [out, in] weight, or None."""
+    if out_features % BNB_BLOCK_N:
+        return f"{out_features} output rows are not a multiple of {BNB_BLOCK_N}"
+    if in_features % 2 or in_features % blocksize:
+        return f"{in_features} input features are not a multiple of the 4-bit block size {blocksize}"
+    return None
+
 
 def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
@@ -39,7 +54,7 @@ def to_bnb(linear: nn.Linear, precision: str, *, blocksize: int = 64, threshold:
         new.bias = nn.Parameter(linear.bias.data.detach().clone().cpu(), requires_grad=False)
     # Moving to the device quantizes (Int8Params / Params4bit quantize on .to()).
     new = new.to(device if device.type != "meta" else "cpu")
-    return new
+    return new.train(linear.training)  # an eval model gets eval modules (bnb's CPU 4-bit path depends on it)
 
 
 def bnb_weight_bytes(module: nn.Module) -> int:

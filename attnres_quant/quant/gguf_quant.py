@@ -425,9 +425,23 @@ def roundtrip_error(weight: torch.Tensor, qtype: str) -> dict:
 
 
 # ------------------------------------------------------------------ llama.cpp mixes
+# Followed: ggml-org/llama.cpp src/llama-quant.cpp at commit 007dbbf3fd17eefe9b47fee45f48f7ba5e62b714
+# (tensor_allows_quantization, llama_tensor_get_type_impl, tensor_type_fallback), dense non-Falcon models
+# without an importance matrix, --output-tensor-type / --token-embedding-type / --tensor-type not given.
 PRESETS = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q5_K_S", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 _PRESET_BASE = {"Q4_K_M": "Q4_K", "Q4_K_S": "Q4_K", "Q5_K_M": "Q5_K", "Q5_K_S": "Q5_K", "Q6_K": "Q6_K",
                 "Q8_0": "Q8_0", "Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1"}
+LLAMA_CPP_COMMIT = "007dbbf3fd17eefe9b47fee45f48f7ba5e62b714"
+
+
+def ggml_n_dims(shape: Sequence[int]) -> int:
+    """``ggml_n_dims`` of a torch tensor of ``shape`` stored in GGUF: ggml's ne is the torch shape reversed
+    and trailing ne of 1 do not count, so leading torch dims of size 1 do not count (min 1).
+    [out, in] -> 2; [d] -> 1; a [1, d] pseudo-query (ne = [d, 1]) -> 1; [d, 1] -> 2."""
+    dims = [int(x) for x in shape]
+    while len(dims) > 1 and dims[0] == 1:
+        dims.pop(0)
+    return max(1, len(dims))
 
 
 def use_more_bits(i_layer: int, n_layers: int) -> bool:
@@ -436,28 +450,40 @@ def use_more_bits(i_layer: int, n_layers: int) -> bool:
     return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
 
 
-def preset_type(preset: str, component: str, layer: int | None, n_layers: int, *, row_len: int | None = None,
-                tied_embeddings: bool = False) -> str | None:
-    """The GGUF type llama.cpp's ``llama-quantize <preset>`` gives a tensor of ``component``
-    (SPEC component names) in ``layer`` of ``n_layers`` (dense, non-Falcon rules of
-    src/llama-quant.cpp), or ``None`` for tensors it leaves unquantized (1-D: norms, key norms).
+def _output_type(base: str, row_len: int | None) -> str:
+    # llama_tensor_get_type_impl, OUTPUT (and a tied TOKEN_EMBD): Q8_0 when the rows do not fit the base type's
+    # blocks, else Q6_K unless the mix is Q8_0.
+    if row_len is not None and row_len % block_size(base) != 0:
+        return "Q8_0"
+    return base if base == "Q8_0" else "Q6_K"
 
-    Q4_K_M / Q5_K_M: attn.v and mlp.down at Q6_K where :func:`use_more_bits`, the rest at the
-    base type; Q4_K_S: attn.v of the first 4 layers and mlp.down of the first eighth at Q5_K;
-    lm_head (and a tied embedding) at Q6_K for every preset but Q8_0 (Q8_0 when its rows do not
-    fit). The pseudo-queries (depth.query, 2-D [1, d]) get the base type, as any 2-D
-    weight would. With ``row_len`` the result passes through :func:`fallback_type`.
+
+def preset_type(preset: str, component: str, layer: int | None, n_layers: int, *, row_len: int | None = None,
+                tied_embeddings: bool = False, shape: Sequence[int] | None = None) -> str | None:
+    """The GGUF type ``llama-quantize <preset>`` gives a tensor of ``component`` (SPEC component names) in
+    ``layer`` of ``n_layers``, or ``None`` for a tensor it leaves at its stored type.
+
+    * ``ggml_n_dims < 2`` (norms, key norms, the ``[1, d]`` pseudo-queries ``depth.query``): not quantized;
+    * ``lm_head`` (llama.cpp's ``output.weight``) -- and the token embedding when it is tied to it (no
+      ``output.weight``): Q6_K, or Q8_0 for the Q8_0 mix or when its rows do not fit the base type;
+    * ``embed`` (``token_embd.weight``, untied): the base type (Q4_K for Q4_K_M);
+    * Q4_K_M / Q5_K_M: ``attn.v`` and ``mlp.down`` at Q6_K where :func:`use_more_bits`;
+      Q4_K_S: ``attn.v`` of layers 0-3 and ``mlp.down`` of the first eighth at Q5_K;
+    * everything else 2-D: the base type.
+
+    With ``row_len`` the result passes through llama.cpp's fallback (:func:`fallback_type`).
     """
     p = str(preset).upper()
     if p not in _PRESET_BASE:
         raise ValueError(f"unknown llama.cpp preset {preset!r}; supported: {', '.join(PRESETS)}")
-    if component in ("norm", "depth.key_norm", "depth.softmax", "depth.sources", "attn.kv_cache"):
+    if component in ("norm", "depth.key_norm", "depth.query", "depth.softmax", "depth.sources", "attn.kv_cache"):
+        return None
+    if shape is not None and ggml_n_dims(shape) < 2:
         return None
     base = _PRESET_BASE[p]
     t = base
     if component == "lm_head" or (tied_embeddings and component == "embed"):
-        if base != "Q8_0":  # llama.cpp: output.weight -> Q6_K unless the mix is Q8_0
-            t = "Q6_K" if (row_len is None or row_len % block_size(base) == 0) else "Q8_0"
+        t = _output_type(base, row_len)
     elif layer is not None and component == "attn.v":
         if p in ("Q4_K_M", "Q5_K_M") and use_more_bits(layer, n_layers):
             t = "Q6_K"
@@ -473,11 +499,12 @@ def preset_type(preset: str, component: str, layer: int | None, n_layers: int, *
     return t
 
 
-def preset_rules(preset: str, n_layers: int) -> list[dict]:
+def preset_rules(preset: str, n_layers: int, *, tied_embeddings: bool = False) -> list[dict]:
     """Policy rules (SPEC section 3 shape: ``select``, ``layers``, ``weight``) that express a
-    llama.cpp preset on top of ``default: {weight: <base type>}``; add ``depth.*`` rules after
-    them. Example: ``preset_rules("Q4_K_M", 8)`` -> attn.v and mlp.down of layers [0, 3, 6, 7]
-    at Q6_K, lm_head at Q6_K."""
+    llama.cpp preset on top of ``default: {weight: <base type>}`` (whose scope leaves out embed, norms and
+    lm_head, and -- for gguf -- every tensor with ggml_n_dims < 2); add ``depth.*`` rules after them.
+    Example: ``preset_rules("Q4_K_M", 8)`` -> attn.v and mlp.down of layers [0, 3, 6, 7] at Q6_K,
+    lm_head at Q6_K, embed at Q4_K."""
     p = str(preset).upper()
     base = _PRESET_BASE[p]
     rules = []
@@ -488,9 +515,9 @@ def preset_rules(preset: str, n_layers: int) -> list[dict]:
             if t != base:
                 by_type.setdefault(t, []).append(i)
         rules += [{"select": comp, "layers": layers, "weight": t} for t, layers in by_type.items()]
-    head = preset_type(p, "lm_head", None, n_layers)
-    if head != base:
-        rules.append({"select": "lm_head", "weight": head})
+    rules.append({"select": "lm_head", "weight": preset_type(p, "lm_head", None, n_layers)})
+    rules.append({"select": "embed", "weight": preset_type(p, "embed", None, n_layers,
+                                                           tied_embeddings=tied_embeddings)})
     return rules
 
 
@@ -527,4 +554,4 @@ def apply_gguf(model: torch.nn.Module, types: dict[str, str], *, fallback: bool 
 __all__ = ["GGUF_TYPES", "LEGACY_TYPES", "K_QUANTS", "block_size", "type_size", "bits_per_weight",
            "check_shape", "is_compatible", "fallback_type", "packed_nbytes", "quantize_packed",
            "dequantize_packed", "gguf_roundtrip", "roundtrip_error", "PRESETS", "use_more_bits", "preset_type",
-           "preset_rules", "apply_gguf"]
+           "preset_rules", "apply_gguf", "ggml_n_dims", "LLAMA_CPP_COMMIT"]

@@ -28,7 +28,9 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from .bnb import BNB_BLOCK_N
 from .components import LINEAR_COMPONENTS, Part, is_attnres, num_layers, resolve_components
+from .gguf_quant import ggml_n_dims
 from .policy import (
     ACT_FIELDS,
     FLOAT_WEIGHTS,
@@ -211,10 +213,12 @@ def _apply(res: Resolved, prec: Precision, fields: list[str], label: str) -> Non
         res.activation_scheme = "dynamic"
 
 
-def effective_rules(variant: Variant, n_layers: int) -> tuple[Precision, list[tuple[str, Rule]]]:
+def effective_rules(variant: Variant, n_layers: int, *, tied_embeddings: bool = False
+                    ) -> tuple[Precision, list[tuple[str, Rule]]]:
     """The default and the ordered (label, rule) list a variant resolves with: a gguf ``preset``
     option (e.g. ``q4_k_m``) contributes llama.cpp's mix -- its base type as the default unless
-    ``default.weight`` is set, then its rules (``gguf_quant.preset_rules``) -- before the user's rules."""
+    ``default.weight`` is set, then its rules (``gguf_quant.preset_rules``: the _M/_S bumps, the output
+    tensor and the token embedding) -- before the user's rules."""
     rules = [(r.label(i), r) for i, r in enumerate(variant.rules)]
     preset = variant.options.get("preset") if variant.method == "gguf" else None
     if not preset:
@@ -227,7 +231,7 @@ def effective_rules(variant: Variant, n_layers: int) -> tuple[Precision, list[tu
         default = default.model_copy(update={"weight": _PRESET_BASE[p].lower()})
         default.model_fields_set.add("weight")
     pre = []
-    for r in preset_rules(p, n_layers):
+    for r in preset_rules(p, n_layers, tied_embeddings=tied_embeddings):
         rule = Rule.model_validate(r)
         sel = f"select: {rule.select}" + (f", layers: {rule.layers}" if rule.layers is not None else "")
         pre.append((f"preset {p.lower()} ({sel})", rule))
@@ -239,8 +243,10 @@ def _default_ok(variant: Variant, part: Part, fields: list[str], default: Precis
     if part.component in DEFAULT_EXCLUDED:
         return []
     d = default if default is not None else variant.default
-    if variant.method == "gguf" and part.kind == "weight" and len(part.shape) < 2:
-        fields = [f for f in fields if f not in WEIGHT_FIELDS]  # llama.cpp never quantizes 1-D tensors
+    if variant.method == "gguf" and part.kind == "weight" and ggml_n_dims(part.shape) < 2:
+        # llama.cpp quantizes only tensors with ggml_n_dims >= 2: norms, key norms and the [1, d]
+        # pseudo-queries (ggml ne = [d, 1]) keep their stored type.
+        fields = [f for f in fields if f not in WEIGHT_FIELDS]
     out = []
     for f in fields:
         if f == "weight" and d.weight not in weight_capability(variant.method, part.component):
@@ -266,7 +272,8 @@ def resolve_plan(model: nn.Module, variant: Variant, source: str = "config") -> 
     where0 = f"{source}, variant {variant.name!r}"
     notes: list[str] = []
     resolved = {id(p): Resolved() for p in parts}
-    default, rule_list = effective_rules(variant, n_layers)
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    default, rule_list = effective_rules(variant, n_layers, tied_embeddings=tied)
 
     dfields = default.set_fields()
     for p in parts:
@@ -315,10 +322,20 @@ def resolve_plan(model: nn.Module, variant: Variant, source: str = "config") -> 
                             "compute to depth.softmax, storage to depth.sources and attn.kv_cache")
 
     # Cross-field checks per part.
+    bnb_kept: dict[str, list[str]] = {}
     for p in parts:
         res = resolved[id(p)]
         if p.kind != "weight" or res.weight is None:
             continue
+        if method == "bnb" and res.weight in ("nf4", "fp4") and p.is_linear:
+            from .bnb import cpu_packing_problem
+
+            problem = cpu_packing_problem(p.shape[0], p.shape[-1], res.group_size or 64)
+            if problem:  # keep it at baseline on every machine, so results do not depend on the CPU
+                bnb_kept.setdefault(problem, []).append(p.tensor_name)
+                res.weight, res.group_size = None, None
+                res.decided_by["weight"] = "kept: bnb 4-bit CPU packing"
+                continue
         if method == "torchao" and res.activation == "int8" and res.weight != "int8":
             raise UserError(f"torchao's dynamic int8 activations need int8 weights, {p.tensor_name} has "
                             f"{res.weight}", where0, "set `weight: int8` with `activation: int8` for torchao")
@@ -330,7 +347,16 @@ def resolve_plan(model: nn.Module, variant: Variant, source: str = "config") -> 
                                 "choose a group_size that divides every selected layer's input size, or "
                                 "null (per-channel)")
 
+    for problem, names in bnb_kept.items():
+        notes.append(f"bnb 4-bit: {len(names)} tensor(s) kept at baseline precision ({', '.join(names[:4])}"
+                     f"{' ...' if len(names) > 4 else ''}): {problem}. bitsandbytes' CPU kernel on AVX512-BF16 "
+                     f"machines repacks 4-bit weights in blocks of {BNB_BLOCK_N} output rows and whole 4-bit blocks "
+                     "per row (it asserts otherwise); such tensors are kept on every machine so results do not "
+                     "depend on the CPU")
     rows = _rows(parts, resolved, variant, model)
+    from .methods import check_settings
+
+    check_settings(rows, variant, where0)  # a setting the method would ignore is refused here
     if method == "awq":
         settings = {(r.precision, r.resolved.group_size, bool(r.resolved.symmetric)) for r in rows
                     if r.method == "awq"}
@@ -371,11 +397,13 @@ def _gguf_notes(rows: list[PlanRow]) -> list[str]:
                         for r in depth})
         notes.append("gguf on the depth path: " + ", ".join(kinds) + "; a K-quant the rows do not fit takes "
                      "llama.cpp's legacy fallback (q4_k->q5_0, q5_k->q5_1, q6_k->q8_0), fp16 if none fits")
-    ones = [r for r in rows if r.method == "gguf" and r.part is not None and len(r.part.shape) < 2 and
+    ones = [r for r in rows if r.method == "gguf" and r.part is not None and ggml_n_dims(r.part.shape) < 2 and
             r.tied_to is None]
     if ones:
-        notes.append(f"gguf on {len(ones)} 1-D tensor(s) ({', '.join(sorted({r.component for r in ones}))}): "
-                     "llama.cpp keeps 1-D tensors in F32; simulated here because a rule names them")
+        notes.append(f"gguf on {len(ones)} tensor(s) with fewer than 2 ggml dims "
+                     f"({', '.join(sorted({r.component for r in ones}))}): llama-quantize never quantizes them "
+                     "(ggml_n_dims < 2: norms, key norms, [1, d] pseudo-queries); simulated here because a rule "
+                     "names them")
     return notes
 
 
@@ -455,6 +483,8 @@ def _rows(parts: list[Part], resolved: dict, variant: Variant, model: nn.Module)
             bits = float(min(_BITS.get(prec, 32), _BITS.get(base, 32)))
         else:
             gran = granularity(p.shape, res.group_size, res.symmetric)
+            if m == "torchao" and prec == "int4":  # tinygemm int4: scale + zero point per group
+                gran = granularity(p.shape, res.group_size, False)
             if m == "bnb":
                 gran = "per-row (LLM.int8)" if prec == "int8" else f"block {res.group_size or 64}"
             bits = weight_bits(m if m in ("bnb", "torchao") else "rtn", prec, p.shape, res.group_size,

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
+from .methods import check_can_run
 from .plan import resolve_plan
 from .policy import parse_variant
 
@@ -22,12 +23,15 @@ def add_arguments(parser) -> None:
                         help="only this variant (repeatable; default: all)")
     parser.add_argument("--model", default=None, help="only the model with this label or path")
     parser.add_argument("--format", choices=("table", "json"), default="table")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                        help="device the variants must be able to run on (default: the config's `device`; "
+                             "auto = cuda when visible, else cpu); each method's can_run is checked against it")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (dotted), as for `run`")
 
 
-def _read_config(path: str, overrides: list[str]) -> tuple[list[dict], list[dict], str]:
-    """(models [{path, name?, ...}], raw variant dicts, dtype) from the study config."""
+def _read_config(path: str, overrides: list[str]) -> tuple[list[dict], list[dict], str, str]:
+    """(models [{path, name?, ...}], raw variant dicts, dtype, device) from the study config."""
     try:
         from ..pipeline.config import load_config
     except ImportError:  # pipeline not built: minimal reader
@@ -35,7 +39,7 @@ def _read_config(path: str, overrides: list[str]) -> tuple[list[dict], list[dict
     if load_config is not None:
         cfg, _raw = load_config(path, overrides)
         models = [m.model_dump() for m in cfg.models]
-        return models, list(cfg.variants), cfg.dtype
+        return models, list(cfg.variants), cfg.dtype, getattr(cfg, "device", "auto")
     import yaml
 
     p = Path(path)
@@ -49,7 +53,7 @@ def _read_config(path: str, overrides: list[str]) -> tuple[list[dict], list[dict
     models = [{"path": m} if isinstance(m, str) else dict(m) for m in models]
     if not models:
         raise UserError("the config names no model", path, "add `model: {path: zoo:tiny-block}`")
-    return models, list(raw.get("variants") or []), raw.get("dtype", "bfloat16")
+    return models, list(raw.get("variants") or []), raw.get("dtype", "bfloat16"), raw.get("device", "auto")
 
 
 def _label(m: dict) -> str:
@@ -57,7 +61,12 @@ def _label(m: dict) -> str:
 
 
 def main(args) -> int:
-    models, raw_variants, dtype = _read_config(args.config, args.overrides)
+    models, raw_variants, dtype, device = _read_config(args.config, args.overrides)
+    device = getattr(args, "device", None) or device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if not raw_variants:
         raise UserError("the config has no variants", args.config, "add a `variants:` list (SPEC section 3)")
     variants = [parse_variant(v, args.config) for v in raw_variants]  # all policy errors first
@@ -83,6 +92,7 @@ def main(args) -> int:
             model, _tok = loading.load_model(spec["path"], **kw)
         for variant in variants:
             plan = resolve_plan(model, variant, args.config)
+            check_can_run(plan, device, f"{args.config} (model {_label(spec)}), variant {variant.name!r}")
             if args.format == "json":
                 out.append({"model": _label(spec), **plan.summary(), "notes": plan.notes,
                             "rows": [r.as_dict() for r in plan.rows]})

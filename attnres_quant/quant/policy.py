@@ -133,8 +133,9 @@ class Variant(BaseModel):
     method: MethodP = "rtn"
     default: Precision = Field(default_factory=Precision)
     rules: list[Rule] = Field(default_factory=list)
-    # Method options (all optional): GPTQ block_size / dampening / actorder, bnb threshold,
-    # AWQ duo_scaling / n_grid / measure, gguf preset (e.g. q4_k_m), kv_granularity (attn.kv_cache).
+    # Method options (all optional; validated per method by methods.parse_options): GPTQ block_size /
+    # dampening / actorder, bnb threshold, AWQ duo_scaling / n_grid / measure, gguf preset (e.g. q4_k_m),
+    # kv_granularity (attn.kv_cache, every method).
     options: dict[str, Any] = Field(default_factory=dict)
 
     def needs_calibration(self) -> bool:
@@ -276,38 +277,12 @@ def check_variant(variant: Variant, source: str = "config") -> None:
                                 "`method: rtn`/`gptq` (simulated) or torchao int8 (int8 weights)")
 
 
-_METHOD_OPTIONS = {
-    "gptq": ("block_size", "dampening", "actorder"),
-    "awq": ("duo_scaling", "n_grid", "measure"),
-    "gguf": ("preset",),
-    "bnb": ("threshold",),
-}
-_COMMON_OPTIONS = ("kv_granularity",)
-
-
 def check_options(variant: Variant, where0: str) -> None:
-    """Known ``options`` for the new methods (awq, gguf), the gguf preset name, kv_granularity."""
-    opts = variant.options
-    where = f"{where0}, options"
-    if variant.method in ("awq", "gguf"):
-        known = _METHOD_OPTIONS[variant.method] + _COMMON_OPTIONS
-        for k in opts:
-            if k not in known:
-                raise UserError(f"unknown option {k!r} for method {variant.method!r}", where,
-                                f"options of {variant.method} are {', '.join(known)}")
-    if "preset" in opts:
-        from .gguf_quant import PRESETS
+    """Every method validates its ``options`` (``methods.OPTIONS``: one schema per method, unknown keys
+    refused, types checked, the gguf preset name and kv_granularity checked)."""
+    from .methods import parse_options
 
-        if variant.method != "gguf":
-            raise UserError("option `preset` (a llama.cpp mix) needs `method: gguf`", where,
-                            "set `method: gguf`, or remove `preset`")
-        if str(opts["preset"]).upper() not in PRESETS:
-            raise UserError(f"unknown llama.cpp preset {opts['preset']!r}", where,
-                            "use one of " + ", ".join(p.lower() for p in PRESETS))
-    if "kv_granularity" in opts and opts["kv_granularity"] not in KV_GRANULARITIES:
-        raise UserError(f"unknown kv_granularity {opts['kv_granularity']!r}", where,
-                        "use per_token (one scale per token and KV head, the default) or per_head (one scale per "
-                        "KV head over the tokens written in one call)")
+    parse_options(variant.method, variant.options, f"{where0}, options")
 
 
 def format_validation_error(exc: ValidationError, source: str, variant_name: str | None = None,

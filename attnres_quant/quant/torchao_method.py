@@ -12,6 +12,9 @@ from ..errors import UserError
 
 
 def torchao_config(weight: str, activation: str | None, group_size: int | None, device: torch.device):
+    """torchao config for one plan setting; the settings torchao cannot apply were refused at plan time
+    (``methods.torchao_setting_problem``): int8 weights are symmetric, W8A8 weights per row, int4 asymmetric
+    with group_size 32/64/128/256, activations dynamic. ``group_size`` None = per output row."""
     from torchao.quantization import (
         Int4WeightOnlyConfig,
         Int8DynamicActivationInt8WeightConfig,
@@ -19,23 +22,31 @@ def torchao_config(weight: str, activation: str | None, group_size: int | None, 
     )
 
     if weight == "int8" and activation == "int8":
+        if group_size is not None:
+            raise ValueError("torchao W8A8 quantizes weights per row only (refused at plan time)")
         return Int8DynamicActivationInt8WeightConfig(), "int8-dynamic"
     if weight == "int8":
-        return Int8WeightOnlyConfig(), "int8-weight-only"
+        if group_size is None:
+            return Int8WeightOnlyConfig(), "int8-weight-only"
+        from torchao.quantization import PerGroup
+
+        return Int8WeightOnlyConfig(granularity=PerGroup(int(group_size))), "int8-weight-only"
     if weight == "int4":
         if device.type != "cuda":
             raise UserError("torchao int4 weight-only has no CPU kernel in torchao 0.18 (its int4 packings "
                             "need CUDA or FBGEMM's mslk)", f"device {device}",
                             "run on a CUDA device, or use `method: rtn`/`gptq` (simulated int4) or "
                             "`method: bnb` with nf4/fp4 (real CPU kernels)")
-        return Int4WeightOnlyConfig(group_size=group_size or 128, int4_packing_format="tile_packed_to_4d"), \
+        if group_size is None:
+            raise ValueError("torchao int4 needs a group_size (refused at plan time)")
+        return Int4WeightOnlyConfig(group_size=int(group_size), int4_packing_format="tile_packed_to_4d"), \
             "int4-weight-only"
     raise ValueError(f"torchao cannot provide weight {weight}")
 
 
 def check_torchao_device(weights: list[str], device: torch.device) -> None:
     if "int4" in weights:
-        torchao_config("int4", None, None, device)
+        torchao_config("int4", None, 128, device)
 
 
 def apply_torchao(model: nn.Module, targets: dict[str, tuple[str, str | None, int | None]]) -> set[str]:
@@ -44,8 +55,10 @@ def apply_torchao(model: nn.Module, targets: dict[str, tuple[str, str | None, in
 
     kernels = set()
     by_cfg: dict[tuple, set[str]] = {}
-    for name, spec in targets.items():
-        by_cfg.setdefault(spec, set()).add(name)
+    for name, (weight, act, group) in targets.items():
+        cols = model.get_submodule(name).in_features
+        group = None if group is None or group >= cols else int(group)  # >= the row: per-row
+        by_cfg.setdefault((weight, act, group), set()).add(name)
     for (weight, act, group), names in by_cfg.items():
         device = model.get_submodule(next(iter(names))).weight.device
         cfg, kernel = torchao_config(weight, act, group, device)
