@@ -10,7 +10,9 @@ Variants (all real kernels, none simulated):
 * ``torchao_int4_wo`` -- ``Int4WeightOnlyConfig(group_size=128)`` where this
   torchao build has a kernel for the device;
 * ``bnb_int8`` / ``bnb_nf4`` -- bitsandbytes ``Linear8bitLt`` /
-  ``Linear4bit(quant_type="nf4")`` swapped in for every projection;
+  ``Linear4bit(quant_type="nf4")`` swapped in for every projection (nf4: except those
+  bitsandbytes' AVX512-BF16 CPU packing cannot hold, kept dense on every machine and listed
+  as ``kept_dense``; ``quant.bnb.cpu_packing_problem``);
 * ``fbgemm_int8_dyn`` -- PyTorch's own CPU W8A8 dynamic kernel
   (``torch.ao.quantization.quantize_dynamic``, fbgemm, fp32 activations in/out);
 * ``aten_int8pack_wo`` -- PyTorch's CPU int8 weight-only kernel
