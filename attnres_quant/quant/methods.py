@@ -180,29 +180,56 @@ def _has(module: str) -> bool:
         return False
 
 
-_LIBRARY = {"gptq": ("llmcompressor", "llm-compressor"), "awq": ("llmcompressor", "llm-compressor"),
-            "gguf": ("gguf", "gguf"), "bnb": ("bitsandbytes", "bitsandbytes"), "torchao": ("torchao", "torchao")}
+def _needs(module: str, pip: str):
+    def check(plan, dev: str, rows) -> str | None:
+        if not _has(module):
+            return f"method {plan.variant.method!r} needs the {pip} package, which is not installed"
+        return None
+    return check
+
+
+def _can_run_torchao(plan, dev: str, rows) -> str | None:
+    int4 = [r.name for r in rows if r.precision == "int4"]
+    if int4 and dev != "cuda":
+        return (f"torchao int4 weight-only has no {dev.upper()} kernel in torchao 0.18 (its int4 packings need "
+                f"CUDA tinygemm or FBGEMM's mslk); {len(int4)} tensor(s) ask for it, e.g. {int4[0]}")
+    return None
+
+
+def _can_run_bnb(plan, dev: str, rows) -> str | None:
+    if rows and dev not in ("cpu", "cuda", "meta"):
+        return f"bitsandbytes has no kernels for device {dev!r} in this build"
+    return None
+
+
+# Per method: the checks its can_run runs (library present, kernels for the device). rtn / none: simulated in
+# plain torch, run anywhere torch runs.
+CAN_RUN = {
+    "none": [],
+    "rtn": [],
+    "gptq": [_needs("llmcompressor", "llm-compressor")],
+    "awq": [_needs("llmcompressor", "llm-compressor")],
+    "gguf": [_needs("gguf", "gguf")],
+    "bnb": [_needs("bitsandbytes", "bitsandbytes"), _can_run_bnb],
+    "torchao": [_needs("torchao", "torchao"), _can_run_torchao],
+}
 
 
 def can_run(plan, device) -> str | None:
     """``None`` when ``plan``'s method can run it on ``device`` ("cpu", "cuda", a torch.device), else the reason.
 
-    Cheap (no model, no heavy import): libraries are looked up with importlib, kernels by device type.
+    Cheap (no model, no heavy import): libraries are looked up with importlib, kernels by device type. A method
+    whose plan has no row for it (everything kept) needs nothing.
     """
     method = plan.variant.method
-    dev = _device_type(device)
     rows = [r for r in plan.weight_rows() if r.method == method]
-    if method in _LIBRARY and (rows or method in ("gptq", "awq")):
-        mod, pip = _LIBRARY[method]
-        if not _has(mod):
-            return f"method {method!r} needs the {pip} package, which is not installed"
-    if method == "torchao":
-        int4 = [r.name for r in rows if r.precision == "int4"]
-        if int4 and dev != "cuda":
-            return (f"torchao int4 weight-only has no {dev.upper()} kernel in torchao 0.18 (its int4 packings need "
-                    f"CUDA tinygemm or FBGEMM's mslk); {len(int4)} tensor(s) ask for it, e.g. {int4[0]}")
-    if method == "bnb" and dev not in ("cpu", "cuda", "meta"):
-        return f"bitsandbytes has no kernels for device {dev!r} in this build"
+    if not rows:
+        return None
+    dev = _device_type(device)
+    for check in CAN_RUN[method]:
+        reason = check(plan, dev, rows)
+        if reason:
+            return reason
     return None
 
 
@@ -224,4 +251,4 @@ def check_can_run(plan, device, where: str) -> None:
 
 
 __all__ = ["OPTIONS", "accepted_options", "parse_options", "check_settings", "torchao_setting_problem",
-           "can_run", "check_can_run", "TORCHAO_INT4_GROUPS"]
+           "CAN_RUN", "can_run", "check_can_run", "TORCHAO_INT4_GROUPS"]
