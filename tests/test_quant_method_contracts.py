@@ -2,8 +2,6 @@
 shows (6: torchao), answers can_run(plan, device) before any model work (10), bnb 4-bit does not depend on the
 CPU kind (9), and gguf presets choose llama-quantize's type tensor by tensor (4)."""
 
-import copy
-
 import pytest
 import torch
 import yaml
