@@ -93,7 +93,7 @@ def parse_options(method: str, options: dict[str, Any], where: str) -> _Options:
     if "kv_granularity" in options and options["kv_granularity"] not in ("per_token", "per_head"):
         raise UserError(f"unknown kv_granularity {options['kv_granularity']!r}", where,
                         "use per_token (one scale per token and KV head, the default) or per_head (one scale per "
-                        "KV head over the tokens written so far)")
+                        "KV head)")
     try:
         parsed = model.model_validate(options)
     except ValidationError as exc:

@@ -30,7 +30,6 @@ from torch import nn
 from ..errors import UserError
 from .bnb import BNB_BLOCK_N
 from .components import LINEAR_COMPONENTS, Part, is_attnres, num_layers, resolve_components
-from .gguf_quant import ggml_n_dims
 from .policy import (
     ACT_FIELDS,
     FLOAT_WEIGHTS,
@@ -405,6 +404,13 @@ def _gguf_notes(rows: list[PlanRow]) -> list[str]:
                      "(ggml_n_dims < 2: norms, key norms, [1, d] pseudo-queries); simulated here because a rule "
                      "names them")
     return notes
+
+
+def ggml_n_dims(shape: tuple[int, ...]) -> int:
+    """``gguf_quant.ggml_n_dims`` (imported lazily: the gguf package is only needed for method gguf)."""
+    from .gguf_quant import ggml_n_dims as n_dims
+
+    return n_dims(shape)
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
