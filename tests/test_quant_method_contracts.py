@@ -90,6 +90,11 @@ def test_gguf_presets_tied_embedding_q4_k_s_and_fallbacks():
     assert [s[f"model.layers.{i}.attn.v_proj.weight"] for i in range(8)] == ["q5_k"] * 4 + ["q4_k"] * 4
     assert [s[f"model.layers.{i}.mlp.down_proj.weight"] for i in range(8)] == ["q5_k"] + ["q4_k"] * 7
     assert (s["model.embeddings.weight"], s["lm_head.weight"], s["model.res_proj.weight"]) == ("q4_k", "q6_k", None)
+    # legacy mixes: output.weight still Q6_K (ne[0] = 256 fits), token_embd and everything else at the base type
+    o = _types(resolve_plan(m, v({"name": "o", "method": "gguf", "options": {"preset": "q4_0"}}), "c.yaml"))
+    assert (o["model.embeddings.weight"], o["lm_head.weight"], o["model.layers.0.attn.v_proj.weight"],
+            o["model.layers.0.mlp.down_proj.weight"], o["model.layers.0.attn_res_proj.weight"]) == \
+        ("q4_0", "q6_k", "q4_0", "q4_0", None)
 
     # rows of 64: token_embd Q4_K -> Q5_0 (tensor_type_fallback), output -> Q8_0 (ne[0] % QK_K != 0)
     m64 = tiny_attnres(hidden=64, layers=2, intermediate=256, vocab=97)
