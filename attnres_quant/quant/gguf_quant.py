@@ -428,6 +428,8 @@ def roundtrip_error(weight: torch.Tensor, qtype: str) -> dict:
 # Followed: ggml-org/llama.cpp src/llama-quant.cpp at commit 007dbbf3fd17eefe9b47fee45f48f7ba5e62b714
 # (tensor_allows_quantization, llama_tensor_get_type_impl, tensor_type_fallback), dense non-Falcon models
 # without an importance matrix, --output-tensor-type / --token-embedding-type / --tensor-type not given.
+# llama.cpp counts attn_v / ffn_down tensors (i_attention_wv, i_ffn_down) in the loader's order, which sorts by
+# layer number (llama_model_loader::weight_name_comparer), so for dense models the counter is the layer index.
 PRESETS = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q5_K_S", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 _PRESET_BASE = {"Q4_K_M": "Q4_K", "Q4_K_S": "Q4_K", "Q5_K_M": "Q5_K", "Q5_K_S": "Q5_K", "Q6_K": "Q6_K",
                 "Q8_0": "Q8_0", "Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1"}
