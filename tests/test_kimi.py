@@ -374,3 +374,29 @@ def test_component_mapping_covers_every_parameter(cfg):
     ref = kimi_component("language_model.model.layers.0.self_attn.q_proj.weight_packed")
     assert ref is not None and ref.component in ("attn.q",) and ref.layer == 0
     assert kimi_component("vision_tower.encoder.blocks.0.mlp.fc0.weight") is None
+
+
+@pytest.mark.parametrize("cfg", [CFG_A, CFG_C], ids=["a", "c"])
+def test_left_padding_equals_unpadded(cfg, one_thread):
+    """A left-padded row of a batch gives the logits of the same tokens run alone (KDA state and
+    short convolutions start from zero at the first real token, as Moonshot's unpadding does)."""
+    model = _tiny(cfg)
+    g = torch.Generator().manual_seed(4)
+    long, short = torch.randint(0, V, (1, 9), generator=g), torch.randint(0, V, (1, 6), generator=g)
+    batch = torch.cat([long, torch.cat([torch.zeros(1, 3, dtype=torch.long), short], dim=1)])
+    mask = torch.ones_like(batch)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        both = model(input_ids=batch, attention_mask=mask, use_cache=False).logits
+    assert (both[0] - _logits(model, long)[0]).abs().max() < 2e-4
+    assert (both[1, 3:] - _logits(model, short)[0]).abs().max() < 2e-4
+
+
+def test_generate_uses_the_kimi_cache(one_thread):
+    model = _tiny(CFG_A)
+    ids = torch.randint(3, V, (1, 5), generator=torch.Generator().manual_seed(0))  # no pad/eos ids in the prompt
+    out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
+    x = ids
+    for _ in range(5):
+        x = torch.cat([x, _logits(model, x)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, x)

@@ -547,6 +547,11 @@ class KimiAttnResModel(KimiPreTrainedModel):
 
 class KimiAttnResForCausalLM(KimiPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _is_stateful = True  # KDA's recurrent state cannot be cropped or rolled back
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # generate() must let the model create its own KimiCache
 
     def __init__(self, config: KimiAttnResConfig):
         super().__init__(config)
