@@ -400,3 +400,62 @@ def test_generate_uses_the_kimi_cache(one_thread):
     for _ in range(5):
         x = torch.cat([x, _logits(model, x)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out, x)
+
+
+def _mxfp4_checkpoint(model, directory, cfg):
+    """Write ``model`` as compressed-tensors MXFP4 (weight-only, groups of 32) with compressed-tensors'
+    own scale rule and compressor; AttnRes projections, routers, embeddings and lm_head stay dense
+    (as the K3 release and llm-compressor's K3 ignore list keep them)."""
+    from compressed_tensors.compressors.mxfp4.base import MXFP4PackedCompressor
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+    from compressed_tensors.quantization.quant_scheme import MXFP4A16
+    from compressed_tensors.quantization.utils.mxfp_utils import generate_mx_scales
+
+    scheme = QuantizationScheme(targets=["Linear"], **MXFP4A16)
+    state, quantized, ignore = {}, {}, []
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    for name, tensor in model.state_dict().items():
+        module = name.rpartition(".")[0]
+        if module in linears and tensor.shape[-1] % 32 == 0 and "res_proj" not in name and module != "lm_head":
+            w = tensor.float()
+            amax = w.view(w.shape[0], -1, 32).abs().amax(-1)
+            scale = torch.exp2(generate_mx_scales(amax) - 127)
+            packed = MXFP4PackedCompressor.compress({"weight": w, "weight_scale": scale}, scheme)
+            state[f"{module}.weight_packed"] = packed["weight_packed"]
+            state[f"{module}.weight_scale"] = packed["weight_scale"]
+            quantized[module] = packed
+        else:
+            state[name] = tensor
+            if module in linears:
+                ignore.append(module)
+    qcfg = QuantizationConfig(config_groups={"group_0": scheme}, format="mxfp4-pack-quantized",
+                              quantization_status="compressed", ignore=ignore).to_dict()
+    _save(state, directory, dict(cfg, model_type="kimi_linear", quantization_config=qcfg), shards=2)
+    return scheme, quantized
+
+
+def test_mxfp4_checkpoint_dequantizes_like_compressed_tensors(tmp_path, one_thread):
+    from compressed_tensors.compressors.mxfp4.base import MXFP4PackedCompressor
+
+    model = _tiny(CFG_A)
+    scheme, quantized = _mxfp4_checkpoint(model, tmp_path / "mx", CFG_A)
+    with open(tmp_path / "mx" / "config.json") as fh:
+        assert json.load(fh)["quantization_config"]["format"] == "mxfp4-pack-quantized"
+    with pytest.warns(UserWarning, match="as shipped: mxfp4"):
+        loaded, notes = load_kimi(tmp_path / "mx", dtype="float32")
+    assert any(n.startswith("as shipped: mxfp4 for ") and "moe.experts.gate" in n and "attn.q" in n for n in notes)
+    assert "depth.query" not in loaded._kimi_as_shipped["mxfp4-pack-quantized"]
+    params = dict(loaded.named_parameters())
+    assert len(quantized) > 20
+    for module, packed in quantized.items():
+        theirs = MXFP4PackedCompressor.decompress(dict(packed), scheme)["weight"]
+        ours = params[f"{module}.weight"]
+        assert torch.equal(ours, theirs.float()), module  # bit-exact
+        assert not torch.equal(ours, dict(model.named_parameters())[f"{module}.weight"])  # really quantized
+    dense = {n for n, _ in model.named_parameters()} - {f"{m}.weight" for m in quantized}
+    for name in dense:
+        assert torch.equal(params[name], dict(model.named_parameters())[name]), name
+    # bf16 loading: the same values (exact in bf16).
+    bf16, _ = load_kimi(tmp_path / "mx", dtype="bfloat16")
+    some = next(iter(quantized))
+    assert torch.equal(dict(bf16.named_parameters())[f"{some}.weight"].float(), params[f"{some}.weight"])

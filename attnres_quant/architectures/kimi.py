@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import UserError
+from .compressed import check_quantization_config, dequantize_mxfp4
 
 MODEL_TYPES = ("kimi_linear", "kimi_k3")
 K3_TEXT_PREFIX = "language_model."
@@ -204,8 +205,9 @@ def load_kimi(path: str | Path, *, dtype: Any = "bfloat16", device: Any = "cpu")
     """Load a Kimi-Linear / Kimi K3 checkpoint directory into :class:`KimiAttnResForCausalLM`.
 
     Returns ``(model, notes)``: the model in eval mode, and notes about what was skipped (the K3
-    vision tower, multi-token-prediction layers).  Missing, unexpected or mis-shaped text-model
-    weights are a ``UserError``.  Compressed-tensors packed checkpoints are not read yet.
+    vision tower, multi-token-prediction layers, and "as shipped: <format> for <components>" for a
+    compressed-tensors MXFP4 checkpoint, whose packed Linear weights are dequantized into ``dtype``).
+    Missing, unexpected or mis-shaped text-model weights are a ``UserError``.
     """
     import torch
     from safetensors import safe_open
@@ -222,9 +224,7 @@ def load_kimi(path: str | Path, *, dtype: Any = "bfloat16", device: Any = "cpu")
         raw = json.load(fh)
     _, prefix = text_config_dict(raw)
     qcfg = raw.get("quantization_config") or (raw.get("text_config") or {}).get("quantization_config")
-    if qcfg:
-        raise UserError(f"Quantized Kimi checkpoints ({qcfg.get('quant_method', 'unknown format')}) are not read "
-                        "yet", where=where, fix="use a bf16 checkpoint (dequantizing loads are future work)")
+    packed_format = check_quantization_config(qcfg, where) if qcfg else None
     config = build_config(raw)
     torch_dtype = None if str(dtype) == "auto" else (dtype if isinstance(dtype, torch.dtype)
                                                       else getattr(torch, str(dtype).removeprefix("torch.")))
@@ -238,6 +238,7 @@ def load_kimi(path: str | Path, *, dtype: Any = "bfloat16", device: Any = "cpu")
     state: dict[str, torch.Tensor] = {}
     skipped: dict[str, int] = {}
     unexpected: list[str] = []
+    packed: dict[str, dict[str, torch.Tensor]] = {}  # module name -> {weight_packed, weight_scale}
     mtp = re.compile(r"model\.layers\.(\d+)\.")
     for file in weight_files(directory):
         with safe_open(str(file), framework="pt") as fh:
@@ -250,6 +251,10 @@ def load_kimi(path: str | Path, *, dtype: Any = "bfloat16", device: Any = "cpu")
                         unexpected.append(key)
                     continue
                 name = key[len(prefix):]
+                if packed_format is not None and name.endswith((".weight_packed", ".weight_scale")):
+                    module, _, field = name.rpartition(".")
+                    packed.setdefault(module, {})[field] = fh.get_tensor(key)
+                    continue
                 m = mtp.match(name)
                 if name not in expected and m and int(m.group(1)) >= L:
                     skipped["multi-token-prediction layers"] = skipped.get("multi-token-prediction layers", 0) + 1
@@ -261,6 +266,16 @@ def load_kimi(path: str | Path, *, dtype: Any = "bfloat16", device: Any = "cpu")
                 if tensor.is_floating_point() and torch_dtype is not None:
                     tensor = tensor.to(torch_dtype)
                 state[name] = tensor
+    shipped: dict[str, set[str]] = {}
+    for module, parts in sorted(packed.items()):
+        name = f"{module}.weight"
+        if name not in expected or set(parts) != {"weight_packed", "weight_scale"}:
+            unexpected.extend(f"{prefix}{module}.{f}" for f in parts)
+            continue
+        tensor = dequantize_mxfp4(parts["weight_packed"], parts["weight_scale"])
+        state[name] = tensor if torch_dtype is None else tensor.to(torch_dtype)
+        ref = kimi_component(name, L)
+        shipped.setdefault(packed_format, set()).add(ref.component if ref else "other")
     tied = bool(config.tie_word_embeddings)
     missing = sorted(k for k in expected if k not in state and not (tied and k == "lm_head.weight"))
     wrong = sorted(k for k, t in state.items() if tuple(t.shape) != tuple(expected[k].shape))
@@ -279,7 +294,10 @@ def load_kimi(path: str | Path, *, dtype: Any = "bfloat16", device: Any = "cpu")
         model.lm_head.weight = model.model.embed_tokens.weight
     for group, n in skipped.items():
         notes.append(f"skipped {n} tensors of {group.rstrip('.')} (not part of the text model studied here)")
+    for fmt, comps in shipped.items():
+        notes.append(f"as shipped: {fmt.split('-')[0]} for {', '.join(sorted(comps))} (dequantized on load)")
     model = model.to(device).eval()
+    model._kimi_as_shipped = {fmt: sorted(c) for fmt, c in shipped.items()}
     for note in notes:
         warnings.warn(f"{where}: {note}", UserWarning, stacklevel=2)
     return model, notes
