@@ -128,7 +128,11 @@ def _logits(model, ids, **kw):
 
 
 # --------------------------------------------------------------------------- equality with Moonshot's code
-@pytest.mark.parametrize("name,cfg,tol,shards", [("a_kda_mla_moe", CFG_A, 2e-4, 1), ("b_dense_mla", CFG_B, 1e-5, 2)])
+@pytest.mark.parametrize("name,cfg,tol,shards", [
+    ("a_kda_mla_moe", CFG_A, 2e-4, 1),
+    ("b_dense_mla", CFG_B, 1e-5, 2),
+    ("a_standard_residual", dict(CFG_A, attn_res_block_size=None), 2e-4, 1),  # Kimi-Linear without AttnRes
+])
 def test_kimi_linear_logits_equal_moonshot(tmp_path, name, cfg, tol, shards, one_thread):
     with patch_moonshot_reference() as mk:
         ref = _moonshot(mk, cfg)

@@ -226,8 +226,7 @@ def load_kimi(path: str | Path, *, dtype: Any = "bfloat16", device: Any = "cpu")
     qcfg = raw.get("quantization_config") or (raw.get("text_config") or {}).get("quantization_config")
     packed_format = check_quantization_config(qcfg, where) if qcfg else None
     config = build_config(raw)
-    torch_dtype = None if str(dtype) == "auto" else (dtype if isinstance(dtype, torch.dtype)
-                                                      else getattr(torch, str(dtype).removeprefix("torch.")))
+    torch_dtype = _torch_dtype(dtype)
     notes: list[str] = []
     if raw.get("auto_map"):
         notes.append("config.json names remote code (auto_map); it is not run: the Kimi model is attnres_quant's own")
@@ -273,7 +272,9 @@ def load_kimi(path: str | Path, *, dtype: Any = "bfloat16", device: Any = "cpu")
             unexpected.extend(f"{prefix}{module}.{f}" for f in parts)
             continue
         tensor = dequantize_mxfp4(parts["weight_packed"], parts["weight_scale"])
-        state[name] = tensor if torch_dtype is None else tensor.to(torch_dtype)
+        # dtype "auto": the dtype the checkpoint's dense weights have (the embedding's).
+        target = torch_dtype or getattr(state.get("model.embed_tokens.weight"), "dtype", torch.bfloat16)
+        state[name] = tensor.to(target)
         ref = kimi_component(name, L)
         shipped.setdefault(packed_format, set()).add(ref.component if ref else "other")
     tied = bool(config.tie_word_embeddings)
@@ -301,6 +302,25 @@ def load_kimi(path: str | Path, *, dtype: Any = "bfloat16", device: Any = "cpu")
     for note in notes:
         warnings.warn(f"{where}: {note}", UserWarning, stacklevel=2)
     return model, notes
+
+
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+
+
+def _torch_dtype(dtype: Any):
+    """torch dtype from a torch.dtype or a name (bfloat16 / bf16 / float16 / fp16 / float32 / fp32); None for auto."""
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).removeprefix("torch.").lower()
+    if name == "auto":
+        return None
+    name = _DTYPE_ALIASES.get(name, name)
+    if name not in ("bfloat16", "float16", "float32"):
+        raise UserError(f"Unknown model dtype {dtype!r}", where="model dtype",
+                        fix="use bfloat16, float16, float32 or auto (the checkpoint's own dtype)")
+    return getattr(torch, name)
 
 
 def _short(keys: list[str], n: int = 5) -> str:
