@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from attnres_quant.architectures.kimi import COMPONENTS, kimi_component, kimi_parts, load_kimi
+from attnres_quant.architectures.kimi import COMPONENTS, FAMILY, kimi_component, kimi_parts, load_kimi
 from attnres_quant.architectures.kimi_modeling import KimiAttnResConfig, KimiAttnResForCausalLM
 from attnres_quant.architectures.kimi_torch_ops import patch_moonshot_reference
 
@@ -374,6 +374,7 @@ def test_component_mapping_covers_every_parameter(cfg):
         assert not any(c.startswith("moe.") or c in ("attn.state", "attn.conv") for c in found)
     if cfg is CFG_C:
         assert {"moe.latent.down", "moe.latent.up", "attn.gate"} <= found
+    assert FAMILY.handles_model(model) and FAMILY.handles_config({"model_type": "kimi_k3"})
     # K3 names and compressed-tensors suffixes resolve too.
     ref = kimi_component("language_model.model.layers.0.self_attn.q_proj.weight_packed")
     assert ref is not None and ref.component in ("attn.q",) and ref.layer == 0
@@ -463,3 +464,32 @@ def test_mxfp4_checkpoint_dequantizes_like_compressed_tensors(tmp_path, one_thre
     bf16, _ = load_kimi(tmp_path / "mx", dtype="bfloat16")
     some = next(iter(quantized))
     assert torch.equal(dict(bf16.named_parameters())[f"{some}.weight"].float(), params[f"{some}.weight"])
+
+
+def test_save_pretrained_round_trip_and_tied_embeddings(tmp_path, one_thread):
+    model = _tiny(dict(CFG_B, tie_word_embeddings=True))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model.save_pretrained(tmp_path / "rt")
+    with open(tmp_path / "rt" / "config.json") as fh:
+        raw = json.load(fh)
+    assert raw["model_type"] == "kimi_linear" and raw["attn_res_block_size"] == 2
+    loaded, notes = load_kimi(tmp_path / "rt", dtype="float32")
+    assert notes == [] and loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    ids = torch.randint(0, V, (1, 6), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(_logits(loaded, ids), _logits(model, ids))
+
+
+def test_loader_errors_are_user_errors(tmp_path):
+    from attnres_quant.errors import UserError
+
+    model = _tiny(CFG_B)
+    state = model.state_dict()
+    state.pop("model.layers.0.mlp_res_proj.weight")
+    state["model.layers.0.extra.weight"] = torch.zeros(2)
+    _save(state, tmp_path / "bad", dict(CFG_B, model_type="kimi_linear"))
+    with pytest.raises(UserError, match="missing weights model.layers.0.mlp_res_proj.weight.*unexpected"):
+        load_kimi(tmp_path / "bad", dtype="float32")
+    _save(model.state_dict(), tmp_path / "nv", dict(CFG_B, model_type="kimi_linear", quantization_config={
+        "quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized", "config_groups": {}}))
+    with pytest.raises(UserError, match="nvfp4-pack-quantized"):
+        load_kimi(tmp_path / "nv")

@@ -327,6 +327,34 @@ def _short(keys: list[str], n: int = 5) -> str:
     return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
-__all__ = ["MODEL_TYPES", "COMPONENTS", "WEIGHT_COMPONENTS", "COMPUTE_COMPONENTS", "DEFAULT_KEEP", "ComponentRef",
+def is_kimi_model(model) -> bool:
+    from .kimi_modeling import KimiAttnResForCausalLM
+
+    return isinstance(model, KimiAttnResForCausalLM)
+
+
+@dataclass(frozen=True)
+class Family:
+    """What an architecture registry needs from this family (the registry itself is not built yet)."""
+
+    name: str
+    model_types: tuple[str, ...]
+    components: tuple[str, ...]
+    compute_components: tuple[str, ...]
+    default_keep: tuple[str, ...]
+    load: Any  # (path, *, dtype, device) -> (model, notes)
+    component: Any  # (name, num_layers=None) -> ComponentRef | None
+    parts: Any  # (model) -> Iterator[KimiPart]
+    handles_model: Any  # (model) -> bool
+
+    def handles_config(self, config: dict) -> bool:
+        return config.get("model_type") in self.model_types
+
+
+FAMILY = Family("kimi", MODEL_TYPES, COMPONENTS, COMPUTE_COMPONENTS, DEFAULT_KEEP, load_kimi, kimi_component,
+                kimi_parts, is_kimi_model)
+
+
+__all__ = ["FAMILY", "Family", "is_kimi_model", "MODEL_TYPES", "COMPONENTS", "WEIGHT_COMPONENTS", "COMPUTE_COMPONENTS", "DEFAULT_KEEP", "ComponentRef",
            "KimiPart", "kimi_component", "kimi_parts", "is_kimi_config", "text_config_dict", "build_config",
            "load_kimi", "weight_files"]
