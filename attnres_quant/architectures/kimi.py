@@ -355,6 +355,6 @@ FAMILY = Family("kimi", MODEL_TYPES, COMPONENTS, COMPUTE_COMPONENTS, DEFAULT_KEE
                 kimi_parts, is_kimi_model)
 
 
-__all__ = ["FAMILY", "Family", "is_kimi_model", "MODEL_TYPES", "COMPONENTS", "WEIGHT_COMPONENTS", "COMPUTE_COMPONENTS", "DEFAULT_KEEP", "ComponentRef",
-           "KimiPart", "kimi_component", "kimi_parts", "is_kimi_config", "text_config_dict", "build_config",
+__all__ = ["FAMILY", "Family", "is_kimi_model", "MODEL_TYPES", "COMPONENTS", "WEIGHT_COMPONENTS",
+           "COMPUTE_COMPONENTS", "DEFAULT_KEEP", "ComponentRef", "KimiPart", "kimi_component", "kimi_parts", "is_kimi_config", "text_config_dict", "build_config",
            "load_kimi", "weight_files"]
