@@ -493,3 +493,26 @@ def test_loader_errors_are_user_errors(tmp_path):
         "quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized", "config_groups": {}}))
     with pytest.raises(UserError, match="nvfp4-pack-quantized"):
         load_kimi(tmp_path / "nv")
+
+
+def test_torch_kda_matches_fla_naive_reference():
+    """Where fla-core is installed (it needs triton): our KDA recurrence and gate against FLA's own
+    torch references (fla.ops.kda.naive / naive_kda_gate), state layouts transposed.  Checked here
+    once against fla-core 0.6.0's sources: 3e-8 (output), 9e-8 (state), gates bit-exact."""
+    naive = pytest.importorskip("fla.ops.kda.naive")
+    gate = pytest.importorskip("fla.ops.kda.gate")
+    from attnres_quant.architectures.kimi_torch_ops import l2norm, recurrent_kda
+
+    g = torch.Generator().manual_seed(0)
+    B, T, H, K = 2, 13, 3, 8
+    q, k, v, raw = (torch.randn(B, T, H, K, generator=g) for _ in range(4))
+    beta = torch.randn(B, T, H, generator=g)
+    A_log = torch.log(torch.empty(H).uniform_(1, 16, generator=g))
+    dt_bias = torch.randn(H * K, generator=g)
+    h0 = torch.randn(B, H, K, K, generator=g)
+    decay = gate.naive_kda_gate(raw, A_log, dt_bias)
+    o_ref, s_ref = naive.naive_recurrent_kda(l2norm(q), l2norm(k), v, decay, beta.sigmoid(), initial_state=h0,
+                                             output_final_state=True)
+    o, s = recurrent_kda(q, k, v, raw, beta, initial_state=h0.transpose(-1, -2), A_log=A_log, dt_bias=dt_bias)
+    assert (o - o_ref).abs().max() < 1e-6
+    assert (s.transpose(-1, -2) - s_ref).abs().max() < 1e-6
