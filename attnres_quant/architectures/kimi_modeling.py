@@ -465,10 +465,11 @@ class KimiPreTrainedModel(PreTrainedModel):
 
 
 class KimiAttnResModel(KimiPreTrainedModel):
-    # The reference model's depth loop and folded-query cache, reused as they are: the config's
-    # attnres_block_size / num_sublayers / attnres_two_phase give it the Kimi block in sub-layers.
-    _attnres_forward = AttnResModel._attnres_forward
-    _folded_queries = AttnResModel._folded_queries
+    # The reference model's depth loop and folded queries, reused as they are (taken from the class
+    # dict so a staticmethod stays one): the config's attnres_block_size / num_sublayers /
+    # attnres_two_phase give it the Kimi block in sub-layers.
+    _attnres_forward = AttnResModel.__dict__["_attnres_forward"]
+    _folded_queries = AttnResModel.__dict__["_folded_queries"]
 
     def __init__(self, config: KimiAttnResConfig):
         super().__init__(config)
