@@ -1,0 +1,360 @@
+"""Kimi-Linear / Kimi K3 family: which checkpoints it loads, how, and its component names.
+
+* Model types: ``kimi_linear`` (Moonshot's ``KimiLinearConfig``; Block AttnRes when
+  ``attn_res_block_size`` is set, the standard residual otherwise) and ``kimi_k3`` (a
+  ``KimiK3Config`` whose ``text_config`` is a Kimi-Linear model stored under
+  ``language_model.``; the vision tower and the multimodal projector are not loaded).
+* Loading (:func:`load_kimi`): a local directory with config.json and safetensors weights
+  (``model.safetensors``, ``model.safetensors.index.json`` shards, or ``model-*.safetensors``),
+  offline, never running the checkpoint's own code: the model is ours
+  (:mod:`.kimi_modeling`) and equals Moonshot's code (tests/test_kimi.py).
+* Components (:func:`kimi_component`): a pure function from a module or parameter name to
+  ``(component, layer, expert)``, SPEC section 2 extended for this family; computations
+  (depth softmax/sources, the MLA latent cache, the KDA state) come from :func:`kimi_parts`.
+
+Not wired into ``attnres_quant.loading`` / ``quant.plan`` yet (see docs/checkpoints.md).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..errors import UserError
+from .compressed import check_quantization_config, dequantize_mxfp4
+
+MODEL_TYPES = ("kimi_linear", "kimi_k3")
+K3_TEXT_PREFIX = "language_model."
+K3_SKIPPED_PREFIXES = ("vision_tower.", "mm_projector.", "multi_modal_projector.")
+
+# Weight components of this family, then computations.
+WEIGHT_COMPONENTS = (
+    "embed", "norm", "lm_head", "depth.query", "depth.key_norm",
+    "attn.q", "attn.k", "attn.v", "attn.o", "attn.gate", "attn.conv", "attn.decay",
+    "attn.q_a", "attn.q_b", "attn.kv_a", "attn.kv_b",
+    "mlp.gate", "mlp.up", "mlp.down",
+    "moe.router", "moe.experts.gate", "moe.experts.up", "moe.experts.down",
+    "moe.shared.gate", "moe.shared.up", "moe.shared.down",
+    "moe.latent.down", "moe.latent.up",  # K3's latent MoE projections (routed_expert_{down,up}_proj)
+)
+COMPUTE_COMPONENTS = ("depth.softmax", "depth.sources", "attn.kv_cache", "attn.state")
+COMPONENTS = WEIGHT_COMPONENTS + COMPUTE_COMPONENTS
+# Components a method's default never quantizes unless a rule asks for them (the K3 ignore lesson:
+# llm-compressor's patch_kimi_k3_ignore keeps *_res_proj out of quantization by hand).
+DEFAULT_KEEP = ("depth.query", "depth.key_norm", "moe.router", "attn.decay", "norm")
+
+
+@dataclass(frozen=True)
+class ComponentRef:
+    component: str
+    layer: int | None  # decoder layer; num_hidden_layers for the final norm / output mix; None for embed, lm_head
+    expert: int | None = None  # routed expert index (moe.experts.*)
+
+
+_L = r"model\.layers\.(?P<layer>\d+)\."
+_RULES: list[tuple[re.Pattern, str]] = [(re.compile(p), c) for p, c in [
+    (r"model\.embed_tokens", "embed"),
+    (r"lm_head", "lm_head"),
+    (r"model\.norm", "norm"),
+    (r"model\.output_attn_res_proj", "depth.query"),
+    (r"model\.output_attn_res_norm", "depth.key_norm"),
+    (_L + r"(input_layernorm|post_attention_layernorm)", "norm"),
+    (_L + r"(self_attention|mlp)_res_proj", "depth.query"),
+    (_L + r"(self_attention|mlp)_res_norm", "depth.key_norm"),
+    (_L + r"self_attn\.(?P<p>q|k|v|o)_proj", "attn.{p}"),
+    (_L + r"self_attn\.q_a_proj", "attn.q_a"),
+    (_L + r"self_attn\.q_b_proj", "attn.q_b"),
+    (_L + r"self_attn\.kv_a_proj_with_mqa", "attn.kv_a"),
+    (_L + r"self_attn\.kv_b_proj", "attn.kv_b"),
+    (_L + r"self_attn\.(q_a_layernorm|kv_a_layernorm|o_norm)", "norm"),
+    (_L + r"self_attn\.(q|k|v)_conv1d", "attn.conv"),
+    (_L + r"self_attn\.(A_log|dt_bias)", "attn.decay"),
+    (_L + r"self_attn\.(f_a|f_b|g_a|g_b|g|b)_proj", "attn.gate"),  # KDA gates; MLA's output gate g_proj
+    (_L + r"mlp\.(?P<p>gate|up|down)_proj", "mlp.{p}"),
+    (_L + r"block_sparse_moe\.gate(\.(weight|e_score_correction_bias))?", "moe.router"),
+    (_L + r"block_sparse_moe\.experts\.(?P<expert>\d+)\.(?P<w>w1|w2|w3)", "moe.experts.{w}"),
+    (_L + r"block_sparse_moe\.shared_experts\.(?P<p>gate|up|down)_proj", "moe.shared.{p}"),
+    (_L + r"block_sparse_moe\.routed_expert_(?P<p>down|up)_proj", "moe.latent.{p}"),
+    (_L + r"block_sparse_moe\.routed_expert_norm", "norm"),
+]]
+_EXPERT_W = {"w1": "gate", "w3": "up", "w2": "down"}
+# Tensor suffixes: plain weights and compressed-tensors' packed formats (for naming checkpoint tensors).
+_SUFFIX = re.compile(r"\.(weight|bias|weight_packed|weight_scale|weight_zero_point|weight_global_scale|"
+                     r"weight_shape|weight_g_idx|input_scale|input_global_scale|input_zero_point)$")
+
+
+def kimi_component(name: str, num_layers: int | None = None) -> ComponentRef | None:
+    """Component, layer and expert of a Kimi module / parameter / checkpoint tensor name.
+
+    Accepts names with or without K3's ``language_model.`` prefix and with or without a tensor
+    suffix (``.weight``, compressed-tensors' ``.weight_packed`` ...).  Returns None for names that
+    are not parts (containers, the vision tower).  ``num_layers`` gives the final norm and the
+    output depth mix their layer index (after the last layer), as for the reference model.
+    """
+    if name.startswith(K3_TEXT_PREFIX):
+        name = name[len(K3_TEXT_PREFIX):]
+    for candidate in (name, _SUFFIX.sub("", name)):
+        for pattern, comp in _RULES:
+            m = pattern.fullmatch(candidate)
+            if m is None:
+                continue
+            groups = m.groupdict()
+            if "{p}" in comp:
+                comp = comp.format(p=groups["p"])
+            elif "{w}" in comp:
+                comp = comp.format(w=_EXPERT_W[groups["w"]])
+            layer = int(groups["layer"]) if groups.get("layer") is not None else None
+            if layer is None and comp in ("norm", "depth.query", "depth.key_norm"):
+                layer = num_layers
+            expert = int(groups["expert"]) if groups.get("expert") is not None else None
+            return ComponentRef(comp, layer, expert)
+    return None
+
+
+@dataclass
+class KimiPart:
+    """A weight tensor (kind "weight", name = parameter name) or a computation (kind "compute",
+    name = module name holding the precision hook)."""
+
+    name: str
+    ref: ComponentRef
+    kind: str
+
+
+def kimi_parts(model) -> Iterator[KimiPart]:
+    """Every parameter (by name) and every computation hook of a loaded Kimi model."""
+    from .kimi_modeling import KimiDeltaAttention, KimiMLAAttention
+    from ..model.depth import DepthMixer
+
+    L = model.config.num_hidden_layers
+    for pname, _ in model.named_parameters():
+        ref = kimi_component(pname, L)
+        if ref is None:
+            raise ValueError(f"Kimi parameter {pname!r} has no component")
+        yield KimiPart(pname, ref, "weight")
+    for mname, module in model.named_modules():
+        if isinstance(module, DepthMixer):
+            for comp in ("depth.softmax", "depth.sources"):
+                yield KimiPart(mname, ComponentRef(comp, module.sublayer // 2), "compute")
+        elif isinstance(module, KimiMLAAttention):
+            yield KimiPart(mname, ComponentRef("attn.kv_cache", module.layer_idx), "compute")
+        elif isinstance(module, KimiDeltaAttention):
+            yield KimiPart(mname, ComponentRef("attn.state", module.layer_idx), "compute")
+
+
+# --------------------------------------------------------------------------- config
+def is_kimi_config(config: dict) -> bool:
+    return config.get("model_type") in MODEL_TYPES
+
+
+def text_config_dict(config: dict) -> tuple[dict, str]:
+    """(the Kimi-Linear text config, the tensor-name prefix of the text model) of a config.json dict."""
+    mt = config.get("model_type")
+    if mt == "kimi_linear":
+        return dict(config), ""
+    if mt == "kimi_k3":
+        text = config.get("text_config")
+        if not isinstance(text, dict):
+            raise UserError("A kimi_k3 config.json needs a `text_config` object", where="config.json",
+                            fix="use the checkpoint's original config.json")
+        return dict(text), K3_TEXT_PREFIX
+    raise UserError(f"model_type {mt!r} is not a Kimi model", where="config.json",
+                    fix=f"this loader reads model_type {' or '.join(MODEL_TYPES)}")
+
+
+def build_config(config: dict):
+    from .kimi_modeling import KimiAttnResConfig
+
+    text, _ = text_config_dict(config)
+    for key in ("auto_map", "architectures", "quantization_config", "transformers_version", "torch_dtype", "dtype"):
+        text.pop(key, None)
+    try:
+        return KimiAttnResConfig(**text)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"The Kimi config could not be read ({exc})", where="config.json",
+                        fix="check the text model's fields against Moonshot's KimiLinearConfig") from None
+
+
+# --------------------------------------------------------------------------- loading
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory (an index's shards, or the single file)."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        with open(index, encoding="utf-8") as fh:
+            weight_map = json.load(fh).get("weight_map", {})
+        files = sorted({directory / f for f in weight_map.values()})
+    elif (directory / "model.safetensors").is_file():
+        files = [directory / "model.safetensors"]
+    else:
+        files = sorted(directory.glob("model-*.safetensors"))
+    if not files:
+        raise UserError("The checkpoint has no safetensors weights", where=str(directory),
+                        fix="point at a directory with model.safetensors or model.safetensors.index.json")
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise UserError(f"Weight shards listed in the index are missing: {', '.join(missing[:5])}",
+                        where=str(directory), fix="download the complete checkpoint")
+    return files
+
+
+def load_kimi(path: str | Path, *, dtype: Any = "bfloat16", device: Any = "cpu"):
+    """Load a Kimi-Linear / Kimi K3 checkpoint directory into :class:`KimiAttnResForCausalLM`.
+
+    Returns ``(model, notes)``: the model in eval mode, and notes about what was skipped (the K3
+    vision tower, multi-token-prediction layers, and "as shipped: <format> for <components>" for a
+    compressed-tensors MXFP4 checkpoint, whose packed Linear weights are dequantized into ``dtype``).
+    Missing, unexpected or mis-shaped text-model weights are a ``UserError``.
+    """
+    import torch
+    from safetensors import safe_open
+
+    from .kimi_modeling import KimiAttnResForCausalLM
+
+    directory = Path(path)
+    where = f"model path {str(path)!r}"
+    cfg_file = directory / "config.json"
+    if not cfg_file.is_file():
+        raise UserError("The checkpoint has no config.json", where=where,
+                        fix="point at a checkpoint directory (config.json + safetensors)")
+    with open(cfg_file, encoding="utf-8") as fh:
+        raw = json.load(fh)
+    _, prefix = text_config_dict(raw)
+    qcfg = raw.get("quantization_config") or (raw.get("text_config") or {}).get("quantization_config")
+    packed_format = check_quantization_config(qcfg, where) if qcfg else None
+    config = build_config(raw)
+    torch_dtype = _torch_dtype(dtype)
+    notes: list[str] = []
+    if raw.get("auto_map"):
+        notes.append("config.json names remote code (auto_map); it is not run: the Kimi model is attnres_quant's own")
+    with torch.device("meta"):
+        model = KimiAttnResForCausalLM(config)
+    expected = dict(model.state_dict())
+    L = config.num_hidden_layers
+    state: dict[str, torch.Tensor] = {}
+    skipped: dict[str, int] = {}
+    unexpected: list[str] = []
+    packed: dict[str, dict[str, torch.Tensor]] = {}  # module name -> {weight_packed, weight_scale}
+    mtp = re.compile(r"model\.layers\.(\d+)\.")
+    for file in weight_files(directory):
+        with safe_open(str(file), framework="pt") as fh:
+            for key in fh.keys():
+                if prefix and not key.startswith(prefix):
+                    group = next((p for p in K3_SKIPPED_PREFIXES if key.startswith(p)), None)
+                    if group is not None:
+                        skipped[group] = skipped.get(group, 0) + 1
+                    else:
+                        unexpected.append(key)
+                    continue
+                name = key[len(prefix):]
+                if packed_format is not None and name.endswith((".weight_packed", ".weight_scale")):
+                    module, _, field = name.rpartition(".")
+                    packed.setdefault(module, {})[field] = fh.get_tensor(key)
+                    continue
+                m = mtp.match(name)
+                if name not in expected and m and int(m.group(1)) >= L:
+                    skipped["multi-token-prediction layers"] = skipped.get("multi-token-prediction layers", 0) + 1
+                    continue
+                if name not in expected:
+                    unexpected.append(key)
+                    continue
+                tensor = fh.get_tensor(key)
+                if tensor.is_floating_point() and torch_dtype is not None:
+                    tensor = tensor.to(torch_dtype)
+                state[name] = tensor
+    shipped: dict[str, set[str]] = {}
+    for module, parts in sorted(packed.items()):
+        name = f"{module}.weight"
+        if name not in expected or set(parts) != {"weight_packed", "weight_scale"}:
+            unexpected.extend(f"{prefix}{module}.{f}" for f in parts)
+            continue
+        tensor = dequantize_mxfp4(parts["weight_packed"], parts["weight_scale"])
+        # dtype "auto": the dtype the checkpoint's dense weights have (the embedding's).
+        target = torch_dtype or getattr(state.get("model.embed_tokens.weight"), "dtype", torch.bfloat16)
+        state[name] = tensor.to(target)
+        ref = kimi_component(name, L)
+        shipped.setdefault(packed_format, set()).add(ref.component if ref else "other")
+    tied = bool(config.tie_word_embeddings)
+    missing = sorted(k for k in expected if k not in state and not (tied and k == "lm_head.weight"))
+    wrong = sorted(k for k, t in state.items() if tuple(t.shape) != tuple(expected[k].shape))
+    problems = []
+    if missing:
+        problems.append(f"missing weights {_short(missing)}")
+    if unexpected:
+        problems.append(f"unexpected weights {_short(sorted(unexpected))}")
+    if wrong:
+        problems.append(f"weights of the wrong shape {_short(wrong)}")
+    if problems:
+        raise UserError("The Kimi checkpoint does not match its config: " + "; ".join(problems), where=where,
+                        fix="check that config.json belongs to these weights (Moonshot's parameter names)")
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    for group, n in skipped.items():
+        notes.append(f"skipped {n} tensors of {group.rstrip('.')} (not part of the text model studied here)")
+    for fmt, comps in shipped.items():
+        notes.append(f"as shipped: {fmt.split('-')[0]} for {', '.join(sorted(comps))} (dequantized on load)")
+    model = model.to(device).eval()
+    model._kimi_as_shipped = {fmt: sorted(c) for fmt, c in shipped.items()}
+    for note in notes:
+        warnings.warn(f"{where}: {note}", UserWarning, stacklevel=2)
+    return model, notes
+
+
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+
+
+def _torch_dtype(dtype: Any):
+    """torch dtype from a torch.dtype or a name (bfloat16 / bf16 / float16 / fp16 / float32 / fp32); None for auto."""
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).removeprefix("torch.").lower()
+    if name == "auto":
+        return None
+    name = _DTYPE_ALIASES.get(name, name)
+    if name not in ("bfloat16", "float16", "float32"):
+        raise UserError(f"Unknown model dtype {dtype!r}", where="model dtype",
+                        fix="use bfloat16, float16, float32 or auto (the checkpoint's own dtype)")
+    return getattr(torch, name)
+
+
+def _short(keys: list[str], n: int = 5) -> str:
+    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def is_kimi_model(model) -> bool:
+    from .kimi_modeling import KimiAttnResForCausalLM
+
+    return isinstance(model, KimiAttnResForCausalLM)
+
+
+@dataclass(frozen=True)
+class Family:
+    """What an architecture registry needs from this family (the registry itself is not built yet)."""
+
+    name: str
+    model_types: tuple[str, ...]
+    components: tuple[str, ...]
+    compute_components: tuple[str, ...]
+    default_keep: tuple[str, ...]
+    load: Any  # (path, *, dtype, device) -> (model, notes)
+    component: Any  # (name, num_layers=None) -> ComponentRef | None
+    parts: Any  # (model) -> Iterator[KimiPart]
+    handles_model: Any  # (model) -> bool
+
+    def handles_config(self, config: dict) -> bool:
+        return config.get("model_type") in self.model_types
+
+
+FAMILY = Family("kimi", MODEL_TYPES, COMPONENTS, COMPUTE_COMPONENTS, DEFAULT_KEEP, load_kimi, kimi_component,
+                kimi_parts, is_kimi_model)
+
+
+__all__ = ["FAMILY", "Family", "is_kimi_model", "MODEL_TYPES", "COMPONENTS", "WEIGHT_COMPONENTS",
+           "COMPUTE_COMPONENTS", "DEFAULT_KEEP", "ComponentRef", "KimiPart", "kimi_component", "kimi_parts", "is_kimi_config", "text_config_dict", "build_config",
+           "load_kimi", "weight_files"]
