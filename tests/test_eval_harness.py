@@ -105,19 +105,6 @@ def test_math_local_copy_known_accuracy(tmp_path, layout):
     assert prompts[0].count("Problem:\n") == 5 and prompts[0].endswith("\n\nSolution:")
 
 
-def test_math_answer_normalisation():
-    from attnres_quant.evaluation.tasks import extract_answer, last_boxed, math_equivalent, normalize_answer
-
-    assert last_boxed("so $\\boxed{\\frac{1}{2}}$.") == "\\frac{1}{2}"
-    assert normalize_answer("\\dfrac12") == "\\frac{1}{2}"
-    assert normalize_answer("1,000 dollars") == "1000"
-    assert normalize_answer("x = 5.") == "5"
-    assert normalize_answer("\\text{(B)}") == "(B)"
-    assert extract_answer("Final Answer: The final answer is $7$. I hope it is correct.") == "$7$"
-    assert math_equivalent(normalize_answer("$0.5$"), normalize_answer("\\frac{1}{2}"))
-    assert not math_equivalent("[invalidanswer]", "[invalidanswer]")
-
-
 def test_all_in_one_save_to_disk_mmlu(tmp_path):
     """MMLU's `all` config saved with save_to_disk: rows filtered by the `subject` column;
     single subjects are tasks of their own (aq_mmlu_<subject>)."""
