@@ -87,10 +87,29 @@ def test_run_writes_every_cell_and_a_report_that_rerenders(tmp_path, tiny_ckpt):
                     "### Latency and memory", "### Precision plans", "## Plots"):
         assert heading in report
     assert "simulated" in report and (out / "mini" / "depth_heatmap_tiny-block.png").exists()
+    # lm-eval's per-sample records for every task cell, linked from the report; n-shot recorded
+    from attnres_quant.evaluation.harness import read_samples
+
+    for variant in ("bf16", "int4_all", "int4_hybrid"):
+        r = cells[f"tiny-block/{variant}/task:proxy_mc"]["value"]["proxy_mc"]
+        assert r["samples_path"] == f"samples/tiny-block/{variant}/proxy_mc.jsonl.gz"
+        recs = read_samples(out / "mini" / r["samples_path"])
+        assert [x["doc_id"] for x in recs] == list(range(6)) and r["num_fewshot"] == 0
+        assert {"arguments", "target", "resps", "filtered_resps", "acc"} <= set(recs[0])
+        assert f"(mini/samples/tiny-block/{variant}/proxy_mc.jsonl.gz)" in report
+    assert "#### Task settings" in report and "n-shot" in report
     assert (out / "mini" / "results.csv").exists()
-    # Re-rendering from results.json alone reproduces the report byte for byte.
+    # Re-rendering from results.json alone reproduces the report byte for byte (no model needed:
+    # loading one fails here).
+    import attnres_quant.loading as loading
+
     before = report
-    assert cli_main(["report", str(out / "mini" / "results.json")]) == 0
+    saved = loading.load_model
+    loading.load_model = lambda *a, **k: pytest.fail("re-rendering loaded a model")
+    try:
+        assert cli_main(["report", str(out / "mini" / "results.json")]) == 0
+    finally:
+        loading.load_model = saved
     assert (out / "mini.md").read_text() == before
 
 
