@@ -425,6 +425,9 @@ def validate(bench_name: str, datasets: dict[str, str] | None, configs: list[str
     root = check_available(bench_name, datasets, configs)
     if root is None:  # online and not cached: the loader downloads at task build time
         return None
+    memo = (bench_name, str(root), tuple(configs or ()), fewshot)
+    if memo in _VALIDATED:  # the pipeline evaluates each variant with the same copy: read it once
+        return root
     probs = _Problems(bench)
     cache: dict[tuple[str, str], list[dict]] = {}
     splits = [bench.splits[0]] + ([FEWSHOT_SPLIT[bench_name]] if fewshot and bench_name in FEWSHOT_SPLIT else [])
@@ -459,7 +462,11 @@ def validate(bench_name: str, datasets: dict[str, str] | None, configs: list[str
                 rows = [r for r in rows if r.get(bench.config_column) == loc.filter_value]
             _check_rows(bench, config, split, rows, where, probs)
     probs.raise_first()
+    _VALIDATED.add(memo)
     return root
+
+
+_VALIDATED: set[tuple] = set()
 
 
 def _read_located(loc: Located, split: str) -> list[dict] | None:
