@@ -279,3 +279,16 @@ def test_generation_limits_default_to_lm_eval_and_are_recorded(tmp_path):
     recs = read_samples(tmp_path / "s" / "humaneval.jsonl.gz")
     assert [r["doc_id"] for r in recs] == [0, 1]
     assert {"arguments", "target", "resps", "filtered_resps", "filter", "pass@1", "task"} <= set(recs[0])
+
+
+def test_generation_limit_longer_than_the_context_is_a_clear_error():
+    from attnres_quant.errors import UserError
+
+    lm = T.scripted_lm(generate=lambda doc, ctx: "    return 1\n")
+    type(lm).max_length = 512  # a tiny model's context
+    s = EvalSettings(allow_code_execution=True, limit=1)
+    with pytest.raises(UserError, match="may generate 1024 tokens, but the model's context is 512") as e:
+        evaluate(None, None, ["humaneval"], s, lm=lm)
+    assert "max_gen_toks" in str(e.value)
+    res = evaluate(None, None, ["humaneval"], s.model_copy(update={"gen_kwargs": {"max_gen_toks": 128}}), lm=lm)
+    assert res["humaneval"].max_gen_toks == 128

@@ -334,6 +334,7 @@ def evaluate(model, tokenizer, tasks: list[str], settings: Any = None, *, lm=Non
             model.eval()
         lm = make_lm(model, tokenizer, s)
 
+    check_generation_limits(task_objs, s, lm)
     with he.code_execution(s.allow_code_execution, s.code_timeout_s, s.code_workers), _no_env_probe():
         out = lm_eval.simple_evaluate(
             model=lm, tasks=top, num_fewshot=s.num_fewshot, limit=s.limit,
@@ -348,6 +349,26 @@ def evaluate(model, tokenizer, tasks: list[str], settings: Any = None, *, lm=Non
         for n, r in results.items():
             r.samples_path = str(write_samples(Path(samples_dir) / f"{n}.jsonl.gz", out, leaves[n]))
     return results
+
+
+def check_generation_limits(task_objs: dict[str, Any], s: EvalSettings, lm) -> None:
+    """A generation limit (lm-eval's default, e.g. HumanEval's 1024, or a config's) must leave room
+    for the prompt in the model's context; say so clearly instead of lm-eval's ValueError."""
+    try:
+        max_length = int(lm.max_length)
+    except (AttributeError, TypeError, ValueError):
+        return
+    for name, t in task_objs.items():
+        if t.get_config("output_type") != "generate_until":
+            continue
+        gen = {**(t.get_config("generation_kwargs") or {}), **s.gen_kwargs}
+        limit = gen.get("max_gen_toks", getattr(lm, "max_gen_toks", None))
+        if isinstance(limit, int) and limit >= max_length:
+            raise UserError(f"task '{name}' may generate {limit} tokens, but the model's context is {max_length} "
+                            "tokens (lm-eval's generation limits are meant for full-size models)",
+                            where="tasks / eval.max_gen_toks of the study config",
+                            fix=f"lower the limit, e.g. `tasks: [{{name: ..., max_gen_toks: {max(1, max_length // 4)}}}]` "
+                                "or `eval: {max_gen_toks: ...}`; the report states the limit used")
 
 
 def write_samples(path: Path, out: dict, leaves: list[str]) -> Path:
