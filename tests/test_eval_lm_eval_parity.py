@@ -10,9 +10,8 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-from attnres_quant.evaluation import EvalSettings, evaluate  # noqa: E402
+from attnres_quant.evaluation import EvalSettings, evaluate, read_samples  # noqa: E402
 from attnres_quant.evaluation import testing as T  # noqa: E402
-from attnres_quant.evaluation.harness import read_samples  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
