@@ -24,8 +24,8 @@ def _quiet():
 def _minerva():
     from attnres_quant.evaluation.tasks import math_scoring_error
 
-    if math_scoring_error("math") is not None:
-        pytest.skip("lm-eval's minerva_math needs math-verify[antlr4_11_0] (antlr4-python3-runtime 4.11)")
+    err = math_scoring_error("math")
+    assert err is None, f"a declared dependency is missing: {err}"
     from lm_eval.tasks.minerva_math import utils
 
     return utils

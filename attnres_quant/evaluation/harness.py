@@ -53,7 +53,8 @@ class EvalSettings(BaseModel):
     gen_kwargs: dict[str, Any] = Field(default_factory=dict,
                                        description="generation overrides, e.g. {max_gen_toks: 256}")
     allow_code_execution: bool = Field(False, description="consent to execute generated code")
-    datasets: dict[str, str] = Field(default_factory=dict, description="benchmark -> local path")
+    datasets: dict[str, str] = Field(default_factory=dict, description="benchmark (mmlu, gpqa, math) or "
+                                     "lm-eval task name -> local path")
     code_timeout_s: float = Field(3.0, gt=0, description="time limit per executed program")
     code_workers: int = Field(2, ge=1, description="programs executed in parallel")
     max_length: int | None = Field(None, ge=1, description="context length given to HFLM")
@@ -121,7 +122,8 @@ def _ours(name: str) -> bool:
     return spec_for(name) is not None or name in catalogue()
 
 
-def preflight(tasks: list[str], settings: Any, *, load_lm_eval_tasks: bool = True) -> list[str]:
+def preflight(tasks: list[str], settings: Any, *, load_lm_eval_tasks: bool = True,
+              check_dataset_keys: bool = True) -> list[str]:
     """Check tasks before any model is loaded; returns the expanded result names.
 
     Raises :class:`UserError` for an unknown task, a benchmark whose data is not on this machine
@@ -149,11 +151,6 @@ def preflight(tasks: list[str], settings: Any, *, load_lm_eval_tasks: bool = Tru
         spec = spec_for(n)
         sub = subtask_of(n)
         bench = sub[0] if sub is not None else (spec.dataset if spec is not None else None)
-        if bench == "math" and (spec is None or spec.name == "math") and \
-                (sub is None or n.startswith("aq_minerva_math_")):
-            err = tasks_mod.math_scoring_error(n)
-            if err is not None:
-                raise err
         if spec is not None and spec.executes_code and not s.allow_code_execution:
             raise he.consent_error(n)
         if bench is not None:
@@ -161,20 +158,22 @@ def preflight(tasks: list[str], settings: Any, *, load_lm_eval_tasks: bool = Tru
             fewshot = bool(s.num_fewshot) and (bench == "mmlu" or n == "hendrycks_math"
                                                 or n.startswith("aq_hendrycks_math_"))
             local.validate(bench, s.datasets, configs=[sub[1]] if sub is not None else None, fewshot=fewshot)
+        if bench == "math" and (spec is None or spec.name == "math") and \
+                (sub is None or n.startswith("aq_minerva_math_")):
+            err = tasks_mod.math_scoring_error(n)  # lm-eval's minerva_math needs math-verify + antlr4 4.11
+            if err is not None:
+                raise err
         if n.startswith("proxy_"):
             try:
                 from attnres_quant.data import proxy_tasks  # noqa: F401
             except ImportError as e:  # pragma: no cover - module ships with the package
                 raise UserError(f"task '{n}': the proxy task generator is missing ({e})") from e
-    unknown_ds = sorted(set(s.datasets) - set(local.BENCHMARKS))
-    if unknown_ds:
-        registry = _task_manager(s, include_defaults=True).all_tasks
-        bad = [k for k in unknown_ds if k not in registry]
-        if bad:
-            raise UserError(f"`datasets` names unknown benchmark(s) or task(s) {bad}", where="datasets (top-level key "
-                            "of the study config)",
-                            fix=f"use the keys {sorted(local.BENCHMARKS)} for the benchmarks, or the name of an "
-                                "lm-eval task listed in `tasks` whose data you have locally")
+    bad = sorted(set(s.datasets) - set(local.BENCHMARKS) - {n for n in names if spec_for(n) is None})
+    if bad and check_dataset_keys:
+        raise UserError(f"`datasets` names unknown benchmark(s) or task(s) {bad}",
+                        where="datasets (top-level key of the study config)",
+                        fix=f"use the keys {sorted(local.BENCHMARKS)} for the benchmarks, or the name of an "
+                            "lm-eval task listed in `tasks` whose data you have locally")
     return names
 
 
@@ -310,7 +309,8 @@ def evaluate(model, tokenizer, tasks: list[str], settings: Any = None, *, lm=Non
     import lm_eval
 
     s = coerce_settings(settings)
-    names = preflight(tasks, s, load_lm_eval_tasks=False)  # loaded just below
+    # loaded just below; `datasets` may name the other tasks of a study (one cell at a time here)
+    names = preflight(tasks, s, load_lm_eval_tasks=False, check_dataset_keys=False)
     needs_defaults = any(not _ours(n) for n in names)
     tm = _task_manager(s, include_defaults=needs_defaults)
 
