@@ -224,6 +224,12 @@ def test_gsm8k_filters_and_wikitext_corpus_metrics_equal_lm_eval(passthrough):
     direct = _lm_eval_direct(T.scripted_lm(generate=gen), s, passthrough["tm"])
     _assert_same_as_lm_eval(g, direct["results"], "gsm8k")
     _assert_same_as_lm_eval(w, direct["results"], "wikitext")
+    assert direct["n-shot"]["gsm8k"] == g.num_fewshot
+    # per-document vectors are lm-eval's per-sample values, one vector per filter
+    for filt in ("strict-match", "flexible-extract"):
+        recs = sorted((x for x in direct["samples"]["gsm8k"] if x["filter"] == filt), key=lambda x: x["doc_id"])
+        ours = g.per_sample if filt == g.filter else g.per_sample_by[f"exact_match,{filt}"]
+        assert ours == [float(x["exact_match"]) for x in recs]
 
 
 @pytest.mark.slow
