@@ -218,7 +218,7 @@ def task_settings_section(view: View, model: str) -> list[str]:
     for sub in view.subtasks(model):
         r = base.get(sub) or next((view.task_results(model, v).get(sub) for v in view.variants
                                    if view.task_results(model, v).get(sub)), None) or {}
-        others = {k: v for k, v in (r.get("metrics") or {}).items()
+        others = {k: v for k, v in (r.get("metrics") or r.get("extra") or {}).items()  # extra: older results
                   if "_stderr," not in k and k != f"{r.get('metric')},{r.get('filter', 'none')}"}
         logs = [_samples_link(view, rv, v) for v in view.variants
                 if (rv := view.task_results(model, v).get(sub)) and rv.get("samples_path")]
