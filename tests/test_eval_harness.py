@@ -105,19 +105,6 @@ def test_math_local_copy_known_accuracy(tmp_path, layout):
     assert prompts[0].count("Problem:\n") == 5 and prompts[0].endswith("\n\nSolution:")
 
 
-def test_math_answer_normalisation():
-    from attnres_quant.evaluation.tasks import extract_answer, last_boxed, math_equivalent, normalize_answer
-
-    assert last_boxed("so $\\boxed{\\frac{1}{2}}$.") == "\\frac{1}{2}"
-    assert normalize_answer("\\dfrac12") == "\\frac{1}{2}"
-    assert normalize_answer("1,000 dollars") == "1000"
-    assert normalize_answer("x = 5.") == "5"
-    assert normalize_answer("\\text{(B)}") == "(B)"
-    assert extract_answer("Final Answer: The final answer is $7$. I hope it is correct.") == "$7$"
-    assert math_equivalent(normalize_answer("$0.5$"), normalize_answer("\\frac{1}{2}"))
-    assert not math_equivalent("[invalidanswer]", "[invalidanswer]")
-
-
 def test_all_in_one_save_to_disk_mmlu(tmp_path):
     """MMLU's `all` config saved with save_to_disk: rows filtered by the `subject` column;
     single subjects are tasks of their own (aq_mmlu_<subject>)."""
@@ -230,3 +217,90 @@ def test_lm_eval_own_tasks_pass_through_and_fail_fast_offline(monkeypatch):
         assert "lm-eval task 'arc_easy' could not load its data" in str(e)
     else:  # a machine whose cache has ai2_arc
         assert names == ["arc_easy"]
+
+
+# ---------------------------------------------------------------------------
+# preflight reads the local copies: schema and splits, one clear message per problem
+
+
+def _mmlu_rows(n=3, **over):
+    return [{"question": f"q{i}", "subject": "anatomy", "choices": ["a", "b", "c", "d"], "answer": i % 4, **over}
+            for i in range(n)]
+
+
+def _bad_mmlu_missing_column(root):
+    T._write_parquet(root / "anatomy" / "test-00000-of-00001.parquet",
+                     [{k: v for k, v in r.items() if k != "choices"} for r in _mmlu_rows()])
+
+
+def _bad_mmlu_letters(root):
+    T._write_parquet(root / "anatomy" / "test-00000-of-00001.parquet",
+                     [{**r, "answer": "ABCD"[i % 4]} for i, r in enumerate(_mmlu_rows())])
+
+
+def _bad_mmlu_empty_file(root):
+    (root / "anatomy").mkdir(parents=True)
+    (root / "anatomy" / "test.csv").write_text("")
+
+
+def _bad_mmlu_no_rows(root):
+    import pandas as pd
+
+    (root / "anatomy").mkdir(parents=True)
+    pd.DataFrame({"question": [], "choices": [], "answer": []}).to_parquet(root / "anatomy" / "test.parquet")
+
+
+def _bad_mmlu_fewshot_no_dev(root):
+    T._write_parquet(root / "anatomy" / "test-00000-of-00001.parquet", _mmlu_rows())
+
+
+def _bad_gpqa_column_names(root):
+    import pandas as pd
+
+    root.mkdir(parents=True)
+    pd.DataFrame([{"question": "Q?", "correct_answer": "r", "incorrect_answer_1": "w1", "incorrect_answer_2": "w2",
+                   "incorrect_answer_3": "w3"}]).to_csv(root / "gpqa_diamond.csv", index=False)
+
+
+def _bad_gpqa_empty_file(root):
+    root.mkdir(parents=True)
+    (root / "gpqa_diamond.csv").write_text("")
+
+
+def _bad_math_no_boxed(root):
+    T._write_parquet(root / "algebra" / "test-00000-of-00001.parquet",
+                     [{"problem": "p", "level": "Level 1", "type": "Algebra", "solution": "The answer is 3."}])
+
+
+@pytest.mark.parametrize("task,bench,make,fewshot,what,fix", [
+    ("aq_mmlu_anatomy", "mmlu", _bad_mmlu_missing_column, None, "lacks columns ['choices']", "hub's schema"),
+    ("aq_mmlu_anatomy", "mmlu", _bad_mmlu_letters, None, "holds letters (A-D) instead of indices 0-3", "A -> 0"),
+    ("aq_mmlu_anatomy", "mmlu", _bad_mmlu_empty_file, None, "file is empty (0 bytes)", "copy the file again"),
+    ("aq_mmlu_anatomy", "mmlu", _bad_mmlu_no_rows, None, "the test split has no rows", "complete dataset"),
+    ("aq_mmlu_anatomy", "mmlu", _bad_mmlu_fewshot_no_dev, 5, "few-shot examples are asked for, but the copy has no "
+                                                          "dev split", "num_fewshot: 0"),
+    ("gpqa", "gpqa", _bad_gpqa_column_names, None, "names its columns differently", "'question' -> 'Question'"),
+    ("gpqa", "gpqa", _bad_gpqa_empty_file, None, "file is empty (0 bytes)", "copy the file again"),
+    ("aq_minerva_math_algebra", "math", _bad_math_no_boxed, None, "without a \\boxed{} final answer",
+     "hendrycks_math solutions unchanged"),
+], ids=["mmlu-missing-column", "mmlu-letter-answers", "mmlu-empty-file", "mmlu-no-rows", "mmlu-fewshot-no-dev",
+        "gpqa-column-names", "gpqa-empty-file", "math-no-boxed"])
+def test_preflight_validates_local_copies(tmp_path, task, bench, make, fewshot, what, fix):
+    root = tmp_path / bench
+    make(root)
+    s = EvalSettings(datasets={bench: str(root)}, num_fewshot=fewshot)
+    with pytest.raises(UserError) as e:
+        preflight([task], s)
+    msg = str(e.value)
+    assert f"task '{bench}'" in msg and what in msg and "Where: " + str(root) in msg and "Fix:" in msg and fix in msg
+    assert msg.count("Fix:") == 1
+    with pytest.raises(UserError, match="Fix:"):  # and before anything touches the model
+        evaluate(Untouchable(), Untouchable(), [task], s)
+
+
+def test_dataset_fix_names_the_top_level_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    with pytest.raises(UserError) as e:
+        preflight(["gpqa"], EvalSettings())
+    assert "at the top level of the study config" in str(e.value) and "eval section" not in str(e.value)

@@ -70,11 +70,11 @@ def task_values(results):
 
 def test_run_writes_every_cell_and_a_report_that_rerenders(tmp_path, tiny_ckpt):
     out = tmp_path / "reports"
-    assert run(study(tmp_path, tiny_ckpt), out) == 0
+    assert run(study(tmp_path, tiny_ckpt, tasks=["proxy_mc", "proxy_math"]), out) == 0
     results = json.loads((out / "mini" / "results.json").read_text())
     cells = results["cells"]
     for variant in ("bf16", "int4_all", "int4_hybrid"):
-        for cell in ("plan", "task:proxy_mc", "quality", "depth", "latency"):
+        for cell in ("plan", "task:proxy_mc", "task:proxy_math", "quality", "depth", "latency"):
             assert cells[f"tiny-block/{variant}/{cell}"]["status"] == "ok", (variant, cell)
     # Hybrid keeps the depth path at baseline precision; int4_all does not.
     hybrid_q = cells["tiny-block/int4_hybrid/quality"]["value"]
@@ -87,10 +87,35 @@ def test_run_writes_every_cell_and_a_report_that_rerenders(tmp_path, tiny_ckpt):
                     "### Latency and memory", "### Precision plans", "## Plots"):
         assert heading in report
     assert "simulated" in report and (out / "mini" / "depth_heatmap_tiny-block.png").exists()
+    # lm-eval's per-sample records for every task cell, linked from the report; n-shot recorded
+    from attnres_quant.evaluation.harness import read_samples
+
+    task_cells = [k for k in cells if "/task:" in k]
+    assert len(task_cells) == 6
+    for key in task_cells:
+        _, variant, cell = key.split("/")
+        task = cell.split(":", 1)[1]
+        r = cells[key]["value"][task]
+        assert r["samples_path"] == f"samples/tiny-block/{variant}/{task}.jsonl.gz"
+        recs = read_samples(out / "mini" / r["samples_path"])
+        assert [x["doc_id"] for x in recs] == list(range(6)) and r["num_fewshot"] == 0
+        assert {"arguments", "target", "resps", "filtered_resps", r["metric"]} <= set(recs[0])
+        assert [x[r["metric"]] for x in recs] == r["per_sample"]
+        assert f"(mini/samples/tiny-block/{variant}/{task}.jsonl.gz)" in report
+    assert cells["tiny-block/bf16/task:proxy_math"]["value"]["proxy_math"]["max_gen_toks"] == 16
+    assert "#### Task settings" in report and "n-shot" in report
     assert (out / "mini" / "results.csv").exists()
-    # Re-rendering from results.json alone reproduces the report byte for byte.
+    # Re-rendering from results.json alone reproduces the report byte for byte (no model needed:
+    # loading one fails here).
+    import attnres_quant.loading as loading
+
     before = report
-    assert cli_main(["report", str(out / "mini" / "results.json")]) == 0
+    saved = loading.load_model
+    loading.load_model = lambda *a, **k: pytest.fail("re-rendering loaded a model")
+    try:
+        assert cli_main(["report", str(out / "mini" / "results.json")]) == 0
+    finally:
+        loading.load_model = saved
     assert (out / "mini.md").read_text() == before
 
 

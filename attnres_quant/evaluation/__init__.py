@@ -3,17 +3,19 @@
 Public API (docs/evaluation.md):
 
 * :func:`preflight` (tasks, settings) -- checks before any model is loaded;
-* :func:`evaluate` (model, tokenizer, tasks, settings) -> ``{task: TaskResult}``;
+* :func:`evaluate` (model, tokenizer, tasks, settings, samples_dir=None) -> ``{task: TaskResult}``;
+* :func:`read_samples` (path) -> lm-eval's per-sample records of a task cell;
 * :func:`quality` (baseline_model, variant_model, tokenizer, text_ids) -> dict;
 * :func:`perplexity`, :func:`fixed_text`;
 * :func:`paired_delta`, :func:`flips`, :func:`mcnemar`, :func:`mean_stderr`, :func:`compare`.
 """
 
-from attnres_quant.evaluation.harness import EvalSettings, TaskResult, coerce_settings, evaluate, preflight
+from attnres_quant.evaluation.harness import (EvalSettings, TaskResult, coerce_settings, evaluate, preflight,
+                                              read_samples)
 from attnres_quant.evaluation.metrics import fixed_text, perplexity, quality, task_flips
 from attnres_quant.evaluation.stats import compare, flips, mcnemar, mean_stderr, paired_delta
 from attnres_quant.evaluation.tasks import GROUPS, TASKS, expand
 
-__all__ = ["EvalSettings", "TaskResult", "coerce_settings", "evaluate", "preflight", "quality",
+__all__ = ["EvalSettings", "TaskResult", "coerce_settings", "evaluate", "preflight", "read_samples", "quality",
            "perplexity", "fixed_text", "task_flips", "paired_delta", "flips", "mcnemar", "mean_stderr",
            "compare", "TASKS", "GROUPS", "expand"]

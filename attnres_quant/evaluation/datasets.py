@@ -100,7 +100,7 @@ def how_to_provide(bench: Benchmark) -> str:
     return (f"download it once on a machine with network, e.g. `huggingface-cli download {bench.hub_repo} "
             f"--repo-type dataset --local-dir /data/{bench.name}` (or `datasets.load_dataset(...)"
             f".save_to_disk(...)`), copy the folder here and set `datasets: {{{bench.name}: /data/{bench.name}}}` "
-            f"in the study config's eval section (layouts: docs/evaluation.md)")
+            f"at the top level of the study config, beside `eval:` (layouts: docs/evaluation.md)")
 
 
 def resolve_root(bench_name: str, datasets: dict[str, str] | None, *, download: bool = False) -> tuple[Path, list[str]]:
@@ -322,3 +322,218 @@ def rows_to_dataset_dict(splits: dict[str, list[dict]]) -> Any:
     from datasets import Dataset, DatasetDict
 
     return DatasetDict({k: Dataset.from_list(v) for k, v in splits.items()})
+
+
+# ---------------------------------------------------------------------------
+# preflight validation of a local copy's content (schema, splits), before any model loads
+
+
+FEWSHOT_SPLIT = {"mmlu": "dev", "math": "train"}  # where few-shot examples come from (gpqa: none)
+
+
+class _Problems:
+    """Problems found in a local copy, one kind at a time: (what, where, fix) -> affected configs."""
+
+    def __init__(self, bench: Benchmark):
+        self.bench = bench
+        self.found: dict[tuple[str, str, str], list[str]] = {}
+
+    def add(self, what: str, where: str, fix: str, config: str) -> None:
+        self.found.setdefault((what, where, fix), []).append(config)
+
+    def raise_first(self) -> None:
+        if not self.found:
+            return
+        (what, where, fix), configs = next(iter(self.found.items()))
+        shown = ", ".join(configs[:5]) + (f" and {len(configs) - 5} more" if len(configs) > 5 else "")
+        others = len(self.found) - 1
+        more = f" ({others} other problem(s) of the copy follow once this is fixed)" if others else ""
+        scope = f" ({shown})" if len(self.bench.configs) > 1 else ""
+        raise UserError(f"task '{self.bench.name}': {what}{scope}{more}", where=where, fix=fix)
+
+
+def _describe(loc: Located) -> str:
+    return ", ".join(str(p) for p in loc.paths[:3]) + (f" (+{len(loc.paths) - 3} files)" if len(loc.paths) > 3 else "")
+
+
+def _norm(col: str) -> str:
+    return "".join(ch for ch in str(col).lower() if ch.isalnum())
+
+
+def _check_rows(bench: Benchmark, config: str, split: str, rows: list[dict], where: str, probs: _Problems) -> None:
+    if not rows:
+        probs.add(f"the {split} split has no rows", where,
+                  "copy the complete dataset (an interrupted download leaves empty files)", config)
+        return
+    cols = set(rows[0])
+    missing = [c for c in bench.required_columns if c not in cols]
+    if missing:
+        present = {_norm(c): c for c in cols}
+        renames = [f"'{present[_norm(m)]}' -> '{m}'" for m in missing if _norm(m) in present]
+        if renames:
+            probs.add(f"the {split} split names its columns differently from the {bench.hub_repo} schema "
+                      f"(needs {list(bench.required_columns)}, has {sorted(cols)})", where,
+                      f"rename the columns: {', '.join(renames)}", config)
+        else:
+            probs.add(f"the {split} split lacks columns {missing} of the {bench.hub_repo} schema "
+                      f"(has {sorted(cols)})", where,
+                      f"use a copy in the hub's schema ({', '.join(bench.required_columns)}); "
+                      f"docs/evaluation.md lists the layouts", config)
+        return
+    if bench.name == "mmlu":
+        answers = [r.get("answer") for r in rows]
+        if any(isinstance(a, str) and a.strip().upper() in ("A", "B", "C", "D") for a in answers):
+            probs.add(f"the {split} split's `answer` column holds letters (A-D) instead of indices 0-3", where,
+                      "convert the answers to integers (A -> 0, B -> 1, C -> 2, D -> 3), as in cais/mmlu", config)
+            return
+        bad = [a for a in answers if not _is_index(a, 4)]
+        if bad:
+            probs.add(f"the {split} split's `answer` column has values that are not indices 0-3 "
+                      f"(e.g. {bad[0]!r})", where, "give each answer as the integer index of the right choice",
+                      config)
+            return
+        if any(not isinstance(r.get("choices"), (list, tuple)) or len(r["choices"]) != 4 for r in rows):
+            probs.add(f"the {split} split's `choices` column is not a list of 4 options in every row", where,
+                      "give `choices` as a list of the four option texts (cais/mmlu schema)", config)
+    if bench.name == "math":
+        nobox = sum(1 for r in rows if "\\boxed" not in str(r.get("solution", "")) and
+                    "\\fbox" not in str(r.get("solution", "")))
+        if nobox:
+            probs.add(f"{nobox} row(s) of the {split} split have a `solution` without a \\boxed{{}} final answer "
+                      f"(lm-eval takes the reference answer from the last \\boxed{{}})", where,
+                      "use the EleutherAI/hendrycks_math solutions unchanged", config)
+    if bench.name == "gpqa":
+        empty = sum(1 for r in rows if not str(r.get("Correct Answer") or "").strip())
+        if empty:
+            probs.add(f"{empty} row(s) have an empty `Correct Answer`", where,
+                      "use the Idavidrein/gpqa csv unchanged", config)
+
+
+def _is_index(a, n: int) -> bool:
+    try:
+        return float(a) == int(float(a)) and 0 <= int(float(a)) < n and not isinstance(a, bool)
+    except (TypeError, ValueError):
+        return False
+
+
+def validate(bench_name: str, datasets: dict[str, str] | None, configs: list[str] | None = None, *,
+             fewshot: bool = False) -> Path | None:
+    """Preflight: the local copy exists, holds each config's eval split (and few-shot split when
+    ``fewshot``), every file reads, and the rows follow the hub schema. Raises one
+    :class:`UserError` per kind of problem (what, where, how to fix), naming the affected configs."""
+    bench = BENCHMARKS[bench_name]
+    root = check_available(bench_name, datasets, configs)
+    if root is None:  # online and not cached: the loader downloads at task build time
+        return None
+    memo = (bench_name, str(root), tuple(configs or ()), fewshot)
+    if memo in _VALIDATED:  # the pipeline evaluates each variant with the same copy: read it once
+        return root
+    probs = _Problems(bench)
+    cache: dict[tuple[str, str], list[dict]] = {}
+    splits = [bench.splits[0]] + ([FEWSHOT_SPLIT[bench_name]] if fewshot and bench_name in FEWSHOT_SPLIT else [])
+    for config in configs or bench.configs:
+        for split in splits:
+            loc = locate(root, bench, config, split)
+            if loc is None:
+                probs.add(f"few-shot examples are asked for, but the copy has no {split} split", str(root),
+                          f"add the {split} split to the local copy, or set `num_fewshot: 0`", config)
+                continue
+            key = (str(loc.paths), split)
+            where = _describe(loc)
+            if key not in cache:
+                empty = [p for p in loc.paths if p.is_file() and p.stat().st_size == 0]
+                if empty:
+                    probs.add(f"the {split} split's file is empty (0 bytes)", str(empty[0]),
+                              "copy the file again (an interrupted download or copy leaves empty files)", config)
+                    continue
+                try:
+                    cache[key] = _read_located(loc, split)
+                except Exception as e:  # noqa: BLE001 - pandas / pyarrow / datasets read errors
+                    probs.add(f"the {split} split cannot be read ({type(e).__name__}: {str(e)[:200]})", where,
+                              "copy the file again or convert it to parquet / jsonl", config)
+                    continue
+                if cache[key] is None:
+                    probs.add(f"the saved dataset has no '{split}' split", where,
+                              f"save the {split} split too, or set `num_fewshot: 0`" if split != bench.splits[0]
+                              else how_to_provide(bench), config)
+                    continue
+            rows = cache[key]
+            if loc.filter_value is not None:
+                rows = [r for r in rows if r.get(bench.config_column) == loc.filter_value]
+            _check_rows(bench, config, split, rows, where, probs)
+    probs.raise_first()
+    _VALIDATED.add(memo)
+    return root
+
+
+_VALIDATED: set[tuple] = set()
+
+
+def _read_located(loc: Located, split: str) -> list[dict] | None:
+    if loc.kind == "files":
+        return _read_files(loc.paths)
+    if loc.kind == "math_json":
+        out = []
+        for p in loc.paths:
+            with open(p, encoding="utf-8") as f:
+                out.append(json.load(f))
+        return out
+    return _read_saved(loc.paths[0], split)
+
+
+# ---------------------------------------------------------------------------
+# local copies of lm-eval's own tasks (passed through by name)
+
+_BUILDERS = {"parquet": "parquet", "jsonl": "json", "json": "json", "csv": "csv", "arrow": "arrow"}
+
+
+def task_files(root: Path, task: str, cfg: dict, *, fewshot: bool | None = None) -> tuple[str, dict[str, list[str]]]:
+    """(datasets builder, {split: files}) of a local copy of lm-eval task ``task`` whose YAML config is
+    ``cfg``. Looks in ``root``, ``root/<dataset_name>``, ``root/data``, ``root/data/<dataset_name>`` for
+    ``<split>-*.<ext>`` or ``<split>.<ext>`` (a single file is the eval split). Splits the config
+    names but the copy lacks are dropped from ``cfg`` unless needed: the eval split always, the
+    few-shot split when the task is few-shot."""
+    where = f"datasets.{task} = {root}"
+    if not root.exists():
+        raise UserError(f"task '{task}': its local dataset path does not exist", where=where,
+                        fix="point `datasets.<task>` (top-level key of the study config) at a folder holding "
+                            "the task's splits as <split>.{parquet,jsonl,json,csv}")
+    eval_split = cfg.get("test_split") or cfg.get("validation_split")
+    n_shot = cfg.get("num_fewshot") or 0
+    fs_split = cfg.get("fewshot_split") or cfg.get("training_split") or cfg.get("validation_split")
+    needs_fewshot = (n_shot > 0 if fewshot is None else fewshot) and not (cfg.get("fewshot_config") or {}).get("samples")
+    files: dict[str, list[str]] = {}
+    if root.is_file():
+        files[eval_split] = [str(root)]
+    else:
+        name = cfg.get("dataset_name")
+        folders = [root] + ([root / name] if name else []) + [root / "data"] + ([root / "data" / name] if name else [])
+        for key in ("training_split", "validation_split", "test_split", "fewshot_split"):
+            split = cfg.get(key)
+            if not split or split in files:
+                continue
+            for folder in folders:
+                hits = _split_files(folder, split) if folder.is_dir() else []
+                if hits:
+                    files[split] = [str(h) for h in hits]
+                    break
+    fix = (f"put the task's splits in {root} as <split>.{{parquet,jsonl,json,csv}} or <split>-*.parquet "
+           f"(optionally under {cfg.get('dataset_name') or '<dataset_name>'}/ or data/), with the columns of "
+           f"its hub dataset {cfg.get('dataset_path')}")
+    if eval_split not in files:
+        raise UserError(f"task '{task}': the local copy has no {eval_split} split", where=where, fix=fix)
+    if needs_fewshot and fs_split and fs_split not in files:
+        raise UserError(f"task '{task}' is {n_shot}-shot by default, but the local copy has no {fs_split} split "
+                        "to take the examples from", where=where, fix=fix + ", or set its `num_fewshot: 0`")
+    for key in ("training_split", "validation_split", "test_split", "fewshot_split"):
+        if cfg.get(key) and cfg[key] not in files:
+            cfg[key] = None
+    exts = {Path(f).name.rsplit(".", 1)[-1] for fl in files.values() for f in fl}
+    if len(exts) != 1:
+        raise UserError(f"task '{task}': the local copy mixes file formats {sorted(exts)}", where=where,
+                        fix="keep one format (parquet, jsonl, json or csv) for all splits")
+    empty = [f for fl in files.values() for f in fl if Path(f).stat().st_size == 0]
+    if empty:
+        raise UserError(f"task '{task}': a file of the local copy is empty (0 bytes)", where=empty[0],
+                        fix="copy the file again (an interrupted download or copy leaves empty files)")
+    return _BUILDERS[exts.pop()], files

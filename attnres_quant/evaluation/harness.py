@@ -15,6 +15,7 @@ import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -23,6 +24,7 @@ from attnres_quant.errors import UserError
 from attnres_quant.evaluation import datasets as local
 from attnres_quant.evaluation import humaneval as he
 from attnres_quant.evaluation import stats
+from attnres_quant.evaluation import tasks as tasks_mod
 from attnres_quant.evaluation.tasks import (EVAL_DIR, GROUPS, PROXY_SIZES, TASKS, TaskSpec, catalogue, expand,
                                             spec_for, subtask_of)
 
@@ -51,7 +53,8 @@ class EvalSettings(BaseModel):
     gen_kwargs: dict[str, Any] = Field(default_factory=dict,
                                        description="generation overrides, e.g. {max_gen_toks: 256}")
     allow_code_execution: bool = Field(False, description="consent to execute generated code")
-    datasets: dict[str, str] = Field(default_factory=dict, description="benchmark -> local path")
+    datasets: dict[str, str] = Field(default_factory=dict, description="benchmark (mmlu, gpqa, math) or "
+                                     "lm-eval task name -> local path")
     code_timeout_s: float = Field(3.0, gt=0, description="time limit per executed program")
     code_workers: int = Field(2, ge=1, description="programs executed in parallel")
     max_length: int | None = Field(None, ge=1, description="context length given to HFLM")
@@ -61,6 +64,15 @@ class EvalSettings(BaseModel):
 
 @dataclass
 class TaskResult:
+    """One result name's scores, as lm-eval aggregated them.
+
+    ``value`` is lm-eval's own aggregate of ``metric`` under ``filter`` (its ``results`` dict; for a
+    group, the group's size-weighted aggregate). ``metrics`` holds every metric/filter of that
+    entry (``"<metric>,<filter>"`` and ``"<metric>_stderr,<filter>"``). Per-document vectors
+    (``per_sample``, ``per_sample_by``) exist only for metrics lm-eval aggregates as a mean over
+    documents, one per filter; corpus metrics (perplexities, bits per byte) have none.
+    """
+
     metric: str
     value: float
     stderr: float
@@ -68,15 +80,24 @@ class TaskResult:
     per_sample: list[float]
     sample_ids: list[str] = field(default_factory=list)  # "<lm-eval task>/<doc_id>", same order
     lm_eval_task: str = ""
-    extra: dict[str, float] = field(default_factory=dict)  # other metrics (e.g. acc_norm)
+    extra: dict[str, float] = field(default_factory=dict)  # other metrics/filters: "acc_norm", "m,filter"
     subtasks: dict[str, float] = field(default_factory=dict)  # per-subtask primary metric
+    filter: str = "none"              # lm-eval filter of the primary metric
+    aggregation: str = "mean"         # lm-eval aggregation of the primary metric
+    metrics: dict[str, Any] = field(default_factory=dict)  # lm-eval's results entry ("metric,filter" keys)
+    per_sample_by: dict[str, list[float]] = field(default_factory=dict)  # other "metric,filter" -> per doc (means)
+    num_fewshot: int | None = None    # effective n-shot (lm-eval's `n-shot`); None when subtasks differ
+    n_shot: dict[str, int] = field(default_factory=dict)   # lm-eval (sub)task -> n-shot
+    max_gen_toks: int | None = None   # generation limit used (generation tasks)
+    samples_path: str | None = None   # per-sample log (JSONL.gz of lm-eval's sample records)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TaskResult":
-        return cls(**d)
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def coerce_settings(settings: Any) -> EvalSettings:
@@ -101,7 +122,8 @@ def _ours(name: str) -> bool:
     return spec_for(name) is not None or name in catalogue()
 
 
-def preflight(tasks: list[str], settings: Any, *, load_lm_eval_tasks: bool = True) -> list[str]:
+def preflight(tasks: list[str], settings: Any, *, load_lm_eval_tasks: bool = True,
+              check_dataset_keys: bool = True) -> list[str]:
     """Check tasks before any model is loaded; returns the expanded result names.
 
     Raises :class:`UserError` for an unknown task, a benchmark whose data is not on this machine
@@ -124,27 +146,34 @@ def preflight(tasks: list[str], settings: Any, *, load_lm_eval_tasks: bool = Tru
                             fix=f"use one of {sorted(TASKS) + sorted(GROUPS)} or a task name that "
                                 f"`lm_eval ls tasks` lists")
         for n in unknown if load_lm_eval_tasks else ():  # their data must load now, not after the model
-            _load_tasks(tm, n, n)
+            _load_tasks(tm, n, n, s)
     for n in names:
         spec = spec_for(n)
         sub = subtask_of(n)
-        if sub is not None:
-            local.check_available(sub[0], s.datasets, configs=[sub[1]])
-        if spec is None:
-            continue
-        if spec.executes_code and not s.allow_code_execution:
+        bench = sub[0] if sub is not None else (spec.dataset if spec is not None else None)
+        if spec is not None and spec.executes_code and not s.allow_code_execution:
             raise he.consent_error(n)
-        if spec.dataset is not None:
-            local.check_available(spec.dataset, s.datasets)
+        if bench is not None:
+            # schema and splits of the local copy, read now (not after the model loaded)
+            fewshot = bool(s.num_fewshot) and (bench == "mmlu" or n == "hendrycks_math"
+                                                or n.startswith("aq_hendrycks_math_"))
+            local.validate(bench, s.datasets, configs=[sub[1]] if sub is not None else None, fewshot=fewshot)
+        if bench == "math" and (spec is None or spec.name == "math") and \
+                (sub is None or n.startswith("aq_minerva_math_")):
+            err = tasks_mod.math_scoring_error(n)  # lm-eval's minerva_math needs math-verify + antlr4 4.11
+            if err is not None:
+                raise err
         if n.startswith("proxy_"):
             try:
                 from attnres_quant.data import proxy_tasks  # noqa: F401
             except ImportError as e:  # pragma: no cover - module ships with the package
                 raise UserError(f"task '{n}': the proxy task generator is missing ({e})") from e
-    unknown_ds = sorted(set(s.datasets) - set(local.BENCHMARKS))
-    if unknown_ds:
-        raise UserError(f"`datasets` names unknown benchmark(s) {unknown_ds}", where="eval.datasets",
-                        fix=f"local copies are read for {sorted(local.BENCHMARKS)} only")
+    bad = sorted(set(s.datasets) - set(local.BENCHMARKS) - {n for n in names if spec_for(n) is None})
+    if bad and check_dataset_keys:
+        raise UserError(f"`datasets` names unknown benchmark(s) or task(s) {bad}",
+                        where="datasets (top-level key of the study config)",
+                        fix=f"use the keys {sorted(local.BENCHMARKS)} for the benchmarks, or the name of an "
+                            "lm-eval task listed in `tasks` whose data you have locally")
     return names
 
 
@@ -169,20 +198,54 @@ def _task_manager(s: EvalSettings, include_defaults: bool):
     return _TM_CACHE[key]
 
 
-def _load_tasks(tm, name: str, lm_eval_name: str) -> dict:
-    """Build the lm-eval Task objects of one result name (reads its data)."""
+def _load_tasks(tm, name: str, lm_eval_name: str, s: EvalSettings | None = None) -> dict:
+    """Build the lm-eval Task objects of one result name (reads its data).
+
+    An lm-eval task with an entry in ``datasets`` reads that local copy: its own YAML config, with
+    ``dataset_path`` set to the file format's builder and ``dataset_kwargs.data_files`` to the
+    copy's files per split (everything else -- prompts, filters, metrics -- unchanged).
+    """
+    spec: Any = lm_eval_name
+    given = (s.datasets if s is not None else {}).get(name)
+    if given and spec_for(name) is None and subtask_of(name) is None:
+        spec = _local_task_config(tm, name, given, s.num_fewshot)
     try:
-        return tm.load([lm_eval_name])
+        return tm.load([spec])
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - lm-eval / datasets errors of third-party tasks
         if spec_for(name) is not None or subtask_of(name) is not None:
             raise
+        if given:
+            raise UserError(f"lm-eval task '{name}' could not read its local copy ({type(e).__name__}: "
+                            f"{str(e)[:300]})", where=f"datasets.{name} = {given}",
+                            fix="give a folder holding the task's splits as <split>.{parquet,jsonl,json,csv} or "
+                                "<split>-*.parquet (optionally under <dataset_name>/ or data/), with the columns "
+                                "of the task's hub dataset") from e
         raise UserError(f"lm-eval task '{name}' could not load its data ({type(e).__name__}: {str(e)[:300]})",
                         where="lm-eval's own task registry and the Hugging Face cache",
                         fix="run it once on a machine with network to fill the Hugging Face cache and copy "
-                            "the cache here, or use a benchmark with a local copy (mmlu, gpqa, math), "
-                            "humaneval or the proxy tasks") from e
+                            "the cache here, point the top-level `datasets` key at a local copy "
+                            f"(`datasets: {{{name}: /data/{name}}}`), or use a benchmark with a local copy (mmlu, "
+                            "gpqa, math), humaneval or the proxy tasks") from e
+
+
+def _local_task_config(tm, name: str, path: str, num_fewshot: int | None = None) -> dict:
+    """lm-eval's own config of task ``name``, reading its splits from the local copy at ``path``."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    entry = tm.task_index.get(name)
+    if entry is None or entry.yaml_path is None or "group" in (entry.cfg or {}) or \
+            str(getattr(entry.kind, "name", entry.kind)).upper() not in ("TASK",):
+        raise UserError(f"`datasets.{name}`: a local copy can be given for a single lm-eval task, and "
+                        f"'{name}' is not one (a group, a tag or a Python task)", where=f"datasets.{name}",
+                        fix="give the local copy of each of its tasks under that task's name")
+    cfg = load_yaml(entry.yaml_path, resolve_func=True)
+    builder, files = local.task_files(Path(os.path.expanduser(str(path))), name, cfg,
+                                      fewshot=None if num_fewshot is None else num_fewshot > 0)
+    cfg.update(dataset_path=builder, dataset_name=None,
+               dataset_kwargs={**(cfg.get("dataset_kwargs") or {}), "data_files": files})
+    return cfg
 
 
 def make_lm(model, tokenizer, s: EvalSettings):
@@ -206,11 +269,17 @@ def _primary(spec: TaskSpec | None, task_obj) -> str:
     return metrics[0]
 
 
+def _aggregation_name(task_obj, metric: str) -> str:
+    """'mean' when lm-eval aggregates ``metric`` as a plain mean over documents."""
+    from lm_eval.api.metrics import mean
+
+    fn = task_obj.aggregation().get(metric, mean)  # lm-eval's own fallback is mean
+    return "mean" if fn is mean else getattr(fn, "__name__", str(fn))
+
+
 def _sample_value(sample: dict, metric: str) -> float:
     v = sample.get(metric)
-    if isinstance(v, (list, tuple)):
-        v = v[0] if v else float("nan")
-    return float(v) if v is not None else float("nan")
+    return float(v) if isinstance(v, (int, float, bool)) else float("nan")
 
 
 @contextlib.contextmanager
@@ -227,44 +296,108 @@ def _no_env_probe():
         ev.add_env_info = saved
 
 
-def evaluate(model, tokenizer, tasks: list[str], settings: Any = None, *, lm=None) -> dict[str, TaskResult]:
+def evaluate(model, tokenizer, tasks: list[str], settings: Any = None, *, lm=None,
+             samples_dir: str | os.PathLike | None = None) -> dict[str, TaskResult]:
     """Evaluate ``model`` on ``tasks`` through lm-eval; one :class:`TaskResult` per result name.
 
-    ``tasks``: benchmark names (``mmlu``, ``gpqa``, ``humaneval``, ``math``), proxy names
-    (``proxy_mc``, ``proxy_code``, ``proxy_math``, group ``proxy_suite``) or lm-eval task names.
-    ``lm``: an lm-eval ``LM`` to use instead of wrapping ``model`` (tests, custom backends).
+    ``tasks``: benchmark names (``mmlu``, ``gpqa``, ``humaneval``, ``math``, ``hendrycks_math``),
+    proxy names (``proxy_mc``, ``proxy_code``, ``proxy_math``, group ``proxy_suite``) or lm-eval
+    task names. ``lm``: an lm-eval ``LM`` to use instead of wrapping ``model`` (tests, custom
+    backends). ``samples_dir``: write lm-eval's per-sample records of each result name to
+    ``<samples_dir>/<name>.jsonl.gz`` (path in ``TaskResult.samples_path``).
     """
     import lm_eval
 
     s = coerce_settings(settings)
-    names = preflight(tasks, s, load_lm_eval_tasks=False)  # loaded just below
+    # loaded just below; `datasets` may name the other tasks of a study (one cell at a time here)
+    names = preflight(tasks, s, load_lm_eval_tasks=False, check_dataset_keys=False)
     needs_defaults = any(not _ours(n) for n in names)
     tm = _task_manager(s, include_defaults=needs_defaults)
 
     leaves: dict[str, list[str]] = {}
     task_objs: dict[str, Any] = {}
+    top: list[Any] = []  # what lm-eval is handed: groups as groups, so it aggregates them itself
     for n in names:
         spec = spec_for(n)
-        loaded = _load_tasks(tm, n, spec.lm_eval_task if spec else n)
+        lm_name = spec.lm_eval_task if spec else n
+        loaded = _load_tasks(tm, n, lm_name, s)
         leaves[n] = sorted(loaded["tasks"])
         for k, t in loaded["tasks"].items():
             task_objs.setdefault(k, t)
+        if lm_name in loaded["groups"]:
+            top.append(loaded["groups"][lm_name])
+        else:  # a task, or a tag's tasks
+            top += [loaded["tasks"][k] for k in leaves[n]]
 
     if lm is None:
         if model is not None and hasattr(model, "eval"):
             model.eval()
         lm = make_lm(model, tokenizer, s)
 
+    check_generation_limits(task_objs, s, lm)
     with he.code_execution(s.allow_code_execution, s.code_timeout_s, s.code_workers), _no_env_probe():
         out = lm_eval.simple_evaluate(
-            model=lm, tasks=list(task_objs.values()), num_fewshot=s.num_fewshot, limit=s.limit,
+            model=lm, tasks=top, num_fewshot=s.num_fewshot, limit=s.limit,
             batch_size=s.batch_size, log_samples=True, bootstrap_iters=0,
             gen_kwargs=dict(s.gen_kwargs) or None, task_manager=tm,
             random_seed=s.seed, numpy_random_seed=s.seed, torch_random_seed=s.seed,
             fewshot_random_seed=s.seed, confirm_run_unsafe_code=s.allow_code_execution)
     if out is None:  # non-zero rank
         return {}
-    return collect(out, names, leaves, task_objs)
+    results = collect(out, names, leaves, task_objs, default_max_gen_toks=getattr(lm, "max_gen_toks", None))
+    if samples_dir is not None:
+        for n, r in results.items():
+            r.samples_path = str(write_samples(Path(samples_dir) / f"{n}.jsonl.gz", out, leaves[n]))
+    return results
+
+
+def check_generation_limits(task_objs: dict[str, Any], s: EvalSettings, lm) -> None:
+    """A generation limit (lm-eval's default, e.g. HumanEval's 1024, or a config's) must leave room
+    for the prompt in the model's context; say so clearly instead of lm-eval's ValueError."""
+    try:
+        max_length = int(lm.max_length)
+    except (AttributeError, TypeError, ValueError):
+        return
+    for name, t in task_objs.items():
+        if t.get_config("output_type") != "generate_until":
+            continue
+        gen = {**(t.get_config("generation_kwargs") or {}), **s.gen_kwargs}
+        limit = gen.get("max_gen_toks", getattr(lm, "max_gen_toks", None))
+        if isinstance(limit, int) and limit >= max_length:
+            raise UserError(f"task '{name}' may generate {limit} tokens, but the model's context is {max_length} "
+                            "tokens (lm-eval's generation limits are meant for full-size models)",
+                            where="tasks / eval.max_gen_toks of the study config",
+                            fix=f"lower the limit, e.g. `tasks: [{{name: ..., max_gen_toks: {max(1, max_length // 4)}}}]` "
+                                "or `eval: {max_gen_toks: ...}`; the report states the limit used")
+
+
+def write_samples(path: Path, out: dict, leaves: list[str]) -> Path:
+    """lm-eval's per-sample records of ``leaves`` (prompt/arguments, target, responses, filtered
+    responses, filter, metric values, hashes; plus ``task``) as gzipped JSON lines, written
+    atomically and reproducibly (no timestamp in the gzip header)."""
+    import gzip
+    import json
+
+    from lm_eval.utils import handle_non_serializable
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
+        for leaf in leaves:
+            for rec in out.get("samples", {}).get(leaf, []):
+                line = json.dumps({"task": leaf, **rec}, default=handle_non_serializable, ensure_ascii=False)
+                gz.write(line.encode("utf-8") + b"\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_samples(path: str | os.PathLike) -> list[dict]:
+    """The records :func:`write_samples` wrote."""
+    import gzip
+    import json
+
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
 
 
 def _doc_key(doc_id) -> tuple:
@@ -274,33 +407,77 @@ def _doc_key(doc_id) -> tuple:
         return (1, 0, str(doc_id))
 
 
-def collect(out: dict, names: list[str], leaves: dict[str, list[str]], task_objs: dict[str, Any]) -> dict[str, TaskResult]:
-    """lm-eval's output (with samples) -> TaskResult per result name."""
+def _clean_metrics(entry: dict) -> dict[str, Any]:
+    return {k: v for k, v in entry.items() if "," in k}
+
+
+def collect(out: dict, names: list[str], leaves: dict[str, list[str]], task_objs: dict[str, Any],
+            default_max_gen_toks: int | None = None) -> dict[str, TaskResult]:
+    """lm-eval's output (with samples) -> TaskResult per result name.
+
+    Values come from lm-eval's ``results`` (its own aggregation, per metric and filter). Per-document
+    vectors are built, per filter, for mean-aggregated metrics only, ordered by subtask then doc id.
+    """
+    lm_results = out.get("results", {})
     results: dict[str, TaskResult] = {}
     for n in names:
         spec = spec_for(n)
-        metric = _primary(spec, task_objs[leaves[n][0]])
-        per: list[float] = []
-        ids: list[str] = []
-        subtasks: dict[str, float] = {}
-        extra_vals: dict[str, list[float]] = {}
+        lm_name = spec.lm_eval_task if spec else n
+        first = task_objs[leaves[n][0]]
+        metric = _primary(spec, first)
+        aggs = {m: _aggregation_name(first, m) for m in first.aggregation()}
+        # per (metric, filter): per-document values of mean-aggregated metrics
+        vectors: dict[str, list[float]] = {}
+        ids: dict[str, list[str]] = {}
+        filters: list[str] = []
+        subtask_vals: dict[str, dict[str, list[float]]] = {}
         for leaf in leaves[n]:
-            samples = sorted(out.get("samples", {}).get(leaf, []), key=lambda x: _doc_key(x["doc_id"]))
-            vals = [_sample_value(x, metric) for x in samples]
-            per += vals
-            ids += [f"{leaf}/{x['doc_id']}" for x in samples]
-            if vals:
-                subtasks[leaf] = sum(vals) / len(vals)
-            for x in samples:
+            for x in sorted(out.get("samples", {}).get(leaf, []), key=lambda x: _doc_key(x["doc_id"])):
+                filt = x.get("filter", "none")
+                if filt not in filters:
+                    filters.append(filt)
                 for m in x.get("metrics", []):
-                    if m != metric:
-                        extra_vals.setdefault(m, []).append(_sample_value(x, m))
-        value = sum(per) / len(per) if per else float("nan")
+                    if aggs.get(m, "mean") != "mean":
+                        continue
+                    key = f"{m},{filt}"
+                    vectors.setdefault(key, []).append(_sample_value(x, m))
+                    ids.setdefault(key, []).append(f"{leaf}/{x['doc_id']}")
+                    subtask_vals.setdefault(key, {}).setdefault(leaf, []).append(_sample_value(x, m))
+        # lm-eval's aggregate entry for this name (a task, or a group with aggregate_metric_list)
+        entry = lm_results.get(lm_name) if lm_name in lm_results else (
+            lm_results.get(leaves[n][0]) if len(leaves[n]) == 1 else None)
+        metrics = _clean_metrics(entry) if entry else {}
+        if not metrics:  # a tag or a group without aggregation: pooled means of the documents
+            metrics = {k: sum(v) / len(v) for k, v in vectors.items() if v}
+        filt = next((k.split(",", 1)[1] for k in metrics if k.split(",", 1)[0] == metric), filters[0] if filters
+                    else "none")
+        key = f"{metric},{filt}"
+        for k, v in vectors.items():  # closed-form stderr of means (lm-eval's formula; bootstrap is off)
+            m, f = k.split(",", 1)
+            if metrics.get(f"{m}_stderr,{f}") in (None, "N/A"):
+                metrics[f"{m}_stderr,{f}"] = stats.mean_stderr(v)
+        per = vectors.get(key, [])
+        value = metrics.get(key, float("nan"))
+        value = float(value) if isinstance(value, (int, float)) else float("nan")
+        stderr = metrics.get(f"{metric}_stderr,{filt}")
+        n_docs = len(per) if per else sum(int((out.get("n-samples", {}).get(leaf) or {}).get("effective", 0))
+                                          for leaf in leaves[n])
+        n_shot = {leaf: out.get("n-shot", {}).get(leaf) for leaf in leaves[n]}
+        shots = {v for v in n_shot.values()}
+        gen = [((out.get("configs", {}).get(leaf) or {}).get("generation_kwargs") or {}) for leaf in leaves[n]
+               if (out.get("configs", {}).get(leaf) or {}).get("output_type") == "generate_until"]
+        max_gen = {g.get("max_gen_toks", default_max_gen_toks) for g in gen}
         results[n] = TaskResult(
-            metric=metric, value=value, stderr=stats.mean_stderr(per), n=len(per), per_sample=per,
-            sample_ids=ids, lm_eval_task=(spec.lm_eval_task if spec else n),
-            extra={m: (sum(v) / len(v) if v else math.nan) for m, v in extra_vals.items()},
-            subtasks=subtasks if len(leaves[n]) > 1 else {})
+            metric=metric, value=value, stderr=float(stderr) if isinstance(stderr, (int, float)) else float("nan"),
+            n=n_docs, per_sample=per, sample_ids=ids.get(key, []), lm_eval_task=lm_name,
+            extra={(k.split(",", 1)[0] if k.endswith(",none") else k): v for k, v in metrics.items()
+                   if k != key and "_stderr," not in k},
+            subtasks=({leaf: (sum(v) / len(v)) for leaf, v in subtask_vals.get(key, {}).items()}
+                      if len(leaves[n]) > 1 else {}),
+            filter=filt, aggregation=aggs.get(metric, "mean"), metrics=metrics,
+            per_sample_by={k: v for k, v in vectors.items() if k != key},
+            num_fewshot=next(iter(shots)) if len(shots) == 1 else None, n_shot=n_shot,
+            max_gen_toks=next(iter(max_gen)) if len(max_gen) == 1 else None)
     return results
 
 

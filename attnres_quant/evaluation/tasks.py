@@ -11,15 +11,13 @@ the task's ``dataset_kwargs``.
 
 from __future__ import annotations
 
-import ast
 import hashlib
-import importlib.util
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from attnres_quant.errors import UserError
 from attnres_quant.evaluation import datasets as local
 
 import os as _os
@@ -45,13 +43,14 @@ TASKS: dict[str, TaskSpec] = {
     "gpqa": TaskSpec("gpqa", "aq_gpqa_diamond", "acc", dataset="gpqa"),
     "humaneval": TaskSpec("humaneval", "aq_humaneval", "pass@1", executes_code=True),
     "math": TaskSpec("math", "aq_minerva_math", "exact_match", dataset="math"),
+    "hendrycks_math": TaskSpec("hendrycks_math", "aq_hendrycks_math", "exact_match", dataset="math"),
     "proxy_mc": TaskSpec("proxy_mc", "proxy_mc", "acc"),
     "proxy_code": TaskSpec("proxy_code", "proxy_code", "pass@1", executes_code=True),
     "proxy_math": TaskSpec("proxy_math", "proxy_math", "exact_match"),
 }
-ALIASES = {"gpqa_diamond": "gpqa", "minerva_math": "math", "hendrycks_math": "math",
+ALIASES = {"gpqa_diamond": "gpqa", "minerva_math": "math",
            "aq_mmlu": "mmlu", "aq_gpqa_diamond": "gpqa", "aq_humaneval": "humaneval",
-           "aq_minerva_math": "math"}
+           "aq_minerva_math": "math", "aq_hendrycks_math": "hendrycks_math"}
 GROUPS = {"proxy_suite": ("proxy_mc", "proxy_code", "proxy_math")}
 
 # Fixed test-set sizes of the proxy suite (settings.limit can only reduce them).
@@ -75,7 +74,7 @@ def spec_for(name: str) -> TaskSpec | None:
     return TASKS.get(ALIASES.get(name, name))
 
 
-_SUBTASK_PREFIXES = (("aq_mmlu_", "mmlu"), ("aq_minerva_math_", "math"))
+_SUBTASK_PREFIXES = (("aq_mmlu_", "mmlu"), ("aq_minerva_math_", "math"), ("aq_hendrycks_math_", "math"))
 
 
 def subtask_of(name: str) -> tuple[str, str] | None:
@@ -144,10 +143,20 @@ def load_gpqa(subset: str = "gpqa_diamond", aq_datasets: dict | None = None, **_
 
 
 def load_math(subject: str, aq_datasets: dict | None = None, **_: Any):
+    """``test`` split (+ ``train`` when the copy has one: hendrycks_math few-shot examples)."""
     root = _root("math", aq_datasets)
-    rows = local.load_split(root, "math", subject, "test")
-    return _ds({"test": [{"problem": r["problem"], "solution": r["solution"],
-                          "level": str(r.get("level", "")), "type": str(r.get("type", ""))} for r in rows]})
+
+    def rows(split: str) -> list[dict]:
+        return [{"problem": r["problem"], "solution": r["solution"],
+                 "level": str(r.get("level", "")), "type": str(r.get("type", ""))}
+                for r in local.load_split(root, "math", subject, split)]
+
+    splits = {"test": rows("test")}
+    try:
+        splits["train"] = rows("train")
+    except UserError:  # no train split: zero-shot only (preflight says so when few-shot is asked for)
+        pass
+    return _ds(splits)
 
 
 def load_humaneval(**_: Any):
@@ -229,124 +238,22 @@ def gpqa_process_docs(dataset):
 
 
 # ---------------------------------------------------------------------------
-# Math (minerva_math prompt; exact match of the normalised final answer)
+# Math: lm-eval's own minerva_math / hendrycks_math utils (referenced from the YAMLs)
 
 
-def last_boxed(text: str) -> str | None:
-    """The last ``\\boxed{...}`` (or ``\\fbox{...}``) group of ``text``, braces balanced, or None."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    if text.startswith("\\boxed ", start):
-        return text[start + len("\\boxed "):].split("$")[0].strip()
-    brace = text.find("{", start)
-    if brace < 0:
-        return None
-    depth = 0
-    for i in range(brace, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[brace + 1:i]
-    return None
+def math_scoring_error(task: str) -> "Exception | None":
+    """Why lm-eval's minerva_math scoring cannot run here (None when it can).
 
-
-_UNIT_WORDS = (
-    "square", "ways", "integers", "dollars", "mph", "inches", "ft", "hours", "km", "units", "sue",
-    "points", "feet", "minutes", "digits", "cents", "degrees", "cm", "gm", "pounds", "meters", "meals",
-    "edges", "students", "childrentickets", "multiples",
-)
-
-
-def normalize_answer(ans: str | None) -> str:
-    """Canonical text of a final answer (Minerva-style normalisation, our implementation)."""
-    if ans is None:
-        return "[invalidanswer]"
-    s = ans.split("=")[-1].strip()
-    for old in ("\\!", "\\,", "\\;", "\\ ", "\\dfrac", "\\tfrac", "\\left", "\\right", "^\\circ", "^{\\circ}",
-                "\\%", "%", "\\$", "$", "mbox"):
-        s = s.replace(old, "\\frac" if old in ("\\dfrac", "\\tfrac") else "")
-    s = re.sub(r"\\text\{\s*(and|m)\s*\}", "", s)
-    for word in _UNIT_WORDS:
-        s = re.sub(rf"(\\text\{{)?\s*{word}(es|s)?\s*(\}})?(\^[0-9]+)?", "", s)
-    s = re.sub(r"\\(?:text|textbf|mathrm|overline|boxed)\{(.*?)\}", r"\1", s)
-    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
-    s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)
-    s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)
-    s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)
-    s = s.replace(" ", "").rstrip(".")
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
-        s = s.replace(",", "")
-    if re.fullmatch(r"-?\d+\.0+", s):
-        s = s.split(".")[0]
-    return s
-
-
-def extract_answer(generation: str) -> str | None:
-    """The final answer stated in a Minerva-format solution."""
-    m = re.search(r"Final Answer: The final answer is(.*?)\. I hope it is correct\.", generation, re.S)
-    if m:
-        return m.group(1).strip()
-    return last_boxed(generation)
-
-
-def math_equivalent(a: str, b: str) -> bool:
-    if a == "[invalidanswer]" or b == "[invalidanswer]":
-        return False
-    if a == b:
-        return True
-
-    def num(s: str) -> float | None:
-        m = re.fullmatch(r"(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}", s)
-        try:
-            if m:
-                return (-1 if m.group(1) else 1) * int(m.group(2)) / int(m.group(3))
-            return float(s)
-        except (ValueError, ZeroDivisionError):
-            return None
-
-    x, y = num(a), num(b)
-    return x is not None and y is not None and abs(x - y) <= 1e-9 * max(1.0, abs(y))
-
-
-def math_process_docs(dataset):
-    def one(doc: dict) -> dict:
-        return {"problem": doc["problem"], "solution": doc["solution"],
-                "answer": normalize_answer(last_boxed(doc["solution"]))}
-
-    return dataset.map(one)
-
-
-def math_doc_to_text(doc: dict) -> str:
-    return "Problem:\n" + doc["problem"] + "\n\nSolution:"
-
-
-def math_doc_to_target(doc: dict) -> str:
-    # few-shot exemplars show the full worked solution; eval docs are scored on the answer
-    return doc["solution"] if doc.get("few_shot") else doc["answer"]
-
-
-def math_results(doc: dict, results: list[str]) -> dict[str, float]:
-    pred = normalize_answer(extract_answer(results[0]))
-    return {"exact_match": float(math_equivalent(pred, doc["answer"]))}
-
-
-def minerva_fewshot() -> list[dict]:
-    """The four Minerva exemplars lm-eval's minerva_math uses, read from the installed lm-eval.
-
-    (lm-eval's module cannot be imported without ``math_verify``; its literal list is read with
-    ``ast`` instead.)
+    lm-eval's ``minerva_math.utils`` needs ``sympy``, ``math-verify`` and
+    ``antlr4-python3-runtime`` 4.11 (sympy's LaTeX parser and lm-eval both insist on that version).
     """
-    spec = importlib.util.find_spec("lm_eval")
-    path = Path(spec.origin).parent / "tasks" / "minerva_math" / "utils.py"  # type: ignore[arg-type]
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    for node in tree.body:
-        if isinstance(node, ast.FunctionDef) and node.name == "list_fewshot_samples":
-            for sub in ast.walk(node):
-                if isinstance(sub, ast.Return) and sub.value is not None:
-                    samples = ast.literal_eval(sub.value)
-                    return [{"problem": s["problem"], "solution": s["solution"], "few_shot": "1"}
-                            for s in samples]
-    raise RuntimeError(f"no Minerva few-shot exemplars found in {path}")
+    try:
+        import lm_eval.tasks.minerva_math.utils  # noqa: F401
+    except (ImportError, AssertionError) as e:
+        return UserError(f"task '{task}' is scored by lm-eval's minerva_math, which cannot be imported here "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})",
+                         where="the Python environment (sympy, math-verify, antlr4-python3-runtime)",
+                         fix="install attnres_quant's dependencies again (`pip install -e .`, which pins "
+                             "math-verify[antlr4_11_0]==0.9.0, i.e. antlr4-python3-runtime 4.11.0), or "
+                             "`pip install 'math-verify[antlr4_11_0]==0.9.0' 'antlr4-python3-runtime==4.11.0'`")
+    return None

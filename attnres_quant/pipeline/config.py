@@ -45,10 +45,12 @@ class TaskSpec(Strict):
 class EvalSettings(Strict):
     batch_size: int = Field(default=16, ge=1)
     limit: int | None = Field(default=None, ge=1, description="max samples per task (None = all)")
-    num_fewshot: int = Field(default=0, ge=0)
+    num_fewshot: int | None = Field(default=None, ge=0,
+                                    description="None = each task's own default (lm-eval's, e.g. math 4, gsm8k 5)")
     max_gen_toks: int | None = Field(default=None, ge=1,
                                      description="cap on generated tokens for every generation task "
-                                                 "(None = each task's own limit)")
+                                                 "(None = each task's own limit, lm-eval's: humaneval 1024, "
+                                                 "math the model's default, 256 with HFLM)")
     allow_code_execution: bool = False
     code_timeout_s: float = Field(default=5.0, gt=0)
 

@@ -169,12 +169,31 @@ def run_tasks(store, label, vname, model, tokenizer, config, settings) -> None:
         task_settings = settings.model_copy(update=update) if update else settings
         _log(f"  {label} / {vname}: task {task.name}")
         t0 = time.perf_counter()
-        results = evaluate(model, tokenizer, [task.name], task_settings)
+        results = evaluate(model, tokenizer, [task.name], task_settings,
+                           samples_dir=samples_dir(store, label, vname))
         value = {name: r.to_dict() for name, r in results.items()}
+        record_samples_paths(store, value)
         for name, r in value.items():
             if not (isinstance(r.get("value"), (int, float)) and math.isfinite(r["value"])):
                 raise VariantFailed(f"task {name} produced a non-finite score ({r.get('value')})")
         store.put(label, vname, cell, value, wall_s=round(time.perf_counter() - t0, 2))
+
+
+def samples_dir(store, label: str, vname: str) -> Path:
+    """Per-sample logs of one (model, variant): ``<results dir>/samples/<model>/<variant>/<task>.jsonl.gz``."""
+    return Path(store.path).parent / "samples" / label / vname
+
+
+def record_samples_paths(store, value: dict) -> None:
+    """Sample-log paths in a task cell, relative to results.json's folder (the folder can move)."""
+    root = Path(store.path).parent.resolve()
+    for r in value.values():
+        path = r.get("samples_path")
+        if path:
+            try:
+                r["samples_path"] = Path(path).resolve().relative_to(root).as_posix()
+            except ValueError:
+                pass
 
 
 def mean_depth_weights(model, ids) -> list[list[float]] | None:

@@ -30,8 +30,8 @@ def plot_accuracy_vs_bits(view, out_dir: Path) -> list[tuple[str, str]]:
             for variant in view.variants:
                 plan = view.cell(model, variant, "plan") or {}
                 r = view.task_results(model, variant).get(sub)
-                if r is None or plan.get("avg_bits") is None:
-                    continue
+                if r is None or plan.get("avg_bits") is None or r.get("aggregation", "mean") != "mean":
+                    continue  # perplexity-like corpus metrics are not scores in %
                 xs.append(plan["avg_bits"])
                 ys.append(100 * r["value"])
                 labels.append(variant)

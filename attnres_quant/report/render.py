@@ -167,19 +167,74 @@ def task_section(view: View, model: str) -> list[str]:
             if r is None:
                 row[sub] = "failed" if failure else "—"
                 continue
-            cell = f"{_pct(r['value'])} ± {_pct(r.get('stderr'))}"
+            cell = _score(r)
             b = base.get(sub)
             if variant != view.baseline and b and b.get("per_sample") and r.get("per_sample") \
                     and len(b["per_sample"]) == len(r["per_sample"]):
                 d, lo, hi = paired_delta(b["per_sample"], r["per_sample"])
                 cw, wc = flips(b["per_sample"], r["per_sample"])
-                cell += f" (Δ {100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]; {cw}/{wc})"
+                cell += f" (Δ {100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]; {_samples_link(view, r, f'{cw}/{wc}')})"
             row[sub] = cell
         rows.append(row)
     ns = {sub: (base.get(sub) or {}).get("n") for sub in view.subtasks(model)}
-    metrics = {sub: (base.get(sub) or {}).get("metric") for sub in view.subtasks(model)}
-    legend = "; ".join(f"{s}: {metrics[s]} in %, n={ns[s]}" for s in ns)
-    return [f"### Task scores — {model}", "", _table(rows), "", f"_{legend}_", ""]
+    metrics = {sub: _metric_label(base.get(sub) or {}) for sub in view.subtasks(model)}
+    legend = "; ".join(f"{s}: {metrics[s]}, n={ns[s]}" for s in ns)
+    return [f"### Task scores — {model}", "", _table(rows), "", f"_{legend}_", ""] + task_settings_section(view, model)
+
+
+# --------------------------------------------------------------------------- lm-eval details (issue 14)
+def _is_mean(r: dict) -> bool:
+    return r.get("aggregation", "mean") == "mean"
+
+
+def _score(r: dict) -> str:
+    """Mean metrics (accuracies) in % ± stderr; corpus metrics (perplexities, bits/byte) as numbers."""
+    if _is_mean(r):
+        return f"{_pct(r['value'])} ± {_pct(r.get('stderr'))}"
+    return _fmt(r.get("value"), 4)
+
+
+def _metric_label(r: dict) -> str:
+    name = r.get("metric") or "?"
+    if r.get("filter") and r["filter"] != "none":
+        name += f" ({r['filter']})"
+    return name + (" in %" if _is_mean(r) else f" ({r.get('aggregation')})")
+
+
+def _samples_link(view: View, r: dict, text: str) -> str:
+    """``text`` linked to the result's per-sample log (path relative to the report)."""
+    path = r.get("samples_path")
+    prefix = getattr(view, "link_prefix", None)
+    if not path or prefix is None:
+        return text
+    return f"[{text}]({prefix}{path})"
+
+
+def task_settings_section(view: View, model: str) -> list[str]:
+    """What each task ran with (lm-eval task, metric/filter, n-shot, generation limit) and every
+    metric/filter lm-eval reported for the baseline, with links to the per-sample logs."""
+    base = view.task_results(model, view.baseline)
+    rows = []
+    for sub in view.subtasks(model):
+        r = base.get(sub) or next((view.task_results(model, v).get(sub) for v in view.variants
+                                   if view.task_results(model, v).get(sub)), None) or {}
+        others = {k: v for k, v in (r.get("metrics") or r.get("extra") or {}).items()  # extra: older results
+                  if "_stderr," not in k and k != f"{r.get('metric')},{r.get('filter', 'none')}"}
+        logs = [_samples_link(view, rv, v) for v in view.variants
+                if (rv := view.task_results(model, v).get(sub)) and rv.get("samples_path")]
+        rows.append({"task": sub, "lm-eval task": r.get("lm_eval_task") or "—", "metric": _metric_label(r),
+                     "n-shot": _fmt(r.get("num_fewshot")) if r.get("num_fewshot") is not None
+                     else (", ".join(f"{k}: {v}" for k, v in (r.get("n_shot") or {}).items()) or "—"),
+                     "max gen tokens": _fmt(r.get("max_gen_toks")), "n": _fmt(r.get("n")),
+                     "other metrics (baseline)": ", ".join(f"{k} {_fmt(v, 4)}" for k, v in others.items()) or "—",
+                     "per-sample logs": ", ".join(logs) or "—"})
+    if not rows:
+        return []
+    return [f"#### Task settings — {model}", "", _table(rows), "",
+            "_Scores are lm-eval's own aggregates (its `results`, per metric and filter); Δ, CIs and flips use "
+            "per-document values and exist only for metrics lm-eval averages over documents. n-shot is lm-eval's "
+            "effective `n-shot`; max gen tokens is the generation limit used. Flip counts link to the variant's "
+            "per-sample log (lm-eval's records: prompt, target, response, filtered answer, metrics; JSONL.gz)._", ""]
 
 
 def quality_section(view: View, model: str) -> list[str]:
@@ -255,7 +310,7 @@ def sensitivity_rows(view: View, model: str) -> list[dict]:
     for variant in view.variants[1:]:
         q = view.cell(model, variant, "quality") or {}
         res = view.task_results(model, variant)
-        deltas = [res[s]["value"] - base[s]["value"] for s in res if s in base]
+        deltas = [res[s]["value"] - base[s]["value"] for s in res if s in base and _is_mean(res[s])]
         rows.append({"variant": variant, "kl_mean": q.get("kl_mean"),
                      "mean_delta": sum(deltas) / len(deltas) if deltas else None})
     rows.sort(key=lambda r: (-(r["kl_mean"] if r["kl_mean"] is not None else -1)))
@@ -275,7 +330,7 @@ def findings(view: View) -> list[str]:
             if view.failure(model, variant):
                 row[variant] = "failed"
                 continue
-            drops = [res[s]["value"] - base[s]["value"] for s in res if s in base]
+            drops = [res[s]["value"] - base[s]["value"] for s in res if s in base and _is_mean(res[s])]
             mean = sum(drops) / len(drops) if drops else None
             row[variant] = ("—" if mean is None else f"{100 * mean:+.1f} pts") + \
                 (f", KL {q['kl_mean']:.4f}" if q.get("kl_mean") is not None else "")
@@ -289,8 +344,10 @@ def findings(view: View) -> list[str]:
 def render_report(results_path: Path, out_path: Path) -> Path:
     results_path, out_path = Path(results_path), Path(out_path)
     data = json.loads(results_path.read_text())
-    view = View(data)
     plot_dir = results_path.parent
+    view = View(data)
+    view.link_prefix = (plot_dir.relative_to(out_path.parent).as_posix() + "/"
+                        if plot_dir.is_relative_to(out_path.parent) else plot_dir.as_posix() + "/")
     lines = header(view) + findings(view)
     for model in view.models:
         lines += [f"## Model `{model}`", ""]
@@ -328,7 +385,7 @@ def summary_table(data: dict) -> str:
             if view.failure(model, variant):
                 row["status"] = "FAILED"
             for sub, r in view.task_results(model, variant).items():
-                row[sub] = _pct(r.get("value"))
+                row[sub] = _pct(r.get("value")) if _is_mean(r) else _fmt(r.get("value"), 4)
             q = view.cell(model, variant, "quality") or {}
             row["bpb"] = _fmt(q.get("bpb"), 4)
             if q.get("kl_mean") is not None:
