@@ -46,8 +46,10 @@ def _fs_protected(iso) -> bool:
 
 
 def _score(problems, body: str, timeout_s: float = 3.0) -> tuple[float, list[float], dict]:
-    """pass@1 of one completion of ``add`` (escape attempt + ``return x + y``)."""
-    completion = textwrap.indent(textwrap.dedent(body), "    ") + "    return x + y\n"
+    """pass@1 of one completion of ``add``: the escape attempt (on the first call only; the test
+    calls ``add`` 105 times) + ``return x + y``."""
+    completion = ("    if not hasattr(add, 'tried'):\n        add.tried = True\n"
+                  + textwrap.indent(textwrap.dedent(body), "        ") + "    return x + y\n")
     with he.code_execution(True, timeout_s=timeout_s, workers=2):
         value, per = he.pass_at_1([problems[ADD]], [completion])
         record = he.execution_record("humaneval")
@@ -277,8 +279,8 @@ def test_scoring_unchanged_humaneval_and_proxy_code(problems):
 
     from attnres_quant.data import proxy_tasks
 
-    he_probs = [problems[f"HumanEval/{i}"] for i in (0, 2, 12, 35, 53, 162)]
-    proxy = proxy_tasks.generate("proxy_code", "test", 4, seed=0)
+    he_probs = [problems[f"HumanEval/{i}"] for i in (0, 12, 53, 162)]
+    proxy = proxy_tasks.generate("proxy_code", "test", 3, seed=0)
     probs, comps = [], []
     for p in he_probs + proxy:
         for c in (p["canonical_solution"], "    return None\n", "    raise ValueError('no')\n"):
