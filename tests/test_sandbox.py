@@ -250,6 +250,33 @@ def test_hangs_and_timeouts_never_raise(problems):
     assert time.monotonic() - t0 < 20
 
 
+def test_crashes_and_fork_bombs_score_zero(problems):
+    """Crashing, exiting early and forking without end end as failed results; the process limit
+    holds (at most DEFAULT_LIMITS["processes"] live processes of the sandbox's user)."""
+    fork_bomb = """
+        import os, time
+        n = 0
+        try:
+            for i in range(150):
+                if os.fork() == 0:
+                    time.sleep(3)
+                    os._exit(0)
+                n += 1
+        except OSError:
+            pass
+        assert n < %d, n
+    """ % sandbox.DEFAULT_LIMITS["processes"]
+    bodies = ["    return x + y\n",
+              "    import ctypes\n    ctypes.string_at(0)\n",
+              "    import os\n    os._exit(0)\n",
+              "    raise SystemExit(0)\n",
+              textwrap.indent(textwrap.dedent(fork_bomb), "    ") + "    return x + y\n"]
+    with he.code_execution(True, timeout_s=3.0, workers=2):
+        res = he.check_completions([problems[ADD]] * len(bodies), bodies)
+    assert [r["passed"] for r in res] == [True, False, False, False, True], [r["result"] for r in res]
+    assert "signal 11" in res[1]["result"] and "exited" in res[2]["result"]
+
+
 def test_fallback_without_namespaces_still_contains_processes():
     """The path taken where the kernel refuses namespaces: process group, rlimits, clean env,
     private directory, subreaper sweep; the record says the network is not isolated."""

@@ -88,35 +88,41 @@ def check_completions(problems: list[dict], completions: list[str], *, timeout_s
         raise ValueError("problems and completions differ in length")
     if not problems:
         return []
+    check = sandbox.probe()
+    if check["result"] != "passed":  # the machine, not the programs: scores of 0 would be wrong
+        raise RuntimeError(f"generated code cannot be executed here: a sandbox did not run a trivial "
+                           f"program ({check['result']}); see docs/evaluation.md, 'What is and is not "
+                           f"contained'")
     runs = sandbox.run_batch([program(_problem(p), c) for p, c in zip(problems, completions)],
                              timeout_s=timeout, workers=n_workers)
-    _record(task, timeout, n_workers, runs)
+    _record(task, timeout, n_workers, runs, check["isolation"])
     return [{"task_id": p.get("task_id"), "passed": r["result"] == "passed", "result": r["result"]}
             for p, r in zip(problems, runs)]
 
 
-def _record(task: str, timeout: float, workers: int, runs: list[dict]) -> None:
-    isos = [r["isolation"] for r in runs if r.get("isolation")]
-    iso = isos[0] if isos else None
-    for other in isos[1:]:  # the weakest sandbox of the batch is the one reported
-        if sum(bool(other.get(k)) for k in ("net", "mount", "pid", "readonly")) < \
-                sum(bool(iso.get(k)) for k in ("net", "mount", "pid", "readonly")):
-            iso = other
+def _strength(iso: dict) -> int:
+    return sum(bool(iso.get(k)) for k in ("net", "mount", "pid", "readonly"))
+
+
+def _record(task: str, timeout: float, workers: int, runs: list[dict], probed: dict | None) -> None:
+    isos = [r["isolation"] for r in runs if r.get("isolation")] or ([probed] if probed else [])
+    iso = min(isos, key=_strength) if isos else None  # the weakest sandbox of the batch is reported
     with _lock:
         rec = _state.records.setdefault(task, {"timeout_s": timeout, "workers": workers,
                                                "limits": dict(sandbox.DEFAULT_LIMITS), "programs": 0,
-                                               "passed": 0, "timed_out": 0, "sandbox_failures": 0})
+                                               "passed": 0, "timed_out": 0, "no_result": 0})
         rec["timeout_s"] = timeout
         rec["programs"] += len(runs)
         rec["passed"] += sum(r["result"] == "passed" for r in runs)
         rec["timed_out"] += sum(r["result"] == "timed out" for r in runs)
-        rec["sandbox_failures"] += sum(r.get("isolation") is None and r["result"] != "timed out" for r in runs)
-        if iso is not None and ("isolation" not in rec or not iso.get("net")):
+        rec["no_result"] += sum(r.get("isolation") is None and r["result"] != "timed out" for r in runs)
+        if iso is not None and ("sandbox" not in rec or _strength(iso) < _strength(rec["sandbox"])):
+            rec["sandbox"] = {k: v for k, v in iso.items() if k != "errors"}
             rec["isolation"] = sandbox.describe(iso)
             rec["network_isolated"] = bool(iso.get("net"))
     if iso is not None and not iso.get("net"):
         log.warning("generated code for %s ran WITHOUT network isolation: %s", task,
-                    "; ".join(sandbox.describe(iso)["errors"]) or "no network namespace")
+                    sandbox.describe(iso)["network"])
 
 
 def execution_record(task: str | None = None) -> dict:

@@ -94,7 +94,7 @@ DEFAULT_LIMITS = {
 # imported before an unused uid is taken, for interpreters it may not read (e.g. under /root)
 # (what HumanEval's prompts, tests and solutions import, and a few common helpers)
 PRELOAD = ("typing", "math", "collections", "copy", "hashlib", "random", "re", "string", "itertools",
-           "functools", "heapq", "bisect", "operator")
+           "functools", "heapq", "bisect", "operator", "signal", "subprocess", "socket")
 
 # --------------------------------------------------------------------------- kernel interfaces
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER = 0x00020000, 0x08000000, 0x10000000
@@ -103,10 +103,7 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
 MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC = 1024, 2048, 4096, 16384
 MS_PRIVATE, MS_RELATIME, MS_STRICTATIME = 1 << 18, 1 << 21, 1 << 24
 MS_MOVE = 8192
-PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_SECUREBITS = 1, 24, 28
-PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 36, 38
-# NOROOT, NO_SETUID_FIXUP, NO_CAP_AMBIENT_RAISE, each locked; KEEP_CAPS locked off
-SECUREBITS = 0x1 | 0x2 | 0x4 | 0x8 | 0x20 | 0x40 | 0x80
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
 DEV_NODES = ("null", "zero", "full", "random", "urandom")
 _OPT_FLAGS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME,
               "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME, "strictatime": MS_STRICTATIME}
@@ -144,14 +141,8 @@ def _prctl(option: int, arg: int) -> None:
     _check(_c().prctl(option, arg, 0, 0, 0), f"prctl {option}")
 
 
-def _drop_capabilities(root: bool = False) -> None:
-    """capset(2) with empty sets (version 3 header, two 32-bit data words). ``root``: uid 0 keeps
-    none either across exec (securebits, empty bounding set)."""
-    if root:
-        _prctl(PR_SET_SECUREBITS, SECUREBITS)
-        for cap in range(64):
-            if _c().prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
-                break
+def _drop_capabilities() -> None:
+    """capset(2) with empty sets (version 3 header, two 32-bit data words)."""
     class Header(ctypes.Structure):
         _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
 
@@ -213,8 +204,8 @@ def _box() -> None:
                 iso[name] = True
             except OSError as e:
                 iso["errors"].append(f"{name} namespace: {e}")
-    if root and not (iso["mount"] and iso["pid"]):
-        iso["uid"] = UID_BASE + os.getpid()  # no private view of /dev, /proc: an unused uid instead
+    if root:  # an unused uid, unique while this process lives: no capabilities, RLIMIT_NPROC applies
+        iso["uid"] = UID_BASE + os.getpid()
     pid = os.fork()
     if pid == 0:
         try:
@@ -237,64 +228,126 @@ def _init(cfg: dict, iso: dict, fd: int) -> None:
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     workdir = cfg["workdir"]
     if iso["mount"]:
-        workdir = "/tmp"
         try:
-            _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing propagates back to the host
-            failed = []
-            for mp, opts in _mounts():
-                flags = MS_REMOUNT | MS_BIND | MS_RDONLY
-                for o in opts.split(","):
-                    flags |= _OPT_FLAGS.get(o, 0)
-                try:
-                    _mount(None, mp, None, flags)
-                except OSError as e:
-                    failed.append(f"{mp} ({e.strerror})")
-            uid = iso["uid"] if iso["uid"] is not None else os.geteuid()
-            _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
-                   f"size={int(cfg['limits']['tmp_bytes'])},nr_inodes=4096,mode=0700,uid={uid},gid={uid}")
-            _private_dev()
-            for hide in ("/run", "/var/tmp", "/dev/shm"):
-                if os.path.isdir(hide) and not os.path.islink(hide):
-                    try:
-                        _mount("tmpfs", hide, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                               "size=4096,mode=0755")
-                    except OSError as e:
-                        failed.append(f"{hide} ({e.strerror})")
-            if iso["pid"]:
-                try:
-                    _mount("proc", "/proc", "proc", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
-                except OSError as e:  # hide the host's processes rather than show them
-                    failed.append(f"/proc ({e.strerror})")
-                    _mount("tmpfs", "/proc", "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                           "size=4096")
-            iso["readonly"] = not failed
-            if failed:
-                iso["errors"].append("not remounted read-only: " + ", ".join(failed[:10]))
+            if _filesystem_view(cfg, iso):
+                workdir = "/tmp"
         except OSError as e:
             iso["errors"].append(f"filesystem view: {e}")
-            os._exit(71)  # the program does not run without the view it was promised
     child = os.fork()
     if child == 0:
         try:
             _program(cfg, iso, fd, workdir)
         finally:
             os._exit(72)
-    os.close(fd)
+    status = None
     while True:  # reap everything; return when the program's own process has ended
         try:
-            pid, _ = os.waitpid(-1, 0)
+            pid, st = os.waitpid(-1, 0)
         except ChildProcessError:
             break
         except InterruptedError:
             continue
         if pid == child:
+            status = st
             break
+    try:
+        os.write(fd, b"X%d\n" % (status if status is not None else -1))  # after the program's record
+    except OSError:
+        pass
     if not iso["pid"]:
         try:
             os.killpg(0, signal.SIGKILL)  # the rest of the group (the worker sweeps the others)
         except OSError:
             pass
     os._exit(0)
+
+
+def _filesystem_view(cfg: dict, iso: dict) -> bool:
+    """In the new mount namespace: every mount read-only, a private tmpfs on /tmp, a private /dev,
+    /run, /var/tmp, /dev/shm hidden, a fresh read-only /proc. True once /tmp is private."""
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing propagates back to the host
+    failed = []
+    for mp, opts in _mounts():
+        flags = MS_REMOUNT | MS_BIND | MS_RDONLY
+        for o in opts.split(","):
+            flags |= _OPT_FLAGS.get(o, 0)
+        try:
+            _mount(None, mp, None, flags)
+        except OSError as e:
+            failed.append(f"{mp} ({e.strerror})")
+    uid = iso["uid"] if iso["uid"] is not None else os.geteuid()
+    _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
+           f"size={int(cfg['limits']['tmp_bytes'])},nr_inodes=4096,mode=0700,uid={uid},gid={uid}")
+    if iso["uid"] is not None:
+        try:
+            _expose([sys.base_prefix, sys.prefix, os.path.dirname(os.path.realpath(sys.executable)),
+                     *cfg.get("site_paths", ())])
+        except OSError as e:
+            failed.append(f"interpreter folders ({e.strerror})")
+    try:
+        _private_dev()
+    except OSError as e:
+        failed.append(f"/dev ({e.strerror})")
+    for hide in ("/run", "/var/tmp", "/dev/shm"):
+        if os.path.isdir(hide) and not os.path.islink(hide):
+            try:
+                _mount("tmpfs", hide, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4096,mode=0755")
+            except OSError as e:
+                failed.append(f"{hide} ({e.strerror})")
+    if iso["pid"]:
+        try:
+            _mount("proc", "/proc", "proc", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        except OSError as e:  # hide the host's processes rather than show them
+            failed.append(f"/proc ({e.strerror})")
+            try:
+                _mount("tmpfs", "/proc", "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4096")
+            except OSError:
+                pass
+    iso["readonly"] = not failed
+    if failed:
+        iso["errors"].append("not read-only or not private: " + ", ".join(failed[:10]))
+    return True
+
+
+def _blocked(path: str) -> str | None:
+    """The outermost folder above ``path`` that other users may not traverse (None: none)."""
+    import stat
+
+    parts = os.path.realpath(path).split("/")[1:]
+    for i in range(1, len(parts)):
+        folder = "/" + "/".join(parts[:i])
+        try:
+            if not os.stat(folder).st_mode & stat.S_IXOTH:
+                return folder
+        except OSError:
+            return None
+    return None
+
+
+def _expose(paths) -> None:
+    """Make the interpreter's folders reachable for the sandbox uid when a folder above them is
+    private (e.g. pyenv under /root): that folder is covered by an empty read-only tmpfs holding
+    only bind mounts of those folders (the rest of it stays hidden)."""
+    wanted = sorted({os.path.realpath(p) for p in paths if p and os.path.isdir(p)})
+    wanted = [p for p in wanted if not any(p.startswith(q + "/") for q in wanted if q != p)]
+    covers: dict[str, list[str]] = {}
+    for p in wanted:
+        top = _blocked(p)
+        if top is not None:
+            covers.setdefault(top, []).append(p)
+    for n, (top, inside) in enumerate(sorted(covers.items())):
+        stages = []
+        for k, p in enumerate(inside):
+            stage = f"/tmp/.expose{n}_{k}"
+            os.mkdir(stage)
+            _mount(p, stage, None, MS_BIND | MS_REC)
+            stages.append((stage, p))
+        _mount("tmpfs", top, "tmpfs", MS_NOSUID | MS_NODEV, "size=65536,mode=0755")
+        for stage, p in stages:
+            os.makedirs(p, mode=0o755, exist_ok=True)
+            _mount(stage, p, None, MS_MOVE)
+            os.rmdir(stage)
+        _mount(None, top, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 
 def _private_dev() -> None:
@@ -345,17 +398,15 @@ def _program(cfg: dict, iso: dict, fd: int, workdir: str) -> None:
         except (ValueError, OSError):
             hard = resource.getrlimit(res)[1]
             resource.setrlimit(res, (min(value, hard) if hard >= 0 else value, hard))
-    if iso["root"] and iso["uid"] is None:  # root in its own view of the system: no capabilities
-        _drop_capabilities(root=True)
-    elif iso["uid"] is not None:  # root without that view: an unused uid (drops every capability)
+    if iso["uid"] is not None:  # root: an unused uid (which drops every capability)
         uid = int(iso["uid"])
-        if not _world_readable(os.path.dirname(os.__file__)):
+        if not _world_readable(os.path.dirname(os.__file__)):  # no mount namespace to expose it
             for mod in PRELOAD:
                 try:
                     __import__(mod)
                 except ImportError:
                     pass
-        if not iso["mount"]:
+        if workdir == cfg["workdir"]:  # the host folder (no private /tmp)
             os.chown(workdir, uid, uid)
         os.setgroups([])
         os.setresgid(uid, uid, uid)
@@ -577,19 +628,39 @@ def _drain(r: int) -> bytes:
 
 
 def _verdict(buf: bytes, timed_out: bool, returncode, seconds: float) -> dict:
-    line = buf[1:] if buf.startswith(b"S") else buf
-    try:
-        import ast
+    """The pipe holds ``S`` (program started), its record (a dict literal, one line) and init's
+    ``X<wait status>`` line; anything else there was written by the program and is ignored."""
+    import ast
 
-        rec = ast.literal_eval(line.split(b"\n", 1)[0].decode("utf-8", "replace"))  # untrusted: literals only
-        iso = rec.get("isolation")
-        return {"result": str(rec["result"]), "isolation": iso if isinstance(iso, dict) else None,
+    started = buf.startswith(b"S")
+    record, status = None, None
+    for line in (buf[1:] if started else buf).split(b"\n"):
+        if record is None and line.startswith(b"{"):
+            try:
+                rec = ast.literal_eval(line.decode("utf-8", "replace"))  # untrusted: literals only
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+                continue
+            if isinstance(rec, dict) and "result" in rec:
+                record = rec
+        elif line.startswith(b"X"):
+            try:
+                status = int(line[1:])
+            except ValueError:
+                pass
+    if record is not None:
+        iso = record.get("isolation")
+        return {"result": str(record["result"]), "isolation": iso if isinstance(iso, dict) else None,
                 "seconds": seconds}
-    except (ValueError, KeyError, TypeError, SyntaxError, AttributeError, MemoryError, RecursionError):
-        pass
-    if timed_out or buf.startswith(b"S"):
-        why = "timed out" if timed_out or returncode in (-signal.SIGKILL, 0) else \
-            f"failed: the program's sandbox ended (exit {returncode}) without a result"
+    if timed_out:
+        why = "timed out"
+    elif status is not None and status >= 0:
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            why = "timed out" if sig == signal.SIGXCPU else f"failed: the program was killed by signal {sig}"
+        else:
+            why = f"failed: the program exited (code {os.WEXITSTATUS(status)}) before its tests finished"
+    elif started:
+        why = "failed: the program's sandbox ended without a result"
     else:
         why = f"failed: the sandbox did not start (exit {returncode})"
     return {"result": why, "isolation": None, "seconds": seconds}
@@ -620,13 +691,23 @@ def describe(iso: dict | None) -> dict:
         fs = "NOT protected: the program can write wherever this user can; private working directory only"
     procs = ("PID namespace (all descendants die with the sandbox)" if iso.get("pid") else
              "process group + subreaper sweep (no PID namespace)")
-    user = ("an unused uid, no capabilities" if iso.get("uid") is not None else
-            "root without capabilities (empty bounding set, securebits locked), no_new_privs"
-            if iso.get("root") else
+    user = (f"an unused uid ({iso['uid']}), no capabilities, no_new_privs" if iso.get("uid") is not None else
             "user namespace, capabilities dropped, no_new_privs" if iso.get("user") else
             "NOT separated: the evaluator's own user (it can signal the evaluator's processes)")
     return {"network": net, "filesystem": fs, "processes": procs, "user": user,
             "errors": list(iso.get("errors") or [])}
+
+
+_PROBES: dict = {}
+
+
+def probe(limits: dict | None = None) -> dict:
+    """Run a trivial program once per process (per ``limits``): its ``run_one`` dict. Its
+    ``result`` is ``"passed"`` where sandboxes work here; ``isolation`` says what they contain."""
+    key = repr(sorted((limits or {}).items()))
+    if key not in _PROBES:
+        _PROBES[key] = run_one("assert True", 10.0, limits)
+    return _PROBES[key]
 
 
 def run_batch(programs: list[str], timeout_s: float = DEFAULT_TIMEOUT_S, workers: int = 2,
