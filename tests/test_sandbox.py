@@ -328,3 +328,21 @@ def test_timeout_default_is_lm_evals():
     assert sandbox.DEFAULT_TIMEOUT_S == 3.0  # lm-eval 0.4.13 humaneval -> code_eval(timeout=3.0)
     assert EvalSettings().code_timeout_s == 3.0
     assert StudyEval().code_timeout_s == 3.0
+
+
+def test_report_states_how_code_ran():
+    from attnres_quant.report.render import code_execution_lines
+
+    iso = {"root": False, "user": False, "mount": False, "net": False, "pid": False, "readonly": False,
+           "uid": None, "errors": ["user namespace: [Errno 1] Operation not permitted"]}
+    ex = {"timeout_s": 3.0, "isolation": sandbox.describe(iso), "network_isolated": False}
+
+    class View:
+        variants = ["bf16", "int4"]
+
+        def task_results(self, model, variant):
+            return {"humaneval": {"value": 0.1, "execution": ex}, "proxy_mc": {"value": 0.5}}
+
+    text = "\n".join(code_execution_lines(View(), "m"))
+    assert "`humaneval`" in text and "time limit 3.0 s" in text and "proxy_mc" not in text
+    assert "Network NOT isolated" in text and "Operation not permitted" in text
