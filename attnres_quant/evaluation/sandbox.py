@@ -12,11 +12,13 @@ gets (docs/evaluation.md, "What is and is not contained"):
 * a clean environment (``PATH``, ``HOME``/``TMPDIR`` = the working directory, ``LANG``,
   ``PYTHONHASHSEED=0``), stdin/stdout/stderr on ``/dev/null``, no other descriptors;
 * a private working directory; with a mount namespace, a fresh ``tmpfs`` on ``/tmp`` (the
-  working directory) and on ``/run``, ``/var/tmp``, ``/dev/shm``, a fresh ``/proc``, and every
-  other mount remounted read-only;
+  working directory), empty ones on ``/run`` and ``/var/tmp``, a minimal ``/dev``, a fresh
+  read-only ``/proc``, and every other mount remounted read-only;
 * no network: a new network namespace (only a loopback interface, down);
-* no privileges: as root, an unused uid (``UID_BASE + pid``) and no capabilities; otherwise a
-  user namespace whose capabilities are dropped before the program runs; ``no_new_privs``.
+* no privileges: as root, an unused uid (``UID_BASE + pid``: no capabilities, and RLIMIT_NPROC
+  applies, which it does not to uid 0), with the interpreter's folders exposed if a folder above
+  them is private; otherwise a user namespace whose capabilities are dropped before the program
+  runs; ``no_new_privs`` always.
 
 Each namespace is tried separately; what was obtained is reported with every result
 (``isolation``), and :func:`describe` turns it into the sentences recorded in results.
