@@ -354,3 +354,15 @@ def test_report_states_how_code_ran():
     text = "\n".join(code_execution_lines(View(), "m"))
     assert "`humaneval`" in text and "time limit 3.0 s" in text and "proxy_mc" not in text
     assert "Network NOT isolated" in text and "Operation not permitted" in text
+
+
+def test_training_card_scores_code_in_the_sandbox(monkeypatch):
+    from attnres_quant.data import proxy_tasks
+    from attnres_quant.training import scoring
+
+    calls = []
+    real = sandbox.run_batch
+    monkeypatch.setattr(sandbox, "run_batch", lambda *a, **k: calls.append(a) or real(*a, **k))
+    items = proxy_tasks.generate("proxy_code", "test", 2, seed=0)
+    assert scoring.run_code_checks(items, [items[0]["canonical_solution"], "    return None\n"]) == [True, False]
+    assert len(calls) == 1 and len(calls[0][0]) == 2
