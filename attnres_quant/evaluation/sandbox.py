@@ -850,11 +850,12 @@ def _worker_round(programs, timeout_s, workers, limits) -> tuple[set[int], dict[
            "site_paths": _site_paths()}
     budget = 60 + (float(timeout_s) + KILL_GRACE_S + 5) * (len(programs) / workers + 1)
     with tempfile.TemporaryDirectory(prefix="aq_exec_") as tmp:
+        os.chmod(tmp, 0o711)  # the worker's temporary files live here, so nothing outlives the round
         log = os.path.join(tmp, "log.jsonl")
         with open(os.path.join(tmp, "stderr.txt"), "wb") as err:
             proc = subprocess.Popen(_command("worker", log),
                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err,
-                                    start_new_session=True, cwd=tmp)
+                                    start_new_session=True, cwd=tmp, env={**os.environ, "TMPDIR": tmp})
             try:
                 proc.stdin.write(json.dumps(job).encode("utf-8"))
                 proc.stdin.close()
