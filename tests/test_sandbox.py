@@ -370,3 +370,27 @@ def test_training_card_scores_code_in_the_sandbox(monkeypatch):
     items = proxy_tasks.generate("proxy_code", "test", 2, seed=0)
     assert scoring.run_code_checks(items, [items[0]["canonical_solution"], "    return None\n"]) == [True, False]
     assert len(calls) == 1 and len(calls[0][0]) == 2
+
+
+def test_a_program_that_kills_its_worker_scores_zero_and_the_others_run_again(monkeypatch):
+    """Where a program can reach its worker (no namespaces, same user), the worker dies with the
+    programs in flight: the culprit is found by running those one at a time, the rest complete."""
+    rounds = []
+
+    def fake_round(programs, timeout_s, workers, limits):
+        rounds.append((list(programs), workers))
+        started, done = set(), {}
+        for k, p in enumerate(programs):
+            started.add(k)
+            if p == "killer":
+                if workers > 1 and k + 1 < len(programs):
+                    started.add(k + 1)  # its neighbour was running too
+                return started, done
+            done[k] = {"result": "passed", "isolation": {}, "seconds": 0.0}
+        return started, done
+
+    monkeypatch.setattr(sandbox, "_worker_round", fake_round)
+    runs = sandbox.run_batch(["a", "killer", "b", "c"], timeout_s=1.0, workers=2)
+    assert [r["result"] for r in runs] == ["passed", "failed: the program killed its sandbox worker",
+                                           "passed", "passed"]
+    assert rounds == [(["a", "killer", "b", "c"], 2), (["killer", "b", "c"], 1), (["b", "c"], 1)]
