@@ -638,7 +638,7 @@ def check_code_item(item: dict, completion: str | None = None) -> bool:
     """Run ``completion`` (default: the canonical solution) against the item's test, in-process.
 
     For trusted text only (the generator's own solutions); model output goes through a
-    subprocess with a timeout (evaluation module / :mod:`attnres_quant.training.scoring`).
+    sandbox (:mod:`attnres_quant.evaluation.sandbox`, used by the evaluation and the training card).
     """
     program = code_program(item, item["canonical_solution"] if completion is None else completion)
     try:

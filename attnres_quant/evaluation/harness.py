@@ -90,6 +90,7 @@ class TaskResult:
     n_shot: dict[str, int] = field(default_factory=dict)   # lm-eval (sub)task -> n-shot
     max_gen_toks: int | None = None   # generation limit used (generation tasks)
     samples_path: str | None = None   # per-sample log (JSONL.gz of lm-eval's sample records)
+    execution: dict = field(default_factory=dict)  # code tasks: time limit, sandbox, counts (humaneval.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -342,9 +343,13 @@ def evaluate(model, tokenizer, tasks: list[str], settings: Any = None, *, lm=Non
             gen_kwargs=dict(s.gen_kwargs) or None, task_manager=tm,
             random_seed=s.seed, numpy_random_seed=s.seed, torch_random_seed=s.seed,
             fewshot_random_seed=s.seed, confirm_run_unsafe_code=s.allow_code_execution)
+        executed = he.execution_record()
     if out is None:  # non-zero rank
         return {}
     results = collect(out, names, leaves, task_objs, default_max_gen_toks=getattr(lm, "max_gen_toks", None))
+    for n, r in results.items():
+        if n in executed:
+            r.execution = executed[n]
     if samples_dir is not None:
         for n, r in results.items():
             r.samples_path = str(write_samples(Path(samples_dir) / f"{n}.jsonl.gz", out, leaves[n]))

@@ -179,7 +179,8 @@ def task_section(view: View, model: str) -> list[str]:
     ns = {sub: (base.get(sub) or {}).get("n") for sub in view.subtasks(model)}
     metrics = {sub: _metric_label(base.get(sub) or {}) for sub in view.subtasks(model)}
     legend = "; ".join(f"{s}: {metrics[s]}, n={ns[s]}" for s in ns)
-    return [f"### Task scores — {model}", "", _table(rows), "", f"_{legend}_", ""] + task_settings_section(view, model)
+    return ([f"### Task scores — {model}", "", _table(rows), "", f"_{legend}_", ""]
+            + code_execution_lines(view, model) + task_settings_section(view, model))
 
 
 # --------------------------------------------------------------------------- lm-eval details (issue 14)
@@ -235,6 +236,26 @@ def task_settings_section(view: View, model: str) -> list[str]:
             "per-document values and exist only for metrics lm-eval averages over documents. n-shot is lm-eval's "
             "effective `n-shot`; max gen tokens is the generation limit used. Flip counts link to the variant's "
             "per-sample log (lm-eval's records: prompt, target, response, filtered answer, metrics; JSONL.gz)._", ""]
+
+
+def code_execution_lines(view: View, model: str) -> list[str]:
+    """How generated code ran (time limit, containment) for the code tasks of ``model``."""
+    seen: dict[str, dict] = {}
+    for variant in view.variants:
+        for sub, r in view.task_results(model, variant).items():
+            ex = (r or {}).get("execution") or {}
+            if ex and (sub not in seen or not ex.get("network_isolated", True)):
+                seen[sub] = ex
+    if not seen:
+        return []
+    lines = []
+    for sub, ex in sorted(seen.items()):
+        iso = ex.get("isolation") or {}
+        warn = "" if ex.get("network_isolated") else " **Network NOT isolated.**"
+        lines.append(f"- `{sub}`: each program in a sandbox, time limit {_fmt(ex.get('timeout_s'), 1)} s; "
+                     f"network: {iso.get('network', 'unknown')}; filesystem: {iso.get('filesystem', 'unknown')}; "
+                     f"processes: {iso.get('processes', 'unknown')}; user: {iso.get('user', 'unknown')}.{warn}")
+    return ["**Generated code** (docs/evaluation.md, \"What is and is not contained\"):", "", *lines, ""]
 
 
 def quality_section(view: View, model: str) -> list[str]:

@@ -4,7 +4,8 @@ scores through lm-eval in :mod:`attnres_quant.evaluation`).
 * ``score_mc``: argmax over the 4 options of the summed log-likelihood of
   ``" " + option`` after :func:`proxy_tasks.format_mc_prompt` (lm-eval's ``acc``).
 * ``score_code``: greedy completion of the prompt (stops at HumanEval's stop
-  sequences), executed with the item's test in a subprocess with a timeout (pass@1).
+  sequences), executed with the item's test in a sandbox (pass@1;
+  :mod:`attnres_quant.evaluation.sandbox`, as the study does).
 * ``score_math``: greedy completion after :func:`proxy_tasks.format_math_prompt`,
   cut at the first newline, stripped, exact match with ``answer``.
 * ``bits_per_byte``: summed next-token NLL (bits) over the UTF-8 bytes predicted.
@@ -15,10 +16,6 @@ No BOS is prepended to prompts (as lm-eval's HFLM does for this tokenizer).
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-import tempfile
 
 import torch
 
@@ -91,33 +88,29 @@ def greedy(model, tokenizer, prompt: str, max_new_tokens: int, stop: tuple[str, 
     return text[:cut]
 
 
-def run_code_check(item: dict, completion: str, timeout: float = 5.0) -> bool:
-    """Execute prompt + completion + test in a fresh interpreter with a timeout."""
-    program = proxy_tasks.code_program(item, completion)
-    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
-        f.write(program)
-        path = f.name
-    try:
-        res = subprocess.run([sys.executable, "-I", path], capture_output=True, timeout=timeout,
-                             cwd=tempfile.gettempdir())
-        return res.returncode == 0
-    except subprocess.TimeoutExpired:
-        return False
-    finally:
-        os.unlink(path)
+def run_code_checks(items: list[dict], completions: list[str], timeout: float | None = None) -> list[bool]:
+    """Execute each prompt + completion + test in its own sandbox; True where it passed."""
+    from ..evaluation import sandbox
+
+    programs = [proxy_tasks.code_program(item, c) for item, c in zip(items, completions)]
+    runs = sandbox.run_batch(programs, timeout_s=sandbox.DEFAULT_TIMEOUT_S if timeout is None else timeout)
+    return [r["result"] == "passed" for r in runs]
+
+
+def run_code_check(item: dict, completion: str, timeout: float | None = None) -> bool:
+    """One program (see :func:`run_code_checks`)."""
+    return run_code_checks([item], [completion], timeout)[0]
 
 
 def score_code(model, tokenizer, items: list[dict], max_new_tokens: int = 48,
                samples_out: list | None = None) -> list[float]:
-    results = []
-    for item in items:
-        completion = greedy(model, tokenizer, proxy_tasks.format_code_prompt(item), max_new_tokens,
-                            proxy_tasks.CODE_STOP)
-        ok = run_code_check(item, completion)
-        if samples_out is not None:
-            samples_out.append({"task_id": item["task_id"], "completion": completion, "passed": ok})
-        results.append(1.0 if ok else 0.0)
-    return results
+    completions = [greedy(model, tokenizer, proxy_tasks.format_code_prompt(item), max_new_tokens,
+                          proxy_tasks.CODE_STOP) for item in items]
+    passed = run_code_checks(items, completions) if items else []
+    if samples_out is not None:
+        samples_out.extend({"task_id": item["task_id"], "completion": c, "passed": ok}
+                           for item, c, ok in zip(items, completions, passed))
+    return [1.0 if ok else 0.0 for ok in passed]
 
 
 def score_math(model, tokenizer, items: list[dict], max_new_tokens: int = 8,
