@@ -281,9 +281,9 @@ class AttnResModel(AttnResPreTrainedModel):
         queries while the naive path reads the new ones.  The fold is one
         concatenation and one [2L+1, D] product (tens of microseconds).
         """
-        w = torch.cat([s.proj.weight.reshape(1, -1) for s in subs]).float()
-        g = torch.stack([s.key_norm.weight for s in subs]).float()
-        queries_t = (w * g).t()  # [D, 2L+1]; the same elementwise product as depth.folded_query
+        w = torch.stack([s.proj.weight.reshape(-1) for s in subs], dim=1).float()
+        g = torch.stack([s.key_norm.weight for s in subs], dim=1).float()
+        queries_t = w * g  # [D, 2L+1] contiguous; the same elementwise product as depth.folded_query
         return queries_t, queries_t.split(1, dim=1)
 
     def _attnres_forward(self, e, subs: list[SubLayer], run, output_depth_attentions: bool):
