@@ -180,3 +180,25 @@ def test_prefill_and_cached_decode_equal_one_prefill(prec, gran, symmetric):
     # 1e-4, not 1e-5: the projections of 1 vs 14 tokens differ in the last fp32 bit, which can move
     # an element across a rounding boundary of the stored format (bf16: 2.6e-5 here)
     assert (torch.cat(steps, 1) - full).abs().max() < 1e-4
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_per_head_scale_ignores_left_padding(symmetric):
+    # A batch mixes lengths by left padding (generation): padding must not widen the running
+    # per-head scale of the real tokens, so a padded row equals the same sequence alone.
+    model = _tiny()
+    set_kv_quantizer(model, "int4", "per_head", symmetric=symmetric)
+    ids = _ids(1, 10)
+    pad = torch.full((1, 4), 7, dtype=torch.long)
+    padded = torch.cat([pad, ids], 1)
+    mask = torch.cat([torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 10, dtype=torch.long)], 1)
+    ref = model(ids, use_cache=False).logits
+    got = model(padded, attention_mask=mask, use_cache=False).logits[:, 4:]
+    assert (ref - got).abs().max() < 1e-4
+    # and decoding on after the padded prefill continues from the real tokens' scale
+    out = model(padded[:, :-2], attention_mask=mask[:, :-2], use_cache=True)
+    for i in (2, 1):
+        out = model(padded[:, -i:padded.shape[1] - i + 1], attention_mask=mask[:, :mask.shape[1] - i + 1],
+                    past_key_values=out.past_key_values, use_cache=True)
+    assert (out.logits[:, -1] - ref[:, -1]).abs().max() < 1e-4

@@ -77,7 +77,7 @@ class Attention(nn.Module):
         # Hook for the quantization engine's KV-cache precision (component attn.kv_cache).
         self.kv_quantizer = None
 
-    def forward(self, x, cos, sin, mask, past_key_values: Cache | None):
+    def forward(self, x, cos, sin, mask, past_key_values: Cache | None, token_mask=None):
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -85,7 +85,7 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if self.kv_quantizer is not None:
-            k, v = self._store_kv(k, v, past_key_values)
+            k, v = self._store_kv(k, v, past_key_values, token_mask)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
         out = F.scaled_dot_product_attention(
@@ -94,8 +94,8 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
-    def _store_kv(self, k, v, cache: Cache | None):
-        """k and v as the (simulated) cache stores them."""
+    def _store_kv(self, k, v, cache: Cache | None, token_mask=None):
+        """k and v as the (simulated) cache stores them; ``token_mask`` [B, T]: False at padding."""
         q = self.kv_quantizer
         if not getattr(q, "stateful", False):
             return q(k), q(v)
@@ -108,7 +108,7 @@ class Attention(nn.Module):
             if not hasattr(cache, "_kv_quant_state"):
                 cache._kv_quant_state = {}
             state = cache._kv_quant_state.setdefault(self.layer_idx, {})
-        return q(k, state, "k"), q(v, state, "v")
+        return q(k, state, "k", token_mask), q(v, state, "v", token_mask)
 
 
 class MLP(nn.Module):
@@ -253,10 +253,14 @@ class AttnResModel(AttnResPreTrainedModel):
                 position_ids = torch.arange(past, past + t, device=inputs_embeds.device).expand(b, t)
         cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, inputs_embeds.dtype)
         mask = self._mask(attention_mask, t, past, inputs_embeds.device)
+        # Which new tokens are real (for KV-cache scales that pool over tokens); None: all are.
+        token_mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            token_mask = attention_mask[:, -t:].bool()
 
         def run(sub: SubLayer, x):
             if sub.is_attn:
-                return sub.fn(x, cos, sin, mask, past_key_values)
+                return sub.fn(x, cos, sin, mask, past_key_values, token_mask)
             return sub.fn(x)
 
         subs = self.sublayers()

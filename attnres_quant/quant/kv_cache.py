@@ -71,13 +71,20 @@ class KVQuantizer:
         passes a ``state`` dict that lives as long as its KV cache."""
         return self.granularity == "per_head" and self.precision != "bf16"
 
-    def _ranges(self, xf: torch.Tensor, state: dict | None, slot: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _ranges(self, xf: torch.Tensor, state: dict | None, slot: str, valid: torch.Tensor | None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """(lo, hi) per granule, broadcastable to ``xf``: per token, or the running min / max over
-        the head's tokens written so far (this call's tokens in order, after ``state[slot]``)."""
-        lo = xf.amin(-1, keepdim=True)
-        hi = xf.amax(-1, keepdim=True)
+        the head's tokens written so far (this call's tokens in order, after ``state[slot]``),
+        padding tokens (``valid`` False) excluded."""
+        own_lo = xf.amin(-1, keepdim=True)
+        own_hi = xf.amax(-1, keepdim=True)
         if self.granularity == "per_token" or xf.dim() < 3:
-            return lo, hi
+            return own_lo, own_hi
+        lo, hi = own_lo, own_hi
+        if valid is not None:  # [B, T]: padding never widens a real sequence's scale
+            v = valid.to(torch.bool)[:, None, :, None]
+            lo = lo.masked_fill(~v, float("inf"))
+            hi = hi.masked_fill(~v, float("-inf"))
         lo = torch.cummin(lo, dim=-2).values  # [B, H, T, 1]: tokens 0..t of this call
         hi = torch.cummax(hi, dim=-2).values
         prev = state.get(slot) if state is not None else None
@@ -85,18 +92,23 @@ class KVQuantizer:
             lo, hi = torch.minimum(lo, prev[0]), torch.maximum(hi, prev[1])
         if state is not None:
             state[slot] = (lo[..., -1:, :], hi[..., -1:, :])
+        if valid is not None:  # leading padding (no real token yet): its own range, never read
+            none_yet = lo > hi
+            lo, hi = torch.where(none_yet, own_lo, lo), torch.where(none_yet, own_hi, hi)
         return lo, hi
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, state: dict | None = None, slot: str = "x") -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, state: dict | None = None, slot: str = "x",
+                 valid: torch.Tensor | None = None) -> torch.Tensor:
         """Quantize-dequantize ``x`` [B, H, T, D] as written to the cache. ``state`` (per_head only):
         a dict kept with the cache across calls, ``slot`` its key for this tensor ("k" / "v"); None
-        for a single call that holds the whole sequence."""
+        for a single call that holds the whole sequence. ``valid`` [B, T] (per_head only): False at
+        padding tokens, which then do not enter the running scale."""
         p = self.precision
         if p == "bf16":
             return x.to(torch.bfloat16).to(x.dtype)
         xf = x.float()
-        lo, hi = self._ranges(xf, state, slot)
+        lo, hi = self._ranges(xf, state, slot, valid)
         if p == "fp8" or self.symmetric:
             amax = torch.maximum(lo.abs(), hi.abs())
         if p == "fp8":
