@@ -76,8 +76,8 @@ def inverse_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
 class Phase1State:
     """Online-softmax state of one pseudo-query over the completed sources."""
 
-    max: torch.Tensor  # [B, T]
-    sum_exp: torch.Tensor  # [B, T]
+    max: torch.Tensor  # [B, T] fp32 (values of the softmax dtype under low precision)
+    sum_exp: torch.Tensor  # [B, T] fp32
     acc: torch.Tensor  # [B, T, D] fp32, sum_s exp(logit_s - max) * v_s (may be a strided view)
     # Default precision only (fp32 softmax, no logit quantizer): max + log(sum_exp)
     # and 1 / sum_exp, precomputed for the whole block so that phase 2 is a
