@@ -260,6 +260,19 @@ def test_every_non_baseline_plan_row_changes_the_model(block_size, one_thread):
     assert {"depth.softmax", "depth.sources", "attn.kv_cache", "depth.query", "depth.key_norm", "embed",
             "norm", "lm_head", "attn.q", "mlp.down"} <= comps, comps
     assert len(rows) > 40
+    # the hooks installed are exactly the computation rows marked simulated
+    q_all = quantize(model, parse_variant(ALL_LOWER))
+    modules = dict(q_all.model.named_modules())
+    hooked = set()
+    for name, mod in modules.items():
+        if isinstance(mod, DepthMixer):
+            if not mod.is_default:
+                hooked.add(name + ".softmax")
+            if mod.source_quantizer is not None:
+                hooked.add(name + ".sources")
+        elif getattr(mod, "kv_quantizer", None) is not None:
+            hooked.add(name + ".kv_cache")
+    assert hooked == {r.name for r in q_all.plan.rows if r.method == "sim"}
     for row in rows:
         v = _row_variant(row)
         q = quantize(model, v)
