@@ -93,7 +93,6 @@ class Attention(nn.Module):
             enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
-
     def _store_kv(self, k, v, cache: Cache | None, token_mask=None):
         """k and v as the (simulated) cache stores them; ``token_mask`` [B, T]: False at padding."""
         q = self.kv_quantizer
@@ -282,8 +281,8 @@ class AttnResModel(AttnResPreTrainedModel):
         Recomputed on every forward, never cached: a cache keyed on the parameters
         cannot see writes through ``w.data`` (which bypass the version counter), so a
         weight quantized after a forward would leave the two-phase path on stale
-        queries while the naive path reads the new ones.  The fold is one
-        concatenation and one [2L+1, D] product (tens of microseconds).
+        queries while the naive path reads the new ones.  The fold is two stacks and
+        one [D, 2L+1] product (tens of microseconds, about what ``sublayers()`` costs).
         """
         w = torch.stack([s.proj.weight.reshape(-1) for s in subs], dim=1).float()
         g = torch.stack([s.key_norm.weight for s in subs], dim=1).float()
