@@ -281,12 +281,14 @@ class AttnResModel(AttnResPreTrainedModel):
         Recomputed on every forward, never cached: a cache keyed on the parameters
         cannot see writes through ``w.data`` (which bypass the version counter), so a
         weight quantized after a forward would leave the two-phase path on stale
-        queries while the naive path reads the new ones.  The fold is two stacks and
-        one [D, 2L+1] product (tens of microseconds, about what ``sublayers()`` costs).
+        queries while the naive path reads the new ones.  The fold is three small ops on
+        [2L+1, D] (tens of microseconds, about what the cache lookup cost).
         """
-        w = torch.stack([s.proj.weight.reshape(-1) for s in subs], dim=1).float()
-        g = torch.stack([s.key_norm.weight for s in subs], dim=1).float()
-        queries_t = w * g  # [D, 2L+1] contiguous; the same elementwise product as depth.folded_query
+        w = torch.cat([s.proj.weight for s in subs]).float()  # [2L+1, D]: each proj weight is [1, D]
+        g = torch.stack([s.key_norm.weight for s in subs]).float()
+        # The same elementwise product as depth.folded_query; laid out [D, 2L+1] contiguous so the
+        # scoring GEMM (and so every logit) is the one the path has always used.
+        queries_t = (w * g).t().contiguous()
         return queries_t, queries_t.split(1, dim=1)
 
     def _attnres_forward(self, e, subs: list[SubLayer], run, output_depth_attentions: bool):
