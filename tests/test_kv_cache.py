@@ -202,3 +202,17 @@ def test_per_head_scale_ignores_left_padding(symmetric):
         out = model(padded[:, -i:padded.shape[1] - i + 1], attention_mask=mask[:, :mask.shape[1] - i + 1],
                     past_key_values=out.past_key_values, use_cache=True)
     assert (out.logits[:, -1] - ref[:, -1]).abs().max() < 1e-4
+
+
+@torch.no_grad()
+def test_generate_with_per_head_cache_equals_greedy_prefills():
+    # HF generate owns the cache object; the running per-head scale travels with it
+    model = _tiny()
+    set_kv_quantizer(model, "int4", "per_head")
+    ids = _ids(1, 6)
+    gen = model.generate(ids, max_new_tokens=5, do_sample=False, use_cache=True, pad_token_id=0)
+    seq = ids
+    for _ in range(5):
+        nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], 1)
+    assert torch.equal(gen, seq)
