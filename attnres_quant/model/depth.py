@@ -196,8 +196,10 @@ def naive_mix(mixer: DepthMixer, sources: list[torch.Tensor], proj_weight: torch
     v = torch.stack(sources, dim=0).float()  # [n, B, T, D]
     keys = torch.nn.functional.rms_norm(v, (v.shape[-1],), norm_weight.float(), mixer.eps)
     logits = keys @ proj_weight.reshape(-1).float()  # [n, B, T]
-    if mixer.is_default:
-        probs = logits.softmax(dim=0)
+    if mixer.softmax_dtype == torch.float32:
+        # Nothing is rounded after the (possibly quantized) logits: the tiles of the semantics
+        # compose to exactly the softmax.
+        probs = mixer.prepare_logits(logits).softmax(dim=0)
     else:
         probs = _tiled_weights(mixer, mixer.prepare_logits(logits),
                                len(sources) if n_completed is None else n_completed)
