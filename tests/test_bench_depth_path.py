@@ -1,7 +1,8 @@
 """The performance rewrite of the two-phase depth path keeps its semantics.
 
 (Owned by the bench work: preallocated token-major source buffer, per-source
-scoring at close, sigmoid-form merge, cached folded queries.)  The reference
+scoring at close, sigmoid-form merge; the folded queries are recomputed every
+forward since issue 13 -- a cache missed writes through ``w.data``.)  The reference
 is the naive stack-and-softmax path.
 """
 

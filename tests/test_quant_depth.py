@@ -94,14 +94,16 @@ def test_fp8_logits_keep_two_phase_path_equal_to_naive(fp32_model):
     v = parse_variant({"name": "fp8", "method": "rtn", "default": {"compute": "fp8"}})
     q = quantize(fp32_model, v)
     mixers = q.model.model.depth_mixers()
-    assert all(isinstance(mx.logit_quantizer, FP8LogitQuantizer) and mx.supports_two_phase for mx in mixers)
+    # sub-layer 0 mixes one source (weight 1): no softmax, no hook
+    assert mixers[0].sublayer == 0 and mixers[0].logit_quantizer is None
+    assert all(isinstance(mx.logit_quantizer, FP8LogitQuantizer) and mx.supports_two_phase for mx in mixers[1:])
     with torch.no_grad():
         two_phase = q.model(X, use_cache=False).logits
         q.model.config.attnres_two_phase = False
         naive = q.model(X, use_cache=False).logits
     assert torch.allclose(two_phase, naive, atol=1e-4)
     int8 = quantize(fp32_model, parse_variant({"name": "i8", "method": "rtn", "default": {"compute": "int8"}}))
-    assert not any(mx.supports_two_phase for mx in int8.model.model.depth_mixers())
+    assert not any(mx.supports_two_phase for mx in int8.model.model.depth_mixers()[1:])
 
 
 def test_hooks_are_set_only_on_selected_sublayers(fp32_model):

@@ -5,11 +5,16 @@ model).  It owns no parameters -- the pseudo-query (``*_res_proj``) and key
 norm (``*_res_norm``) keep FLA's names on the decoder layer so checkpoints
 load unchanged -- but it owns every *precision decision* of the depth path:
 
-* ``softmax_dtype``     -- dtype of the depth logits/max/sum-exp (fp32 default);
+* ``softmax_dtype``     -- simulated precision of the depth softmax (fp32 default;
+  see "Low-precision softmax semantics" below);
 * ``logit_quantizer``   -- optional simulated quantizer of the logits
   (e.g. int8 or fp8) applied before the softmax;
 * ``source_quantizer``  -- optional simulated quantizer of a depth source as it
-  is held in memory between sub-layers (block sums, partial sums, embedding).
+  is held in memory between sub-layers.  Every source is written once and
+  stored by the mixer of the sub-layer that reads it first: mixer 0 stores the
+  embedding, mixer j >= 1 the partial sum written after sub-layer j - 1 (which
+  becomes a block sum when a boundary closes it), and the final mixer the last
+  partial sum.  Every later reader sees that same stored tensor.
 
 The quantization engine sets these attributes; the model never changes.
 
@@ -23,6 +28,27 @@ Two equivalent computations are provided:
   merges its single partial-sum logit with online-softmax algebra.  The
   key-norm weight is folded into the query (w * g) and the inverse RMS of each
   completed source is computed once, when it is stored.
+
+Low-precision softmax semantics (``softmax_dtype`` bf16 / fp16), defined once
+and implemented identically by both paths -- a flash-attention style kernel
+whose probability tile is held in the low precision while its statistics
+accumulate in fp32, run with two tiles, the completed sources (embedding and
+block sums) and then the partial sum of the current block:
+
+1. logits l_s = w . RMSNorm(v_s; g) in fp32, then the logit quantizer (if any),
+   then rounded to ``softmax_dtype``;
+2. tile 1 (completed sources): m1 = max l_s; p_s = round(exp(l_s - m1)) with the
+   exponent evaluated in fp32 and the result rounded to ``softmax_dtype``;
+   sum1 = sum p_s and acc1 = sum p_s v_s in fp32;
+3. tile 2 (partial sum, when non-empty): m = max(m1, l_p); c = exp(m1 - m) in
+   fp32 (the online rescale); p_p = round(exp(l_p - m));
+   mix = (c * acc1 + p_p v_p) / (c * sum1 + p_p), in fp32.
+
+Only the logits and the probabilities are rounded; every sum and the final
+normalisation are fp32, as in real low-precision attention kernels.  The
+effective depth weights are c p_s / den and p_p / den.  With ``softmax_dtype``
+fp32 this is exactly the softmax.  fp8 / int8 ``compute`` quantize the logits
+(the logit quantizer) and keep the rest fp32.
 """
 
 from __future__ import annotations
@@ -50,8 +76,8 @@ def inverse_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
 class Phase1State:
     """Online-softmax state of one pseudo-query over the completed sources."""
 
-    max: torch.Tensor  # [B, T]
-    sum_exp: torch.Tensor  # [B, T]
+    max: torch.Tensor  # [B, T] fp32 (values of the softmax dtype under low precision)
+    sum_exp: torch.Tensor  # [B, T] fp32
     acc: torch.Tensor  # [B, T, D] fp32, sum_s exp(logit_s - max) * v_s (may be a strided view)
     # Default precision only (fp32 softmax, no logit quantizer): max + log(sum_exp)
     # and 1 / sum_exp, precomputed for the whole block so that phase 2 is a
@@ -92,10 +118,17 @@ class DepthMixer(nn.Module):
         return self.source_quantizer(source)
 
     def prepare_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """fp32 logits -> the values the softmax sees (quantized, in softmax dtype)."""
+        """fp32 logits -> the values the softmax sees (step 1 of the semantics in the module
+        docstring): quantized, rounded to the softmax dtype, held in fp32."""
         if self.logit_quantizer is not None:
             logits = self.logit_quantizer(logits)
-        return logits.to(self.softmax_dtype)
+        return logits.to(self.softmax_dtype).float()
+
+    def round_probs(self, p: torch.Tensor) -> torch.Tensor:
+        """Unnormalised probabilities exp(l - m) (fp32) rounded to the softmax dtype, held in fp32."""
+        if self.softmax_dtype == torch.float32:
+            return p
+        return p.to(self.softmax_dtype).float()
 
     def merge(self, state: Phase1State, partial: torch.Tensor | None, query: torch.Tensor,
               ) -> torch.Tensor:
@@ -103,7 +136,7 @@ class DepthMixer(nn.Module):
         if partial is None:
             if state.inv_sum is not None:
                 return state.acc * state.inv_sum
-            return state.acc / state.sum_exp.float().unsqueeze(-1)
+            return state.acc / state.sum_exp.unsqueeze(-1)
         pf = partial.float()
         if query.dim() == 1:
             query = query.unsqueeze(-1)
@@ -118,16 +151,31 @@ class DepthMixer(nn.Module):
             d = logit - state.lse
             mix = pf * torch.sigmoid(d)
             return mix.addcmul_(state.acc, torch.sigmoid(d.neg_()) * state.inv_sum)
+        # Tile 2 of the low-precision semantics (module docstring), same expressions as
+        # naive_mix's _tiled_weights.
         logit = logit.squeeze(-1)
-        new_max = torch.maximum(state.max, logit)
-        a = torch.exp(state.max - new_max).float()
-        b = torch.exp(logit - new_max).float()
-        den = state.sum_exp.float() * a + b
+        a, b, den = _merge_coefficients(self, state.max, state.sum_exp, logit)
         # Perf: (acc * a + pf * b) / den as two passes over [B, T, D] (one
         # multiply, one fused multiply-add) with the 1/den folded into the
         # per-token coefficients, instead of four full-size temporaries.
         mix = pf * (b / den).unsqueeze(-1)
         return mix.addcmul_(state.acc, (a / den).unsqueeze(-1))
+
+
+def _tile1(mixer: DepthMixer, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tile 1 (completed sources, dim 0) of prepared logits -> (max, rounded p_s, fp32 sum of p_s)."""
+    mx = logits.amax(dim=0)
+    p = mixer.round_probs(torch.exp(logits - mx))
+    return mx, p, p.sum(dim=0)
+
+
+def _merge_coefficients(mixer: DepthMixer, m1: torch.Tensor, sum1: torch.Tensor, logit: torch.Tensor,
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tile 2: (c, p_p, den) so that mix = (c * acc1 + p_p * v_p) / den (all fp32)."""
+    m = torch.maximum(m1, logit)
+    c = torch.exp(m1 - m)
+    b = mixer.round_probs(torch.exp(logit - m))
+    return c, b, sum1 * c + b
 
 
 def folded_query(proj_weight: torch.Tensor, norm_weight: torch.Tensor) -> torch.Tensor:
@@ -136,17 +184,39 @@ def folded_query(proj_weight: torch.Tensor, norm_weight: torch.Tensor) -> torch.
 
 
 def naive_mix(mixer: DepthMixer, sources: list[torch.Tensor], proj_weight: torch.Tensor,
-              norm_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+              norm_weight: torch.Tensor, n_completed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference depth mix: stack, RMSNorm keys, score, softmax over sources.
 
+    ``n_completed``: how many leading sources are completed (embedding, block sums); the
+    rest (at most one) is the partial sum of the current block.  It matters only under a
+    low-precision softmax, whose semantics (module docstring) process the two as tiles;
+    None means every source is completed.
     Returns (mix fp32 [B, T, D], weights fp32 [B, T, n_sources]).
     """
     v = torch.stack(sources, dim=0).float()  # [n, B, T, D]
     keys = torch.nn.functional.rms_norm(v, (v.shape[-1],), norm_weight.float(), mixer.eps)
     logits = keys @ proj_weight.reshape(-1).float()  # [n, B, T]
-    probs = mixer.prepare_logits(logits).softmax(dim=0).float()
+    if mixer.softmax_dtype == torch.float32:
+        # Nothing is rounded after the (possibly quantized) logits: the tiles of the semantics
+        # compose to exactly the softmax.
+        probs = mixer.prepare_logits(logits).softmax(dim=0)
+    else:
+        probs = _tiled_weights(mixer, mixer.prepare_logits(logits),
+                               len(sources) if n_completed is None else n_completed)
     mix = (probs.unsqueeze(-1) * v).sum(0)
     return mix, probs.permute(1, 2, 0)
+
+
+def _tiled_weights(mixer: DepthMixer, logits: torch.Tensor, n_completed: int) -> torch.Tensor:
+    """Effective depth weights [n, B, T] of prepared logits under the low-precision semantics:
+    the same expressions as phase1 (tile 1) and DepthMixer.merge (tile 2)."""
+    if not 0 < n_completed <= logits.shape[0] <= n_completed + 1:
+        raise ValueError(f"{logits.shape[0]} sources with {n_completed} completed: at most one partial sum")
+    m1, p1, sum1 = _tile1(mixer, logits[:n_completed])
+    if logits.shape[0] == n_completed:
+        return p1 / sum1
+    c, b, den = _merge_coefficients(mixer, m1, sum1, logits[n_completed])
+    return torch.cat([p1 * (c / den), (b / den).unsqueeze(0)])
 
 
 def phase1(mixers: list[DepthMixer], logits: torch.Tensor, sources: torch.Tensor) -> list[Phase1State]:
@@ -172,12 +242,11 @@ def phase1(mixers: list[DepthMixer], logits: torch.Tensor, sources: torch.Tensor
     else:
         maxes, sums, ws = [], [], []
         for i, mixer in enumerate(mixers):
-            li = mixer.prepare_logits(logits[..., i])  # [n, B, T]
-            mx = li.amax(dim=0)
-            e = torch.exp(li - mx.unsqueeze(0))
+            # Tile 1 of the low-precision semantics (module docstring).
+            mx, p, total = _tile1(mixer, mixer.prepare_logits(logits[..., i]))  # over n of [n, B, T]
             maxes.append(mx)
-            sums.append(e.sum(dim=0))
-            ws.append(e.float())
+            sums.append(total)
+            ws.append(p)
         w = torch.stack(ws, dim=-1).permute(1, 2, 3, 0)
     acc = torch.bmm(w.reshape(b * t, q, n), sources.reshape(b * t, n, d)).view(b, t, q, d).unbind(2)
     return [Phase1State(maxes[i], sums[i], acc[i],

@@ -29,7 +29,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_attnres import AttnResConfig
-from .depth import DepthMixer, folded_query, naive_mix, phase1
+from .depth import DepthMixer, naive_mix, phase1
 
 
 class RMSNorm(nn.Module):
@@ -77,7 +77,7 @@ class Attention(nn.Module):
         # Hook for the quantization engine's KV-cache precision (component attn.kv_cache).
         self.kv_quantizer = None
 
-    def forward(self, x, cos, sin, mask, past_key_values: Cache | None):
+    def forward(self, x, cos, sin, mask, past_key_values: Cache | None, token_mask=None):
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -85,13 +85,29 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if self.kv_quantizer is not None:
-            k, v = self.kv_quantizer(k), self.kv_quantizer(v)
+            k, v = self._store_kv(k, v, past_key_values, token_mask)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
             enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def _store_kv(self, k, v, cache: Cache | None, token_mask=None):
+        """k and v as the (simulated) cache stores them; ``token_mask`` [B, T]: False at padding."""
+        q = self.kv_quantizer
+        if not getattr(q, "stateful", False):
+            return q(k), q(v)
+        # A scale that depends on the tokens written so far (a per-head running maximum) is
+        # part of the cache: keep it with the cache object, per layer, so that decode steps
+        # continue from the prefill.  Without a cache one call holds the whole sequence.
+        if cache is None:
+            state = {}
+        else:
+            if not hasattr(cache, "_kv_quant_state"):
+                cache._kv_quant_state = {}
+            state = cache._kv_quant_state.setdefault(self.layer_idx, {})
+        return q(k, state, "k", token_mask), q(v, state, "v", token_mask)
 
 
 class MLP(nn.Module):
@@ -236,10 +252,14 @@ class AttnResModel(AttnResPreTrainedModel):
                 position_ids = torch.arange(past, past + t, device=inputs_embeds.device).expand(b, t)
         cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, inputs_embeds.dtype)
         mask = self._mask(attention_mask, t, past, inputs_embeds.device)
+        # Which new tokens are real (for KV-cache scales that pool over tokens); None: all are.
+        token_mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            token_mask = attention_mask[:, -t:].bool()
 
         def run(sub: SubLayer, x):
             if sub.is_attn:
-                return sub.fn(x, cos, sin, mask, past_key_values)
+                return sub.fn(x, cos, sin, mask, past_key_values, token_mask)
             return sub.fn(x)
 
         subs = self.sublayers()
@@ -253,33 +273,23 @@ class AttnResModel(AttnResPreTrainedModel):
             hidden, depth_weights = self._attnres_forward(inputs_embeds, subs, run, output_depth_attentions)
         return hidden, past_key_values, depth_weights
 
-    def _folded_queries(self, subs: list[SubLayer]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    @staticmethod
+    def _folded_queries(subs: list[SubLayer]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """Every sub-layer's folded pseudo-query w * g as columns: ([D, 2L+1] fp32, its columns
         as [D, 1] views); column j belongs to sub-layer j (column 0 is unused).
 
-        Perf: cached across forward calls (decode runs one per token) and rebuilt
-        whenever a pseudo-query or key-norm tensor is replaced or modified in
-        place (keyed on the parameter objects, storage pointer and version
-        counter); never cached when autograd is on, so gradients reach them.
+        Recomputed on every forward, never cached: a cache keyed on the parameters
+        cannot see writes through ``w.data`` (which bypass the version counter), so a
+        weight quantized after a forward would leave the two-phase path on stale
+        queries while the naive path reads the new ones.  The fold is three small ops on
+        [2L+1, D] (tens of microseconds, about what the cache lookup cost).
         """
-        params = [(s.proj.weight, s.key_norm.weight) for s in subs]
-        key = None
-        if not torch.is_grad_enabled():
-            try:
-                key = tuple((w.data_ptr(), w._version, g.data_ptr(), g._version, w.dtype, g.dtype, w.device)
-                            for w, g in params)
-            except RuntimeError:  # inference tensors have no version counter
-                key = None
-        cached = self.__dict__.get("_folded_query_cache")
-        # The cache holds the parameter objects themselves, so identity cannot
-        # be confused by a freed tensor's address being reused.
-        if (key is not None and cached is not None and cached[1] == key
-                and all(a is c and b is d for (a, b), (c, d) in zip(params, cached[0]))):
-            return cached[2]
-        queries_t = torch.stack([folded_query(w, g) for w, g in params], dim=1)  # [D, 2L+1]
-        value = (queries_t, queries_t.split(1, dim=1))
-        self.__dict__["_folded_query_cache"] = (params, key, value) if key is not None else None
-        return value
+        w = torch.cat([s.proj.weight for s in subs]).float()  # [2L+1, D]: each proj weight is [1, D]
+        g = torch.stack([s.key_norm.weight for s in subs]).float()
+        # The same elementwise product as depth.folded_query; laid out [D, 2L+1] contiguous so the
+        # scoring GEMM (and so every logit) is the one the path has always used.
+        queries_t = (w * g).t().contiguous()
+        return queries_t, queries_t.split(1, dim=1)
 
     def _attnres_forward(self, e, subs: list[SubLayer], run, output_depth_attentions: bool):
         """The depth loop of Full/Block AttnRes (see module docstring)."""
@@ -291,6 +301,9 @@ class AttnResModel(AttnResPreTrainedModel):
                      and all(s.mixer.supports_two_phase for s in subs))
         boundaries = [j for j in range(1, n_sub) if j % S == 0]
 
+        # Every depth source is written once, stored by the mixer of the sub-layer that reads it
+        # first (mixer 0: the embedding; mixer j: the partial sum after sub-layer j - 1; the final
+        # mixer: the last partial sum), and every reader sees that stored tensor.
         completed: list[torch.Tensor] = [subs[0].mixer.store(e)]
         weights: list[torch.Tensor] = []
         partial = None
@@ -343,8 +356,8 @@ class AttnResModel(AttnResPreTrainedModel):
                     close_source(len(completed) - 1, partial)
                 partial = None
             if j == 0:
-                # One source: the softmax weight is 1 and the mix is e itself.
-                x = sub.pre_norm(e)
+                # One source: the softmax weight is 1 and the mix is the stored embedding itself.
+                x = sub.pre_norm(completed[0])
                 if output_depth_attentions:
                     weights.append(e.new_ones(e.shape[0], e.shape[1], 1, dtype=torch.float32))
             else:
@@ -360,14 +373,16 @@ class AttnResModel(AttnResPreTrainedModel):
                     mix = sub.mixer.merge(states.pop(j), partial, q_cols[j])
                 else:
                     sources = completed + ([partial] if partial is not None else [])
-                    mix, w = naive_mix(sub.mixer, sources, sub.proj.weight, sub.key_norm.weight)
+                    mix, w = naive_mix(sub.mixer, sources, sub.proj.weight, sub.key_norm.weight,
+                                       n_completed=len(completed))
                     if output_depth_attentions:
                         weights.append(w)
                 x = sub.pre_norm(mix, out_dtype=dtype)
             if sub.fn is None:
                 return x, (tuple(weights) if output_depth_attentions else None)
             out = run(sub, x)
-            partial = sub.mixer.store(out if partial is None else partial + out)
+            # Sub-layer j + 1 (the final mix after the last one) reads this partial sum first.
+            partial = subs[j + 1].mixer.store(out if partial is None else partial + out)
         raise AssertionError("unreachable: the final mix returns")
 
 

@@ -127,7 +127,9 @@ def resolve_components(model: nn.Module) -> list[Part]:
         for mname, module in model.named_modules():
             if type(module).__name__ == "DepthMixer":
                 j = module.sublayer
-                for comp in ("depth.softmax", "depth.sources"):
+                # Sub-layer 0 reads one source (the embedding, weight 1): it has no depth softmax
+                # to lower, only the stored embedding.
+                for comp in ("depth.softmax", "depth.sources") if j > 0 else ("depth.sources",):
                     parts.append(Part(comp, j // 2, mname, "compute", module))
             elif hasattr(module, "kv_quantizer"):
                 parts.append(Part("attn.kv_cache", getattr(module, "layer_idx", None), mname, "compute", module))

@@ -16,10 +16,16 @@ Granularity (one scale per):
 
 * ``per_token``: (batch, kv-head, token) over ``head_dim`` -- what a cache that appends
   token by token can do online; one scale per token and head is stored beside the data.
-* ``per_head``: (batch, kv-head) over all tokens and ``head_dim`` of the tensor written in
-  one call. On prefill that is the whole prompt (a per-sequence, per-head scale); on
-  decode a call writes one token, so it degenerates to per-token. The study's
-  log-likelihood evaluations are single prefills, where the two granularities differ.
+* ``per_head``: (batch, kv-head), the running maximum over the tokens written so far:
+  token t is quantized once, when it is written, with the scale of tokens 0..t of its
+  head (``cummax`` within a call, continued from the previous calls' maximum). A cache
+  never sees tokens that are not written yet, so a scale taken over the whole prompt would
+  let position i depend on later tokens (and on right padding); with the running maximum
+  the logits of positions 0..i do not change when tokens are appended, and prefill +
+  token-by-token decode equals one prefill (tested). The running maximum is state of the
+  cache: the model keeps it beside its KV cache (``KVQuantizer.stateful``). Stored tokens
+  are never re-quantized, so a real cache keeps the scale at each point where the running
+  maximum grew (a handful per head and sequence; not counted in the bytes below).
 
 Memory (:func:`kv_cache_bytes_per_token`, :func:`depth_source_bytes_per_token`): the KV
 cache keeps ``2 * L * H_kv * head_dim`` values for every token of the context, for the
@@ -59,28 +65,60 @@ class KVQuantizer:
         self.granularity = granularity
         self.symmetric = symmetric
 
-    def _reduce_dims(self, x: torch.Tensor) -> tuple[int, ...]:
-        if self.granularity == "per_token" or x.dim() < 3:
-            return (-1,)
-        return (-2, -1)  # per (batch, head): over tokens and head_dim
+    @property
+    def stateful(self) -> bool:
+        """True when the scale of a token depends on earlier calls' tokens (per_head): the caller
+        passes a ``state`` dict that lives as long as its KV cache."""
+        return self.granularity == "per_head" and self.precision != "bf16"
+
+    def _ranges(self, xf: torch.Tensor, state: dict | None, slot: str, valid: torch.Tensor | None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lo, hi) per granule, broadcastable to ``xf``: per token, or the running min / max over
+        the head's tokens written so far (this call's tokens in order, after ``state[slot]``),
+        padding tokens (``valid`` False) excluded."""
+        own_lo = xf.amin(-1, keepdim=True)
+        own_hi = xf.amax(-1, keepdim=True)
+        if self.granularity == "per_token" or xf.dim() < 3:
+            return own_lo, own_hi
+        lo, hi = own_lo, own_hi
+        if valid is not None:  # [B, T]: padding never widens a real sequence's scale
+            v = valid.to(torch.bool)[:, None, :, None]
+            lo = lo.masked_fill(~v, float("inf"))
+            hi = hi.masked_fill(~v, float("-inf"))
+        lo = torch.cummin(lo, dim=-2).values  # [B, H, T, 1]: tokens 0..t of this call
+        hi = torch.cummax(hi, dim=-2).values
+        prev = state.get(slot) if state is not None else None
+        if prev is not None:  # tokens of earlier calls (the prefill, earlier decode steps)
+            lo, hi = torch.minimum(lo, prev[0]), torch.maximum(hi, prev[1])
+        if state is not None:
+            state[slot] = (lo[..., -1:, :], hi[..., -1:, :])
+        if valid is not None:  # leading padding (no real token yet): its own range, never read
+            none_yet = lo > hi
+            lo, hi = torch.where(none_yet, own_lo, lo), torch.where(none_yet, own_hi, hi)
+        return lo, hi
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, state: dict | None = None, slot: str = "x",
+                 valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Quantize-dequantize ``x`` [B, H, T, D] as written to the cache. ``state`` (per_head only):
+        a dict kept with the cache across calls, ``slot`` its key for this tensor ("k" / "v"); None
+        for a single call that holds the whole sequence. ``valid`` [B, T] (per_head only): False at
+        padding tokens, which then do not enter the running scale."""
         p = self.precision
         if p == "bf16":
             return x.to(torch.bfloat16).to(x.dtype)
         xf = x.float()
-        dims = self._reduce_dims(x)
+        lo, hi = self._ranges(xf, state, slot, valid)
+        if p == "fp8" or self.symmetric:
+            amax = torch.maximum(lo.abs(), hi.abs())
         if p == "fp8":
-            scale = (xf.abs().amax(dims, keepdim=True) / _FP8_MAX).clamp(min=_TINY)
+            scale = (amax / _FP8_MAX).clamp(min=_TINY)
             return ((xf / scale).to(torch.float8_e4m3fn).float() * scale).to(x.dtype)
         qmax = _QMAX[p]
         if self.symmetric:
-            scale = (xf.abs().amax(dims, keepdim=True) / qmax).clamp(min=_TINY)
+            scale = (amax / qmax).clamp(min=_TINY)
             q = torch.clamp(torch.round(xf / scale), -qmax - 1, qmax)
             return (q * scale).to(x.dtype)
-        lo = xf.amin(dims, keepdim=True)
-        hi = xf.amax(dims, keepdim=True)
         levels = 2 * qmax + 1  # 255 / 15
         scale = ((hi - lo) / levels).clamp(min=_TINY)
         zp = torch.round(-lo / scale)
