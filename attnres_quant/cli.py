@@ -51,17 +51,37 @@ def main(argv: list[str] | None = None) -> int:
         raise
     parser = argparse.ArgumentParser(prog=f"python -m attnres_quant {verb}", description=help_)
     module.add_arguments(parser)
-    args = parser.parse_args(rest)
+    try:
+        args = parser.parse_args(rest)
+    except SystemExit as exc:  # argparse: usage + one error line already printed (or --help)
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         return int(module.main(args) or 0)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {cap_message(str(exc))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished results are saved; rerun with --resume to continue.", file=sys.stderr)
+    except OSError as exc:  # I/O the verb did not anticipate (disk full, read-only storage, ...)
+        from .pipeline.results import os_error_reason
+
+        target = f" on {exc.filename!r}" if exc.filename else ""
+        print(cap_message(f"error: {verb} stopped: {os_error_reason(exc)}{target} ({exc.strerror or exc}). "
+                          "Fix: free space or choose a writable location, then rerun."), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # `run` reports what it saved itself; other verbs write nothing partial
+        print("interrupted.", file=sys.stderr)
         return 130
     finally:
         sys.stdout.flush()
+
+
+MAX_MESSAGE_CHARS = 1200
+
+
+def cap_message(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """An error message is a paragraph, whatever the input held (a huge key, a million-entry mapping)."""
+    if len(text) <= limit:
+        return text
+    return text[: limit - 200] + f" ... [{len(text) - limit + 200:,} characters cut] ... " + text[-150:]
 
 
 if __name__ == "__main__":  # pragma: no cover
