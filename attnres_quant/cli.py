@@ -24,6 +24,13 @@ VERBS = {
 }
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (the full usage is one --help away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {cap_message(message)}. Run `{self.prog} --help` for the options.\n")
+
+
 def _usage() -> str:
     lines = ["usage: python -m attnres_quant VERB [options]", "", "verbs:"]
     lines += [f"  {verb:<8} {help_}" for verb, (_, help_) in VERBS.items()]
@@ -38,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     verb, rest = argv[0], argv[1:]
     if verb not in VERBS:
-        print(f"error: unknown verb {verb!r}.\n\n{_usage()}", file=sys.stderr)
+        print(f"error: unknown verb {cap_message(verb, 80)!r}; the verbs are {', '.join(VERBS)} "
+              "(python -m attnres_quant --help describes them).", file=sys.stderr)
         return 2
     module_name, help_ = VERBS[verb]
     try:
@@ -49,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         raise
-    parser = argparse.ArgumentParser(prog=f"python -m attnres_quant {verb}", description=help_)
+    parser = ArgumentParser(prog=f"python -m attnres_quant {verb}", description=help_)
     module.add_arguments(parser)
     try:
         args = parser.parse_args(rest)
@@ -81,7 +89,9 @@ def cap_message(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
     """An error message is a paragraph, whatever the input held (a huge key, a million-entry mapping)."""
     if len(text) <= limit:
         return text
-    return text[: limit - 200] + f" ... [{len(text) - limit + 200:,} characters cut] ... " + text[-150:]
+    tail = min(150, limit // 4)
+    head = limit - tail
+    return text[:head] + f" ... [{len(text) - head - tail:,} characters cut] ... " + text[len(text) - tail:]
 
 
 if __name__ == "__main__":  # pragma: no cover
