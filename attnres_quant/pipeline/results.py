@@ -280,13 +280,13 @@ def load_results(path: Path, *, schemas=READABLE_SCHEMAS) -> dict:
                         f"column {exc.colno})", str(path), fix) from None
     except RecursionError:
         raise UserError(f"{str(path)!r} is damaged: nested too deeply", str(path), fix) from None
+    if isinstance(data, dict) and data.get("schema") == 1 and 1 in schemas:
+        data = _upgrade_v1(data)
     problems = validate_results(data, schemas=schemas)
     if problems:
         shown = "; ".join(p[:200] for p in problems[:3]) + (f" (and {len(problems) - 3} more)"
                                                              if len(problems) > 3 else "")
         raise UserError(f"{str(path)!r} is not a valid results file: {shown}", str(path), fix)
-    if data["schema"] == 1:
-        data = _upgrade_v1(data)
     return _clean(data)
 
 
