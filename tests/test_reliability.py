@@ -541,6 +541,7 @@ def test_nan_baseline_fails_its_model_the_other_continues_and_n1_stats_render(tm
     assert cells["b/bf16/task:proxy_mc"]["value"]["proxy_mc"]["stderr"] is None  # n=1: no standard error
     report = (out / "mini.md").read_text()
     assert "Baseline failed" in report and "n/a" in report
+    assert "sample limit per task: proxy_mc 1" in report
     assert cli_main(["report", str(out / "mini" / "results.json")]) == 0
 
 
@@ -677,7 +678,7 @@ def test_stale_lock_of_a_dead_process_is_reported_and_taken_over(tmp_path, ckpts
     (out / "mini" / ".lock").write_text(json.dumps({"pid": dead, "host": socket.gethostname(),
                                                     "started": "2026-01-01T00:00:00+00:00", "command": "x"}))
     assert run(config, out) == 0
-    assert f"stale lock" in capsys.readouterr().out
+    assert "stale lock" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------- SIGKILL, then --resume
@@ -737,7 +738,6 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, ckpt
     assert _kill_then_resume(tmp_path, ckpts, monkeypatch, 10, uninterrupted) == 10
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("kill_after", [2, 6, 12])  # a's baseline; a's variant; b's variant
 def test_sigkill_at_three_points_then_resume(tmp_path, ckpts, monkeypatch, uninterrupted, kill_after):
     assert _kill_then_resume(tmp_path, ckpts, monkeypatch, kill_after, uninterrupted) == kill_after

@@ -13,7 +13,6 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .. import safe_yaml
@@ -196,7 +195,7 @@ def _set_dotted(raw: dict, key: str, value: Any, source: str) -> None:
             if not part.isdigit() or int(part) >= len(node):
                 raise UserError(f"--set {key}: `{part}` is not an index of the list at "
                                 f"`{here}` (length {len(node)})", source,
-                                "use a 0-based index that exists, e.g. models.0.path=...")
+                                "use a 0-based index that exists, e.g. --set models.0.path=/ckpt")
             idx = int(part)
             if last:
                 node[idx] = value
