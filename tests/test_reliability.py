@@ -741,3 +741,31 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, ckpt
 @pytest.mark.parametrize("kill_after", [2, 6, 12])  # a's baseline; a's variant; b's variant
 def test_sigkill_at_three_points_then_resume(tmp_path, ckpts, monkeypatch, uninterrupted, kill_after):
     assert _kill_then_resume(tmp_path, ckpts, monkeypatch, kill_after, uninterrupted) == kill_after
+
+
+def test_disk_full_during_a_run_stops_cleanly_and_resume_finishes(tmp_path, ckpts, capsys, monkeypatch):
+    config = write_yaml(tmp_path / "s.yaml", study_dict(ckpts))
+    out = tmp_path / "out"
+    real_fsync = os.fsync
+    calls = []
+
+    def fills_up(fd):
+        calls.append(1)
+        if len(calls) > 9:  # meta, then a few cells (each cell = results.json + results.csv)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fills_up)
+    assert run(config, out) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "disk is full" in errors[0] and "--resume" in errors[0] and "Traceback" not in err
+    partial = load_results(out / "mini" / "results.json")  # still valid
+    assert partial["cells"] and not list((out / "mini").glob("*.tmp"))
+    assert not (out / "mini" / ".lock").exists()
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert run(config, out, "--resume") == 0
+    resumed = load_results(out / "mini" / "results.json")
+    for key, value in partial["cells"].items():
+        assert resumed["cells"][key] == value
+    assert resumed["cells"]["tiny-block/int4/status"]["status"] == "ok"

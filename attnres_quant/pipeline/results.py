@@ -358,8 +358,13 @@ class ResultStore:
 
     def save(self) -> None:
         text = json.dumps(_clean(self.data), indent=1, sort_keys=False, allow_nan=False)
-        atomic_write_text(self.path, text)
-        self.write_csv()
+        try:
+            atomic_write_text(self.path, text)
+            self.write_csv()
+        except UserError as exc:
+            raise UserError(exc.what.split(";")[0] + f"; {self.path.name} still holds every cell finished before "
+                            "this one", exc.where, "free space or make the folder writable, then rerun the same "
+                            "command with --resume") from None
 
     def write_csv(self) -> None:
         """Flat scalar view (results.csv) for spreadsheets and pandas."""
