@@ -769,3 +769,18 @@ def test_disk_full_during_a_run_stops_cleanly_and_resume_finishes(tmp_path, ckpt
     for key, value in partial["cells"].items():
         assert resumed["cells"][key] == value
     assert resumed["cells"]["tiny-block/int4/status"]["status"] == "ok"
+
+
+@pytest.mark.parametrize("damage", [lambda s: s[: len(s) // 2], lambda s: "[]", lambda s: "\x00\x01binary",
+                                    lambda s: s.replace('"cells"', '"cellz"')],
+                         ids=["truncated", "list", "binary", "no-cells"])
+def test_resume_on_a_damaged_results_file_is_refused_and_overwrites_nothing(sandbox, capsys, damage):
+    path = sandbox["out"] / "mini" / "results.json"
+    path.write_text(damage(sandbox["finished"]))
+    before = path.read_bytes()
+    rc = cli_main([RUN, str(sandbox["config"]), "--resume", "--out", str(sandbox["out"])])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(errors) == 1 and "results" in errors[0] and "Traceback" not in err, err
+    assert path.read_bytes() == before and (sandbox["out"] / "mini.md").read_text() == "# finished report\n"
+    assert sorted(p.name for p in (sandbox["out"] / "mini").iterdir()) == ["results.json"]
