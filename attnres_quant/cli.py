@@ -24,6 +24,13 @@ VERBS = {
 }
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (the full usage is one --help away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {cap_message(message)}. Run `{self.prog} --help` for the options.\n")
+
+
 def _usage() -> str:
     lines = ["usage: python -m attnres_quant VERB [options]", "", "verbs:"]
     lines += [f"  {verb:<8} {help_}" for verb, (_, help_) in VERBS.items()]
@@ -38,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     verb, rest = argv[0], argv[1:]
     if verb not in VERBS:
-        print(f"error: unknown verb {verb!r}.\n\n{_usage()}", file=sys.stderr)
+        print(f"error: unknown verb {cap_message(verb, 80)!r}; the verbs are {', '.join(VERBS)} "
+              "(python -m attnres_quant --help describes them).", file=sys.stderr)
         return 2
     module_name, help_ = VERBS[verb]
     try:
@@ -49,19 +57,41 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         raise
-    parser = argparse.ArgumentParser(prog=f"python -m attnres_quant {verb}", description=help_)
+    parser = ArgumentParser(prog=f"python -m attnres_quant {verb}", description=help_)
     module.add_arguments(parser)
-    args = parser.parse_args(rest)
+    try:
+        args = parser.parse_args(rest)
+    except SystemExit as exc:  # argparse: usage + one error line already printed (or --help)
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         return int(module.main(args) or 0)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {cap_message(str(exc))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished results are saved; rerun with --resume to continue.", file=sys.stderr)
+    except OSError as exc:  # I/O the verb did not anticipate (disk full, read-only storage, ...)
+        from .pipeline.results import os_error_reason
+
+        target = f" on {exc.filename!r}" if exc.filename else ""
+        print(cap_message(f"error: {verb} stopped: {os_error_reason(exc)}{target} ({exc.strerror or exc}). "
+                          "Fix: free space or choose a writable location, then rerun."), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # `run` reports what it saved itself; other verbs write nothing partial
+        print("interrupted.", file=sys.stderr)
         return 130
     finally:
         sys.stdout.flush()
+
+
+MAX_MESSAGE_CHARS = 1200
+
+
+def cap_message(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """An error message is a paragraph, whatever the input held (a huge key, a million-entry mapping)."""
+    if len(text) <= limit:
+        return text
+    tail = min(150, limit // 4)
+    head = limit - tail
+    return text[:head] + f" ... [{len(text) - head - tail:,} characters cut] ... " + text[len(text) - tail:]
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -212,12 +212,25 @@ def _source_tensor_index(directory: Path, weight_files: list[str], fmt: str) -> 
             with safe_open(str(directory / f), framework="pt") as sf:
                 index.update({k: f for k in sf.keys()})
         return index
-    import torch
-
     for f in weight_files:
-        state = torch.load(directory / f, map_location="cpu", weights_only=True, mmap=True)
+        state = _torch_load(directory / f, mmap=True)
         index.update({k: f for k in state})
     return index
+
+
+def _torch_load(path: Path, mmap: bool = False) -> dict:
+    """``torch.load(weights_only=True)``; a pickle holding more than tensors is refused naming the file."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        detail = (str(exc).strip().splitlines() or ["no detail"])[0][:200]
+        raise UserError(f"the pickle file {str(path)!r} was refused by torch's safe (weights-only) loader: it holds "
+                        f"more than tensors ({detail})", where="convert SRC",
+                        fix="do not load this file; obtain safetensors weights from a trusted source") from None
 
 
 def _read_file(path: Path, fmt: str) -> dict:
@@ -225,9 +238,7 @@ def _read_file(path: Path, fmt: str) -> dict:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    import torch
-
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return _torch_load(path)
 
 
 def _expected_shapes(config: dict) -> dict[str, tuple]:
@@ -296,13 +307,7 @@ def convert_checkpoint(src: str, out: str | os.PathLike, *, block_size: int, dty
     src_dir = checkpoint_dir(info)
     if out_dir == Path(src_dir).resolve():
         raise UserError("OUT is the source directory", where="convert OUT", fix="write to a new directory")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        if not overwrite:
-            raise UserError(f"Output directory {str(out_dir)!r} exists and is not empty", where="convert OUT",
-                            fix="choose a new directory or pass --overwrite")
-        if not out_dir.is_dir() or not (out_dir / "config.json").is_file():
-            raise UserError(f"--overwrite refuses to replace {str(out_dir)!r}: it is not a checkpoint directory",
-                            where="convert OUT", fix="choose a new directory")
+    replacing = _check_out_dir(out_dir, overwrite)
 
     index = _source_tensor_index(src_dir, info.weight_files, info.weights_format)
     renamed: dict[str, str] = {}
@@ -336,8 +341,11 @@ def convert_checkpoint(src: str, out: str | os.PathLike, *, block_size: int, dty
 
     files = sorted(set(index[k] for k in renamed)) or sorted(set(index.values()))
     n = len(files)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.converting-", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.converting-", dir=out_dir.parent))
+    except OSError as exc:
+        raise _write_error(out_dir, exc) from None
     weight_map: dict[str, str] = {}
     total_bytes = 0
     out_dtype_name = None
@@ -407,17 +415,70 @@ def convert_checkpoint(src: str, out: str | os.PathLike, *, block_size: int, dty
                           LoadingWarning, stacklevel=2)
         with open(tmp / "conversion_card.json", "w", encoding="utf-8") as fh:
             json.dump(card, fh, indent=2)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        if replacing:
+            _replace_checkpoint_files(tmp, out_dir)
+        else:
+            if out_dir.exists():
+                out_dir.rmdir()  # empty (checked above)
+            os.replace(tmp, out_dir)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(out_dir, exc) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if verify == "yes" or (verify == "auto" and n_params <= VERIFY_AUTO_MAX_PARAMS):
         card["verification"] = verify_conversion(src_dir, out_dir, pickle=info.weights_format == "pickle")
-        with open(out_dir / "conversion_card.json", "w", encoding="utf-8") as fh:
-            json.dump(card, fh, indent=2)
+        try:
+            with open(out_dir / "conversion_card.json", "w", encoding="utf-8") as fh:
+                json.dump(card, fh, indent=2)
+        except OSError as exc:
+            raise _write_error(out_dir, exc) from None
     return card
+
+
+# --------------------------------------------------------------------------- output folder
+# What a checkpoint written by this verb consists of: the only files --overwrite may remove.
+_CHECKPOINT_PATTERNS = ("config.json", "conversion_card.json", "model.safetensors", "model-*-of-*.safetensors",
+                        "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model-*-of-*.bin",
+                        "pytorch_model.bin.index.json") + _COPY_PATTERNS
+
+
+def _is_checkpoint_file(p: Path) -> bool:
+    return p.is_file() and not p.is_symlink() and any(p.match(pat) for pat in _CHECKPOINT_PATTERNS)
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> bool:
+    """True when OUT is an existing checkpoint to replace; UserError for anything else in the way."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"OUT {str(out_dir)!r} is a file", where="convert OUT", fix="choose a directory")
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return False
+    if not overwrite:
+        raise UserError(f"Output directory {str(out_dir)!r} exists and is not empty", where="convert OUT",
+                        fix="choose a new directory or pass --overwrite")
+    if not (out_dir / "config.json").is_file():
+        raise UserError(f"--overwrite refuses to replace {str(out_dir)!r}: it is not a checkpoint directory "
+                        "(no config.json)", where="convert OUT", fix="choose a new directory")
+    return True
+
+
+def _replace_checkpoint_files(new: Path, out_dir: Path) -> None:
+    """Swap the checkpoint files of ``out_dir`` for those in ``new``; every other file there is kept."""
+    for p in sorted(out_dir.iterdir()):
+        if _is_checkpoint_file(p):
+            p.unlink()
+    for p in sorted(new.iterdir()):
+        os.replace(p, out_dir / p.name)
+    new.rmdir()
+
+
+def _write_error(out_dir: Path, exc: OSError) -> UserError:
+    from .pipeline.results import os_error_reason
+
+    return UserError(f"could not write the converted checkpoint to {str(out_dir)!r}: {os_error_reason(exc)}",
+                     where="convert OUT", fix="choose a writable directory with enough free space; nothing "
+                                              "partial was left there")
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> list[str]:

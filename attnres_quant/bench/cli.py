@@ -4,23 +4,54 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
+from pathlib import Path
+
+from ..errors import UserError
+
+DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+_DEVICE_RE = re.compile(r"(cpu|auto|cuda(:\d+)?)")
+
+
+def int_in(low: int, high: int | None = None):
+    """argparse type: a whole number in [low, high] (``high`` None: no upper bound)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            bound = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise argparse.ArgumentTypeError(f"{value} is out of range (must be {bound})")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def device_arg(text: str) -> str:
+    if not _DEVICE_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (use cpu, cuda, cuda:N or auto)")
+    return text
 
 
 def _common(p: argparse.ArgumentParser, *, hidden: int, layers: int, seq: int, dtype: str) -> None:
-    p.add_argument("--hidden-size", type=int, default=hidden)
-    p.add_argument("--layers", type=int, default=layers)
-    p.add_argument("--seq-len", type=int, default=seq, help="prompt length of the prefill")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--dtype", default=dtype, help="float32 / bfloat16 / float16")
-    p.add_argument("--vocab-size", type=int, default=32000)
-    p.add_argument("--num-heads", type=int, default=None, help="default: hidden_size // 64")
-    p.add_argument("--decode-tokens", type=int, default=16, help="greedy KV-cache steps timed per round")
-    p.add_argument("--warmup", type=int, default=1, help="discarded rounds")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds (median and IQR over these)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hidden-size", type=int_in(1, 65536), default=hidden)
+    p.add_argument("--layers", type=int_in(1, 1024), default=layers)
+    p.add_argument("--seq-len", type=int_in(1, 1 << 20), default=seq, help="prompt length of the prefill")
+    p.add_argument("--batch-size", type=int_in(1, 1 << 16), default=1)
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", choices=DTYPES, default=dtype, help="float32 / bfloat16 / float16")
+    p.add_argument("--vocab-size", type=int_in(2, 1 << 24), default=32000)
+    p.add_argument("--num-heads", type=int_in(1, 4096), default=None, help="default: hidden_size // 64")
+    p.add_argument("--decode-tokens", type=int_in(1, 1 << 20), default=16,
+                   help="greedy KV-cache steps timed per round")
+    p.add_argument("--warmup", type=int_in(0, 10_000), default=1, help="discarded rounds")
+    p.add_argument("--repeats", type=int_in(1, 100_000), default=5,
+                   help="timed rounds (median and IQR over these)")
+    p.add_argument("--threads", type=int_in(1, 4096), default=None, help="CPU threads (default: physical cores)")
+    p.add_argument("--seed", type=int_in(0, 2**63 - 1), default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--output", default=None, help="also write the JSON object to this file")
 
@@ -30,14 +61,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub.required = True
     o = sub.add_parser("overhead", help="AttnRes latency overhead vs a standard-residual model of equal size")
     _common(o, hidden=1024, layers=16, seq=512, dtype="float32")
-    o.add_argument("--block-size", type=int, default=4, help="Block AttnRes block size S (sub-layers)")
+    o.add_argument("--block-size", type=int_in(1, 4096), default=4,
+                   help="Block AttnRes block size S (sub-layers): 1 or even")
     o.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="CPU only: wall time, or process CPU time (robust to other jobs; use --threads 1)")
     k = sub.add_parser("kernels", help="real-kernel quantized variants (torchao, bitsandbytes) vs bf16")
     _common(k, hidden=1024, layers=8, seq=128, dtype="bfloat16")
     k.add_argument("--variants", default=None,
                    help="comma-separated subset of: " + ", ".join(_kernel_variant_names()))
-    k.add_argument("--block-size", type=int, default=4,
+    k.add_argument("--block-size", type=int_in(0, 4096), default=4,
                    help="Block AttnRes block size of the bench model (0: standard residual)")
 
 
@@ -47,15 +79,55 @@ def _kernel_variant_names() -> list[str]:
             "fbgemm_int8_dyn", "aten_int8pack_wo"]
 
 
+def validate(args: argparse.Namespace) -> None:
+    """Cross-argument checks argparse cannot express; all before any model is built."""
+    import torch
+
+    heads = args.num_heads or max(1, args.hidden_size // 64)
+    if args.hidden_size % heads:
+        raise UserError(f"--hidden-size {args.hidden_size} is not a multiple of the number of heads ({heads})",
+                        "bench --num-heads", "pick --num-heads that divides --hidden-size")
+    if (args.hidden_size // heads) % 2:
+        raise UserError(f"the head size hidden_size / num_heads = {args.hidden_size // heads} is odd; rotary "
+                        "embeddings need an even head size", "bench --num-heads / --hidden-size",
+                        "choose sizes giving an even head size, e.g. --hidden-size 1024 --num-heads 16")
+    block = args.block_size
+    if block not in (0, 1) and block % 2:
+        raise UserError(f"--block-size {block} must be 1 (Full AttnRes) or even (Block AttnRes)"
+                        + (" or 0 (standard residual)" if args.bench_verb == "kernels" else ""),
+                        f"bench {args.bench_verb} --block-size", "pass 1 or an even number such as 2, 4 or 8")
+    if block == 0 and args.bench_verb == "overhead":
+        raise UserError("--block-size 0 has no AttnRes model to compare", "bench overhead --block-size",
+                        "pass 1 or an even block size")
+    if args.device.startswith("cuda"):
+        index = int(args.device.split(":")[1]) if ":" in args.device else 0
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if index >= count:
+            raise UserError(f"device {args.device!r} is not available (torch sees {count} CUDA device(s))",
+                            "bench --device", "use --device cpu, or a CUDA device index that exists")
+    if args.output:
+        out = Path(args.output)
+        if out.is_dir():
+            raise UserError(f"--output {args.output!r} is a folder", "bench --output", "name a file, e.g. bench.json")
+        if not out.parent.is_dir():
+            raise UserError(f"the folder of --output {args.output!r} does not exist", "bench --output",
+                            "create the folder first or name a file in an existing one")
+        if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+            raise UserError(f"--output {args.output!r} is not writable", "bench --output",
+                            "name a file in a writable folder")
+
+
 def _emit(result: dict, args: argparse.Namespace, table) -> None:
     text = json.dumps(result, indent=None if args.json else 2)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(result, indent=2) + "\n")
+    # Print first: if writing --output fails (disk full, storage gone read-only), the numbers are not lost.
     if args.json:
         print(text)
     else:
         print(table(result))
+    if args.output:
+        from ..pipeline.results import atomic_write_text
+
+        atomic_write_text(Path(args.output), json.dumps(result, indent=2) + "\n")
 
 
 def _overhead_table(r: dict) -> str:
@@ -76,6 +148,7 @@ def _overhead_table(r: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    validate(args)
     if args.bench_verb == "overhead":
         from .overhead import run_overhead
 

@@ -9,17 +9,50 @@ so the policy format has one definition.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .. import safe_yaml
 from ..errors import UserError
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------- names
+# Study, model and variant names become file and folder names (reports/<study>/, plots named after
+# models, results keys "model/variant/cell"), so they must be safe slugs: nothing a name can say
+# reaches outside the output folder.
+SLUG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,79}")
+SLUG_HELP = "1-80 characters: letters, digits and _ . + -, starting with a letter or digit"
+
+
+def is_slug(name: Any) -> bool:
+    return isinstance(name, str) and SLUG_RE.fullmatch(name) is not None
+
+
+def check_slug(name: Any, what: str) -> str:
+    if not is_slug(name):
+        shown = repr(name) if len(repr(name)) <= 60 else repr(name)[:57] + "..."
+        raise ValueError(f"{what} {shown} is not a safe name ({SLUG_HELP}); names become file names")
+    return name
+
+
+def safe_slug(text: str, fallback: str = "model") -> str:
+    """Map any text (a checkpoint path's last part, a config file's stem) onto a safe slug."""
+    slug = re.sub(r"[^A-Za-z0-9_.+-]+", "_", text).lstrip("._+-")[:80]
+    return slug or fallback
+
+
+def model_label(path: str, name: str | None = None) -> str:
+    """Label of a model in results and reports: its `name`, else the last part of its path, made safe."""
+    if name:
+        return name
+    return safe_slug(str(path).split(":", 1)[-1].rstrip("/").split("/")[-1])
 
 
 class ModelSpec(Strict):
@@ -28,11 +61,14 @@ class ModelSpec(Strict):
     allow_pickle: bool = False
     trust_remote_code: bool = False
 
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value):
+        return value if value is None else check_slug(value, "model name")
+
     @property
     def label(self) -> str:
-        if self.name:
-            return self.name
-        return self.path.split(":", 1)[-1].rstrip("/").split("/")[-1]
+        return model_label(self.path, self.name)
 
 
 class TaskSpec(Strict):
@@ -81,6 +117,11 @@ class CalibrationSettings(Strict):
 class BaselineSpec(Strict):
     name: str = "bf16"
 
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value):
+        return check_slug(value, "baseline name")
+
 
 class StudyConfig(Strict):
     name: str | None = Field(default=None, description="report name (default: the config file's stem)")
@@ -98,6 +139,20 @@ class StudyConfig(Strict):
     quality: QualitySettings = Field(default_factory=QualitySettings)
     bench: BenchSettings = Field(default_factory=BenchSettings)
     calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_study_name(cls, value):
+        return value if value is None else check_slug(value, "study name")
+
+    @field_validator("variants")
+    @classmethod
+    def _safe_variant_names(cls, value):
+        # The variant schema itself belongs to the quantization engine; only the name is checked here.
+        for i, variant in enumerate(value):
+            if "name" in variant:
+                check_slug(variant["name"], f"variant {i} name")
+        return value
 
     @field_validator("tasks", mode="before")
     @classmethod
@@ -119,29 +174,60 @@ class StudyConfig(Strict):
         return self
 
 
+def _kind(node: Any) -> str:
+    if isinstance(node, bool):
+        return "a boolean"
+    if isinstance(node, (int, float)):
+        return "a number"
+    if isinstance(node, str):
+        return "a string"
+    return "null" if node is None else type(node).__name__
+
+
 def _set_dotted(raw: dict, key: str, value: Any, source: str) -> None:
     """Apply one ``--set a.b.0.c=value`` override to the raw YAML mapping."""
     parts = key.split(".")
+    if not key or any(not p for p in parts):
+        raise UserError(f"--set {key}=...: the key has an empty part", source,
+                        "write a dotted key such as eval.limit or models.0.path")
     node: Any = raw
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
+        here = ".".join(parts[:i]) or "(top level)"
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
                 raise UserError(f"--set {key}: `{part}` is not an index of the list at "
-                                f"`{'.'.join(parts[:i])}` (length {len(node)})", source,
-                                "use a 0-based index that exists, e.g. models.0.path=...")
+                                f"`{here}` (length {len(node)})", source,
+                                "use a 0-based index that exists, e.g. --set models.0.path=/ckpt")
             idx = int(part)
             if last:
                 node[idx] = value
             else:
                 node = node[idx]
-        else:
+        elif isinstance(node, dict):
             if last:
                 node[part] = value
             else:
                 if node.get(part) is None:
                     node[part] = {}
                 node = node[part]
+        else:
+            raise UserError(f"--set {key}: `{here}` is {_kind(node)}, not a mapping, so it has no key `{part}`",
+                            source, f"set `{here}` itself (--set {here}=...) or check the key's spelling")
+
+
+def _model_override_key(raw: dict, key: str, source: str) -> str:
+    """`model.X` on a config that lists `models:` means the one model there; several are ambiguous."""
+    if not (key == "model" or key.startswith("model.")) or raw.get("model") is not None:
+        return key
+    models = raw.get("models")
+    if not isinstance(models, list) or not models:
+        return key
+    if len(models) == 1:
+        return "models.0" + key[len("model"):]
+    rest = key[len("model"):] or ".path"
+    raise UserError(f"--set {key}: this study has {len(models)} models (`models:`), so `model` is ambiguous",
+                    source, f"name the model by index: --set models.N{rest}=... with N from 0 to {len(models) - 1}")
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
@@ -151,15 +237,42 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
             raise UserError(f"--set {item!r} has no `=`", "command line", "write --set key=value, e.g. "
                             "--set model.path=/ckpt or --set eval.limit=20")
         key, text = item.split("=", 1)
-        parsed.append((key.strip(), yaml.safe_load(text) if text else ""))
+        key = key.strip()
+        value = safe_yaml.loads(text, f"--set {key}") if text else ""
+        parsed.append((key, value))
     return parsed
+
+
+def _apply_task_flags(raw: dict, tasks: list[str] | None, limit: int | None, overridden: set[str]) -> None:
+    """--tasks replaces the task list (keeping each named task's own settings); a command-line limit
+    (--limit or --set eval.limit) is global: it replaces every per-task `limit:`."""
+    if tasks is not None:
+        current = raw.get("tasks") if isinstance(raw.get("tasks"), list) else []
+        by_name = {}
+        for t in current:
+            name = t if isinstance(t, str) else t.get("name") if isinstance(t, dict) else None
+            if isinstance(name, str):
+                by_name.setdefault(name, t)
+        raw["tasks"] = [copy.deepcopy(by_name.get(name, name)) for name in tasks]
+    if limit is not None:
+        if not isinstance(raw.get("eval"), dict):
+            raw["eval"] = {} if raw.get("eval") is None else raw["eval"]
+        if isinstance(raw["eval"], dict):
+            raw["eval"]["limit"] = limit
+        overridden.add("eval.limit")
+    if "eval.limit" in overridden and isinstance(raw.get("tasks"), list):
+        for t in raw["tasks"]:
+            if isinstance(t, dict):
+                t.pop("limit", None)
 
 
 def _format_validation_error(exc: ValidationError, source: str) -> UserError:
     problems = []
     for err in exc.errors()[:5]:
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"]
+        loc = loc if len(loc) <= 80 else loc[:77] + "..."
+        msg = err["msg"].removeprefix("Value error, ")
+        msg = msg if len(msg) <= 300 else msg[:297] + "..."
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         problems.append(f"`{loc}`: {msg}")
@@ -168,29 +281,35 @@ def _format_validation_error(exc: ValidationError, source: str) -> UserError:
                      "correct or remove the named keys; README.md 'Configs' lists every key and its values")
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[StudyConfig, dict]:
-    """Read, override and validate a study config. Returns (config, raw mapping after overrides)."""
+def load_config(path: str | Path, overrides: list[str] | None = None, *, tasks: list[str] | None = None,
+                limit: int | None = None) -> tuple[StudyConfig, dict]:
+    """Read, override and validate a study config. Returns (config, raw mapping after overrides).
+
+    ``tasks`` (``--tasks``) replaces the task list; ``limit`` (``--limit``) and a command-line
+    ``eval.limit`` override every per-task limit.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {str(path)!r} does not exist", str(path.parent.resolve()),
                         "pass the path of a YAML study config, e.g. configs/int4_hybrid.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}, line {mark.line + 1}" if mark else str(path)
-        raise UserError(f"config is not valid YAML ({getattr(exc, 'problem', exc)})", where,
-                        "fix the YAML syntax (indentation, colons, quotes)") from None
+    raw = safe_yaml.read_file(path, "study config")
+    if raw is None:
+        raw = {}
     if not isinstance(raw, dict):
         raise UserError("config must be a YAML mapping of keys to values", str(path),
                         "start from configs/int4_hybrid.yaml")
     raw = copy.deepcopy(raw)
+    overridden: set[str] = set()
     for key, value in parse_overrides(overrides or []):
-        _set_dotted(raw, key, value, f"{path} (--set {key})")
+        where = f"{path} (--set {key})"
+        key = _model_override_key(raw, key, where)
+        _set_dotted(raw, key, value, where)
+        overridden.add(key)
+    _apply_task_flags(raw, tasks, limit, overridden)
     try:
         config = StudyConfig.model_validate(raw)
     except ValidationError as exc:
         raise _format_validation_error(exc, str(path)) from None
     if config.name is None:
-        config.name = path.stem
+        config.name = safe_slug(path.stem, fallback="study")
     return config, raw

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from ..errors import UserError
 from .config import StudyConfig, load_config
-from .results import ResultStore
+from .lock import StudyLock
+from .results import ResultStore, backup_previous, ensure_dir
 
 CELL_PLAN, CELL_QUALITY, CELL_LATENCY, CELL_DEPTH, CELL_STATUS = "plan", "quality", "latency", "depth", "status"
 
@@ -35,10 +36,38 @@ def add_arguments(parser) -> None:
     parser.add_argument("config", help="study config YAML, e.g. configs/int4_hybrid.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (dotted, e.g. model.path=/ckpt, eval.limit=20); repeatable")
+    parser.add_argument("--tasks", type=_task_list, default=None, metavar="T1,T2",
+                        help="comma-separated tasks to run instead of the config's (like lm-eval's --tasks); "
+                             "a task the config lists keeps its own settings")
+    parser.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+                        help="at most N samples per task, overriding every per-task limit (like lm-eval's --limit)")
     parser.add_argument("--resume", action="store_true", help="skip cells already in results.json")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
                         help="override the config's device")
     parser.add_argument("--out", default="reports", help="output folder (default: reports/)")
+
+
+def _positive_int(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not positive")
+    return value
+
+
+def _task_list(text: str) -> list[str]:
+    import argparse
+
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("no task named (write e.g. --tasks proxy_mc,proxy_math)")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"a task is named twice in {text!r}")
+    return names
 
 
 def _log(msg: str) -> None:
@@ -156,6 +185,14 @@ def check_finite(model, ids) -> None:
         raise VariantFailed(f"non-finite logits (NaN/Inf in {bad:.1%} of values) on the quality text")
 
 
+def task_settings_for(task, settings):
+    """The evaluation settings of one task: the global ones with the task's own limit/few-shot/cap."""
+    update = {k: v for k, v in (("limit", task.limit), ("num_fewshot", task.num_fewshot)) if v is not None}
+    if task.max_gen_toks is not None:
+        update["gen_kwargs"] = {**settings.gen_kwargs, "max_gen_toks": task.max_gen_toks}
+    return settings.model_copy(update=update) if update else settings
+
+
 def run_tasks(store, label, vname, model, tokenizer, config, settings) -> None:
     from ..evaluation import evaluate
 
@@ -163,10 +200,7 @@ def run_tasks(store, label, vname, model, tokenizer, config, settings) -> None:
         cell = f"task:{task.name}"
         if store.done(label, vname, cell):
             continue
-        update = {k: v for k, v in (("limit", task.limit), ("num_fewshot", task.num_fewshot)) if v is not None}
-        if task.max_gen_toks is not None:
-            update["gen_kwargs"] = {**settings.gen_kwargs, "max_gen_toks": task.max_gen_toks}
-        task_settings = settings.model_copy(update=update) if update else settings
+        task_settings = task_settings_for(task, settings)
         _log(f"  {label} / {vname}: task {task.name}")
         t0 = time.perf_counter()
         results = evaluate(model, tokenizer, [task.name], task_settings,
@@ -176,7 +210,8 @@ def run_tasks(store, label, vname, model, tokenizer, config, settings) -> None:
         for name, r in value.items():
             if not (isinstance(r.get("value"), (int, float)) and math.isfinite(r["value"])):
                 raise VariantFailed(f"task {name} produced a non-finite score ({r.get('value')})")
-        store.put(label, vname, cell, value, wall_s=round(time.perf_counter() - t0, 2))
+        # `limit`: the sample cap this task ran with (None = all), shown in the report.
+        store.put(label, vname, cell, value, wall_s=round(time.perf_counter() - t0, 2), limit=task_settings.limit)
 
 
 def samples_dir(store, label: str, vname: str) -> Path:
@@ -281,75 +316,131 @@ def baseline_plan(model, name: str) -> dict:
     return summary
 
 
-def run_model(store: ResultStore, spec, config: StudyConfig, variants, device: str, source: str) -> None:
-    import torch
+def load_baseline(spec, config: StudyConfig, device: str):
+    """(model, tokenizer) of one study model; a pickle that torch's safe loader refuses is a clear error."""
+    import pickle
 
     from ..loading import load_model
+
+    try:
+        model, tokenizer = load_model(spec.path, dtype=config.dtype, device=device, allow_pickle=spec.allow_pickle,
+                                      trust_remote_code=spec.trust_remote_code)
+    except pickle.UnpicklingError as exc:
+        detail = (str(exc).strip().splitlines() or ["no detail"])[0][:200]
+        raise UserError(f"the pickle weights of model {spec.label!r} ({_pickle_files(spec.path)}) were refused by "
+                        f"torch's safe (weights-only) loader: they hold more than tensors ({detail})",
+                        f"model path {spec.path!r}",
+                        "do not load this file; obtain safetensors weights (or a pickle of plain tensors) "
+                        "from a trusted source") from None
+    model.eval()
+    return model, tokenizer
+
+
+def _pickle_files(path: str) -> str:
+    directory = Path(path)
+    if directory.is_dir():
+        files = sorted(p.name for p in directory.glob("*.bin")) or sorted(p.name for p in directory.glob("*.pt"))
+        if files:
+            return ", ".join(str(directory / f) for f in files[:4])
+    return f"the .bin files of {path}"
+
+
+def _failure_value(exc: BaseException) -> dict:
+    return {"reason": f"{type(exc).__name__}: {exc}"[:2000], "traceback": traceback.format_exc(limit=6)}
+
+
+def run_baseline(store: ResultStore, label: str, spec, config: StudyConfig, baseline, tokenizer, text_ids,
+                 variants) -> bool:
+    """Baseline cells with the same finite checks as a variant. On failure the model is marked failed
+    (the baseline's status cell and every pending variant's, with the reason) and False is returned."""
+    base_name = config.baseline.name
+    try:
+        check_finite(baseline, text_ids)
+        if not store.done(label, base_name, CELL_PLAN):
+            store.put(label, base_name, CELL_PLAN, baseline_plan(baseline, base_name))
+        run_tasks(store, label, base_name, baseline, tokenizer, config, eval_settings(config))
+        if config.quality.enabled:
+            run_quality(store, label, base_name, baseline, baseline, tokenizer, config, text_ids, is_baseline=True)
+        run_latency(store, label, base_name, baseline, config, simulated=False, kernel=f"dense-{config.dtype}")
+        return True
+    except (UserError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # a broken baseline fails its model, not the study
+        failure = _failure_value(exc)
+        _log(f"{label}: baseline {base_name} FAILED: {failure['reason']}; skipping this model's variants")
+        store.put(label, base_name, CELL_STATUS, failure, status="failed")
+        for variant in variants:
+            if not store.variant_failed(label, variant.name):
+                store.put(label, variant.name, CELL_STATUS,
+                          {"reason": f"not run: the baseline {base_name} failed"}, status="failed")
+        return False
+
+
+def run_variant(store: ResultStore, label: str, variant, config: StudyConfig, baseline, tokenizer, text_ids,
+                calibration, source: str):
+    """All cells of one variant; a crash or NaN/Inf marks it failed. Returns the calibration batches."""
+    import torch
+
     from ..quant import calibration_batches, quantize
 
+    vname = variant.name
+    _log(f"{label}: variant {vname} ({variant.method})")
+    t0 = time.perf_counter()
+    quantized = None
+    try:
+        if calibration is None and variant.needs_calibration():
+            calibration = calibration_batches(tokenizer, config.calibration.samples,
+                                              config.calibration.seq_len, config.seed)
+        torch.manual_seed(config.seed)
+        quantized = quantize(baseline, variant, calibration=calibration, source=source)
+        qmodel = quantized.model.eval()
+        check_finite(qmodel, text_ids)
+        if not store.done(label, vname, CELL_PLAN):
+            store.put(label, vname, CELL_PLAN, plan_summary(quantized))
+        run_tasks(store, label, vname, qmodel, tokenizer, config, eval_settings(config))
+        if config.quality.enabled:
+            run_quality(store, label, vname, baseline, qmodel, tokenizer, config, text_ids, is_baseline=False)
+        run_latency(store, label, vname, qmodel, config, simulated=quantized.simulated, kernel=quantized.kernel)
+        store.put(label, vname, CELL_STATUS, {"wall_s": round(time.perf_counter() - t0, 2)})
+    except (UserError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # a broken variant must not stop the study
+        failure = _failure_value(exc)
+        _log(f"{label}: variant {vname} FAILED: {failure['reason']}")
+        store.put(label, vname, CELL_STATUS, failure, status="failed")
+    finally:
+        del quantized
+        gc.collect()
+    return calibration
+
+
+def run_model(store: ResultStore, spec, config: StudyConfig, variants, device: str, source: str) -> None:
     label = spec.label
     cells = variant_cells(config)
+    base_name = config.baseline.name
+    failed = store.variant_failed(label, base_name)
+    if failed:
+        reason = (failed.get("value") or {}).get("reason")
+        _log(f"{label}: the baseline failed in an earlier run ({reason}); skipping this model "
+             "(rerun without --resume to retry)")
+        return
     pending = [v for v in variants if not store.variant_failed(label, v.name)
                and not all(store.done(label, v.name, c) for c in cells)]
-    base_name = config.baseline.name
     base_pending = not all(store.done(label, base_name, c) for c in cells)
     if not pending and not base_pending:
         _log(f"{label}: all cells finished, nothing to do")
         return
 
     _log(f"{label}: loading {spec.path} ({config.dtype}, {device})")
-    baseline, tokenizer = load_model(spec.path, dtype=config.dtype, device=device,
-                                     allow_pickle=spec.allow_pickle, trust_remote_code=spec.trust_remote_code)
-    baseline.eval()
-    settings = eval_settings(config)
+    baseline, tokenizer = load_baseline(spec, config, device)
     text_ids = quality_text_ids(tokenizer, config.quality.max_tokens)
-    store.put(label, base_name, "model", describe(spec, baseline))
-
-    # Baseline cells.
-    if base_pending:
-        if not store.done(label, base_name, CELL_PLAN):
-            store.put(label, base_name, CELL_PLAN, baseline_plan(baseline, base_name))
-        run_tasks(store, label, base_name, baseline, tokenizer, config, settings)
-        if config.quality.enabled:
-            run_quality(store, label, base_name, baseline, baseline, tokenizer, config, text_ids,
-                        is_baseline=True)
-        run_latency(store, label, base_name, baseline, config, simulated=False, kernel=f"dense-{config.dtype}")
-
+    if not store.done(label, base_name, "model"):
+        store.put(label, base_name, "model", describe(spec, baseline))
+    if base_pending and not run_baseline(store, label, spec, config, baseline, tokenizer, text_ids, pending):
+        return
     calibration = None
     for variant in pending:
-        vname = variant.name
-        _log(f"{label}: variant {vname} ({variant.method})")
-        t0 = time.perf_counter()
-        quantized = None
-        try:
-            if calibration is None and variant.needs_calibration():
-                calibration = calibration_batches(tokenizer, config.calibration.samples,
-                                                  config.calibration.seq_len, config.seed)
-            torch.manual_seed(config.seed)
-            quantized = quantize(baseline, variant, calibration=calibration, source=source)
-            qmodel = quantized.model.eval()
-            check_finite(qmodel, text_ids)
-            if not store.done(label, vname, CELL_PLAN):
-                store.put(label, vname, CELL_PLAN, plan_summary(quantized))
-            run_tasks(store, label, vname, qmodel, tokenizer, config, settings)
-            if config.quality.enabled:
-                run_quality(store, label, vname, baseline, qmodel, tokenizer, config, text_ids,
-                            is_baseline=False)
-            run_latency(store, label, vname, qmodel, config, simulated=quantized.simulated,
-                        kernel=quantized.kernel)
-            store.put(label, vname, CELL_STATUS, {"wall_s": round(time.perf_counter() - t0, 2)})
-        except UserError:
-            raise
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:  # a broken variant must not stop the study
-            reason = f"{type(exc).__name__}: {exc}"
-            _log(f"{label}: variant {vname} FAILED: {reason}")
-            store.put(label, vname, CELL_STATUS, {"reason": reason,
-                                                  "traceback": traceback.format_exc(limit=6)}, status="failed")
-        finally:
-            del quantized
-            gc.collect()
+        calibration = run_variant(store, label, variant, config, baseline, tokenizer, text_ids, calibration, source)
 
 
 def describe(spec, model) -> dict:
@@ -378,10 +469,58 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*pretrained.*model kwarg is not of type.*")
 
 
+def open_store(results_path: Path, resume: bool, fingerprint: str, provenance: dict, source: str) -> ResultStore:
+    """The store to write: the existing one on --resume (same schema and config), else a new one with any
+    previous results.json kept beside it under a timestamped name (finished results are never destroyed)."""
+    if resume and results_path.exists():
+        store = ResultStore.load(results_path, provenance=provenance)
+        old = store.meta.get("config_fingerprint")
+        if old != fingerprint:
+            raise UserError(f"--resume found results of a different config in {results_path} "
+                            f"(fingerprint {old} != {fingerprint})", source,
+                            "resume with the same config, --set, --tasks and --limit, or drop --resume to start "
+                            "over (the old results are then kept beside the new ones as results.<time>.json)")
+        _log(f"resuming from {results_path}: {store.finished_count()} finished cells")
+        return store
+    if resume:
+        _log(f"--resume: no {results_path} yet, starting a new run")
+    kept = backup_previous(results_path)
+    if kept is not None:
+        _log(f"kept the previous results as {kept}")
+    return ResultStore(results_path, provenance=provenance)
+
+
+def stamp_meta(store: ResultStore, config: StudyConfig, raw: dict, args, source: str, device: str,
+               fingerprint: str, provenance: dict, variants) -> None:
+    from ..bench.machine import machine_info
+
+    store.meta.update({
+        "config_name": config.name, "config_path": source, "config": raw, "config_fingerprint": fingerprint,
+        "overrides": list(args.set) + (["--tasks " + ",".join(args.tasks)] if getattr(args, "tasks", None) else [])
+        + ([f"--limit {args.limit}"] if getattr(args, "limit", None) else []),
+        "device": device, "dtype": config.dtype, "seed": config.seed,
+        "versions": provenance["versions"], "machine": machine_info(device), "git_commit": provenance["git_commit"],
+        "models": [{**m.model_dump(), "label": m.label} for m in config.models], "baseline": config.baseline.name,
+        "variants": [v.name for v in variants], "tasks": [t.name for t in config.tasks],
+    })
+    store.meta.setdefault("started", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    store.save()
+
+
+def _interrupted(store: ResultStore | None, results_path: Path) -> int:
+    if store is None or not store.cells:
+        print("interrupted before any result was written.", file=sys.stderr)
+    else:
+        print(f"interrupted: {store.finished_count()} finished cells are saved in {results_path}; rerun the same "
+              "command with --resume to continue.", file=sys.stderr)
+    return 130
+
+
 def main(args) -> int:
     quiet_libraries()
     source = str(args.config)
-    config, raw = load_config(args.config, args.set)
+    config, raw = load_config(args.config, args.set, tasks=getattr(args, "tasks", None),
+                              limit=getattr(args, "limit", None))
     device = resolve_device(args.device or config.device)
     variants = validate_variants(config, source)
     _log(f"study {config.name}: {len(config.models)} model(s), baseline + {len(variants)} variant(s), "
@@ -389,50 +528,34 @@ def main(args) -> int:
     preflight(config, variants, source, device)
 
     out_dir = Path(args.out)
-    results_path = out_dir / config.name / "results.json"
+    study_dir = ensure_dir(out_dir / config.name)
+    results_path = study_dir / "results.json"
     fingerprint = config_fingerprint(raw)
-    git_commit = _git_commit(outputs=out_dir)
-    if args.resume and results_path.exists():
-        store = ResultStore.load(results_path)
-        old = store.meta.get("config_fingerprint")
-        if old != fingerprint:
-            raise UserError(f"--resume found results of a different config in {results_path} "
-                            f"(fingerprint {old} != {fingerprint})", source,
-                            "resume with the same config and --set overrides, or drop --resume to start over "
-                            "(the old results are kept as results.json.bak)")
-        _log(f"resuming from {results_path}: {sum(1 for c in store.cells.values() if c.get('status') == 'ok')} "
-             "finished cells")
-    else:
-        if results_path.exists():
-            results_path.replace(results_path.with_suffix(".json.bak"))
-        store = ResultStore(results_path)
-    import torch
+    provenance = {"git_commit": _git_commit(outputs=out_dir), "versions": library_versions()}
+    store = None
+    with StudyLock(study_dir) as lock:
+        if lock.stale_message():
+            _log(lock.stale_message())
+        try:
+            store = open_store(results_path, args.resume, fingerprint, provenance, source)
+            stamp_meta(store, config, raw, args, source, device, fingerprint, provenance, variants)
+            import torch
 
-    from ..bench.machine import machine_info
+            torch.manual_seed(config.seed)
+            if config.bench.threads:
+                torch.set_num_threads(config.bench.threads)
+            t0 = time.perf_counter()
+            for spec in config.models:
+                run_model(store, spec, config, variants, device, source)
+            store.meta["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            store.meta["wall_s_last_run"] = round(time.perf_counter() - t0, 1)
+            store.save()
 
-    store.meta.update({
-        "config_name": config.name, "config_path": source, "config": raw, "config_fingerprint": fingerprint,
-        "overrides": list(args.set), "device": device, "dtype": config.dtype, "seed": config.seed,
-        "versions": library_versions(), "machine": machine_info(device), "git_commit": git_commit,
-        "models": [m.model_dump() for m in config.models], "baseline": config.baseline.name,
-        "variants": [v.name for v in variants], "tasks": [t.name for t in config.tasks],
-    })
-    store.meta.setdefault("started", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-    store.save()
-    torch.manual_seed(config.seed)
-    if config.bench.threads:
-        torch.set_num_threads(config.bench.threads)
+            from ..report.render import render_report, summary_table
 
-    t0 = time.perf_counter()
-    for spec in config.models:
-        run_model(store, spec, config, variants, device, source)
-    store.meta["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    store.meta["wall_s_last_run"] = round(time.perf_counter() - t0, 1)
-    store.save()
-
-    from ..report.render import render_report, summary_table
-
-    report_path = render_report(results_path, out_dir / f"{config.name}.md")
+            report_path = render_report(results_path, out_dir / f"{config.name}.md")
+        except KeyboardInterrupt:
+            return _interrupted(store, results_path)
     print()
     print(summary_table(store.data))
     _log(f"report: {report_path} (results: {results_path})")

@@ -30,7 +30,8 @@ def plot_accuracy_vs_bits(view, out_dir: Path) -> list[tuple[str, str]]:
             for variant in view.variants:
                 plan = view.cell(model, variant, "plan") or {}
                 r = view.task_results(model, variant).get(sub)
-                if r is None or plan.get("avg_bits") is None or r.get("aggregation", "mean") != "mean":
+                if (r is None or not _finite(plan.get("avg_bits")) or not _finite(r.get("value"))
+                        or r.get("aggregation", "mean") != "mean"):
                     continue  # perplexity-like corpus metrics are not scores in %
                 xs.append(plan["avg_bits"])
                 ys.append(100 * r["value"])
@@ -50,11 +51,15 @@ def plot_accuracy_vs_bits(view, out_dir: Path) -> list[tuple[str, str]]:
     return out
 
 
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and bool(np.isfinite(x))
+
+
 def _depth_matrix(weights: list[list[float]]) -> np.ndarray:
-    n_src = max(len(w) for w in weights)
-    mat = np.full((len(weights), n_src), np.nan)
+    n_src = max((len(w) for w in weights), default=1)
+    mat = np.full((max(len(weights), 1), max(n_src, 1)), np.nan)
     for j, w in enumerate(weights):
-        mat[j, : len(w)] = w
+        mat[j, : len(w)] = [x if _finite(x) else np.nan for x in w]
     return mat
 
 

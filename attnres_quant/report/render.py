@@ -6,13 +6,13 @@ file, and a resumed run renders the same report as an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pandas as pd
 
-from ..pipeline.results import atomic_write_text
+from ..pipeline.config import model_label
+from ..pipeline.results import atomic_write_text, load_results, write_error
 from .plots import plot_accuracy_vs_bits, plot_depth_heatmaps, plot_sensitivity
 
 
@@ -28,9 +28,17 @@ def main(args) -> int:
     if not path.is_file():
         raise UserError(f"results file {str(path)!r} does not exist", str(path.parent),
                         "pass reports/<config name>/results.json written by `python -m attnres_quant run`")
-    out = Path(args.out) if args.out else path.parent.parent / f"{path.parent.name}.md"
+    out = Path(args.out) if args.out else default_report_path(path)
     print(render_report(path, out))
     return 0
+
+
+def default_report_path(results_path: Path) -> Path:
+    """reports/<name>.md for reports/<name>/results.json; a kept earlier copy (results.<time>.json)
+    renders beside itself, so it never replaces the current report."""
+    if results_path.name == "results.json":
+        return results_path.parent.parent / f"{results_path.parent.name}.md"
+    return results_path.with_suffix(".md")
 
 
 # --------------------------------------------------------------------------- access helpers
@@ -41,23 +49,33 @@ class View:
         self.data = data
         self.meta = data.get("meta", {})
         self.cells = data.get("cells", {})
-        self.baseline = self.meta.get("baseline", "bf16")
-        self.variants = [self.baseline] + list(self.meta.get("variants", []))
-        self.models = [m.get("name") or m["path"].split(":", 1)[-1].rstrip("/").split("/")[-1]
-                       for m in self.meta.get("models", [])]
+        self.baseline = self.meta.get("baseline") or "bf16"
+        self.variants = [self.baseline] + list(self.meta.get("variants") or [])
+        self.models = [m.get("label") or model_label(m["path"], m.get("name")) for m in self.meta.get("models") or []]
+
+    def entry(self, model, variant, cell) -> dict | None:
+        return self.cells.get(f"{model}/{variant}/{cell}")
 
     def cell(self, model, variant, cell):
-        entry = self.cells.get(f"{model}/{variant}/{cell}")
+        entry = self.entry(model, variant, cell)
         return entry.get("value") if entry and entry.get("status") == "ok" else None
 
     def failure(self, model, variant):
         entry = self.cells.get(f"{model}/{variant}/status")
         if entry and entry.get("status") == "failed":
-            return entry["value"].get("reason", "failed")
+            value = entry.get("value")
+            return (value.get("reason") if isinstance(value, dict) else None) or "failed"
         return None
 
+    def task_limit(self, model, task) -> str:
+        """The sample limit the baseline's cell of ``task`` ran with ("all" without one; "?" if not recorded)."""
+        entry = self.entry(model, self.baseline, f"task:{task}") or {}
+        if "limit" not in entry:
+            return "?"
+        return "all" if entry["limit"] is None else str(entry["limit"])
+
     def task_names(self) -> list[str]:
-        return list(self.meta.get("tasks", []))
+        return list(self.meta.get("tasks") or [])
 
     def task_results(self, model, variant) -> dict:
         """{subtask: result dict} over every configured task."""
@@ -80,16 +98,31 @@ class View:
         return bool(info.get("attnres_block_size")) or str(info.get("family", "")).startswith("attnres")
 
 
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def _fmt(x, digits=3):
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+    if x is None:
         return "—"
+    if isinstance(x, float) and not math.isfinite(x):
+        return "n/a"
     if isinstance(x, float):
         return f"{x:.{digits}f}"
     return str(x)
 
 
-def _pct(x):
-    return "—" if x is None else f"{100 * x:.1f}"
+def _pct(x, missing="—"):
+    """A fraction as a percentage; ``missing`` for no value, "n/a" for a non-finite or non-numeric one."""
+    if x is None:
+        return missing
+    return f"{100 * x:.1f}" if _finite(x) else "n/a"
+
+
+def _mean_delta(res: dict, base: dict) -> float | None:
+    deltas = [res[s]["value"] - base[s]["value"] for s in res  # mean metrics only (not perplexities)
+              if s in base and _is_mean(res[s]) and _finite(res[s].get("value")) and _finite(base[s].get("value"))]
+    return sum(deltas) / len(deltas) if deltas else None
 
 
 def _bytes(n):
@@ -130,19 +163,22 @@ def _machine_text(machine: dict) -> str:
 # --------------------------------------------------------------------------- sections
 def header(view: View) -> list[str]:
     m = view.meta
-    versions = ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items())
-    machine = m.get("machine", {})
+    versions = ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items())
+    machine = m.get("machine") or {}
     lines = [
         f"# Quantization study: {m.get('config_name', '?')}",
         "",
-        f"- **Config**: `{m.get('config_path')}`" + (f" (overrides: {', '.join(m['overrides'])})"
+        f"- **Config**: `{m.get('config_path')}`" + (f" (overrides: {', '.join(map(str, m['overrides']))})"
                                                       if m.get("overrides") else ""),
-        f"- **Models**: " + ", ".join(f"`{x['path']}`" for x in m.get("models", [])),
+        f"- **Models**: " + ", ".join(f"`{x['path']}`" for x in m.get("models") or []),
         f"- **Device**: {m.get('device')} ({_machine_text(machine)}); baseline dtype {m.get('dtype')}",
         f"- **Seed**: {m.get('seed')}; **date**: {m.get('finished') or m.get('started')}; "
         f"**git commit**: {m.get('git_commit') or 'unknown'}; **wall time** (last run): "
         f"{_fmt(m.get('wall_s_last_run'), 1)} s",
         f"- **Libraries**: {versions}",
+    ]
+    lines += provenance_lines(view)
+    lines += [
         "",
         "Numbers marked *simulated* come from quantize-dequantize simulation (weights stored and computed in "
         "the baseline dtype); *real* rows run low-precision kernels. Accuracies are ± one standard error; "
@@ -150,6 +186,30 @@ def header(view: View) -> list[str]:
         "correct→wrong / wrong→correct.",
         "",
     ]
+    return lines
+
+
+def _provenance_text(prov: dict) -> str:
+    versions = prov.get("versions") if isinstance(prov.get("versions"), dict) else {}
+    libs = ", ".join(f"{k} {v}" for k, v in versions.items() if k in ("torch", "transformers", "lm_eval",
+                                                                       "attnres_quant"))
+    return f"commit {prov.get('git_commit') or 'unknown'}" + (f" ({libs})" if libs else "")
+
+
+def provenance_lines(view: View) -> list[str]:
+    """One line when every cell came from one commit and library set; an explicit breakdown when not."""
+    groups: dict[str, list[str]] = {}
+    for key, entry in view.cells.items():
+        prov = entry.get("provenance")
+        text = _provenance_text(prov) if isinstance(prov, dict) else "not recorded (older results file)"
+        groups.setdefault(text, []).append(key)
+    if len(groups) <= 1:
+        return []
+    lines = ["- **Mixed provenance**: the cells of this report were produced by different code or libraries "
+             "(resumed across versions):"]
+    for text, keys in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        example = ", ".join(f"`{k}`" for k in keys[:3]) + (" ..." if len(keys) > 3 else "")
+        lines.append(f"  - {len(keys)} cells from {text}: {example}")
     return lines
 
 
@@ -170,7 +230,8 @@ def task_section(view: View, model: str) -> list[str]:
             cell = _score(r)
             b = base.get(sub)
             if variant != view.baseline and b and b.get("per_sample") and r.get("per_sample") \
-                    and len(b["per_sample"]) == len(r["per_sample"]):
+                    and len(b["per_sample"]) == len(r["per_sample"]) \
+                    and all(_finite(x) for x in b["per_sample"] + r["per_sample"]):
                 d, lo, hi = paired_delta(b["per_sample"], r["per_sample"])
                 cw, wc = flips(b["per_sample"], r["per_sample"])
                 cell += f" (Δ {100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]; {_samples_link(view, r, f'{cw}/{wc}')})"
@@ -179,6 +240,9 @@ def task_section(view: View, model: str) -> list[str]:
     ns = {sub: (base.get(sub) or {}).get("n") for sub in view.subtasks(model)}
     metrics = {sub: _metric_label(base.get(sub) or {}) for sub in view.subtasks(model)}
     legend = "; ".join(f"{s}: {metrics[s]}, n={ns[s]}" for s in ns)
+    limits = [f"{t} {view.task_limit(model, t)}" for t in view.task_names()]
+    if any(not lim.endswith(" ?") for lim in limits):
+        legend += "; sample limit per task: " + ", ".join(limits)
     return ([f"### Task scores — {model}", "", _table(rows), "", f"_{legend}_", ""]
             + code_execution_lines(view, model) + task_settings_section(view, model))
 
@@ -191,7 +255,7 @@ def _is_mean(r: dict) -> bool:
 def _score(r: dict) -> str:
     """Mean metrics (accuracies) in % ± stderr; corpus metrics (perplexities, bits/byte) as numbers."""
     if _is_mean(r):
-        return f"{_pct(r['value'])} ± {_pct(r.get('stderr'))}"
+        return f"{_pct(r.get('value'), 'n/a')} ± {_pct(r.get('stderr'), 'n/a')}"
     return _fmt(r.get("value"), 4)
 
 
@@ -269,7 +333,7 @@ def quality_section(view: View, model: str) -> list[str]:
                "KL mean": _fmt(q.get("kl_mean"), 5), "KL p99": _fmt(q.get("kl_p99"), 4),
                "top-1 agree %": _pct(q.get("top1_agreement"))}
         if attnres:
-            js = q.get("depth_js") or []
+            js = [x for x in (q.get("depth_js") or []) if _finite(x)]
             row["depth JS mean"] = _fmt(sum(js) / len(js), 5) if js else "—"
             row["depth JS max (sub-layer)"] = (f"{max(js):.5f} ({js.index(max(js))})" if js else "—")
         rows.append(row)
@@ -289,7 +353,8 @@ def latency_section(view: View, model: str) -> list[str]:
             continue
         sim = lat.get("simulated")
         speed = None
-        if base.get("decode_ms_per_token") and lat.get("decode_ms_per_token"):
+        if _finite(base.get("decode_ms_per_token")) and _finite(lat.get("decode_ms_per_token")) \
+                and base["decode_ms_per_token"] and lat["decode_ms_per_token"]:
             speed = base["decode_ms_per_token"] / lat["decode_ms_per_token"]
         rows.append({
             "variant": variant, "kernels": ("simulated" if sim else "real") + f" ({lat.get('kernel')})",
@@ -331,9 +396,8 @@ def sensitivity_rows(view: View, model: str) -> list[dict]:
     for variant in view.variants[1:]:
         q = view.cell(model, variant, "quality") or {}
         res = view.task_results(model, variant)
-        deltas = [res[s]["value"] - base[s]["value"] for s in res if s in base and _is_mean(res[s])]
-        rows.append({"variant": variant, "kl_mean": q.get("kl_mean"),
-                     "mean_delta": sum(deltas) / len(deltas) if deltas else None})
+        kl = q.get("kl_mean") if _finite(q.get("kl_mean")) else None
+        rows.append({"variant": variant, "kl_mean": kl, "mean_delta": _mean_delta(res, base)})
     rows.sort(key=lambda r: (-(r["kl_mean"] if r["kl_mean"] is not None else -1)))
     return rows
 
@@ -351,10 +415,9 @@ def findings(view: View) -> list[str]:
             if view.failure(model, variant):
                 row[variant] = "failed"
                 continue
-            drops = [res[s]["value"] - base[s]["value"] for s in res if s in base and _is_mean(res[s])]
-            mean = sum(drops) / len(drops) if drops else None
+            mean = _mean_delta(res, base)
             row[variant] = ("—" if mean is None else f"{100 * mean:+.1f} pts") + \
-                (f", KL {q['kl_mean']:.4f}" if q.get("kl_mean") is not None else "")
+                (f", KL {q['kl_mean']:.4f}" if _finite(q.get("kl_mean")) else "")
         rows.append(row)
     lines += [_table(rows), "",
               "_Mean change of the task scores (percentage points, averaged over tasks) against each model's "
@@ -363,8 +426,10 @@ def findings(view: View) -> list[str]:
 
 
 def render_report(results_path: Path, out_path: Path) -> Path:
+    """Render ``out_path`` from a validated results file; a damaged file is a ``UserError`` and nothing is
+    written (the existing report stays)."""
     results_path, out_path = Path(results_path), Path(out_path)
-    data = json.loads(results_path.read_text())
+    data = load_results(results_path)
     plot_dir = results_path.parent
     view = View(data)
     view.link_prefix = (plot_dir.relative_to(out_path.parent).as_posix() + "/"
@@ -372,6 +437,9 @@ def render_report(results_path: Path, out_path: Path) -> Path:
     lines = header(view) + findings(view)
     for model in view.models:
         lines += [f"## Model `{model}`", ""]
+        base_failure = view.failure(model, view.baseline)
+        if base_failure:
+            lines += [f"**Baseline failed**: {base_failure}. This model's variants were not evaluated.", ""]
         info = view.cell(model, view.baseline, "model") or {}
         if info:
             lines += ["_" + ", ".join(f"{k}: {v}" for k, v in info.items()) + "_", ""]
@@ -384,9 +452,13 @@ def render_report(results_path: Path, out_path: Path) -> Path:
                                "mean task Δ (pts)": "—" if r["mean_delta"] is None
                                else f"{100 * r['mean_delta']:+.1f}"} for i, r in enumerate(sens)]), ""]
     plots = []
-    plots += plot_accuracy_vs_bits(view, plot_dir)
-    plots += plot_depth_heatmaps(view, plot_dir)
-    plots += plot_sensitivity(view, plot_dir)
+    try:
+        plots += plot_accuracy_vs_bits(view, plot_dir)
+        plots += plot_depth_heatmaps(view, plot_dir)
+        plots += plot_sensitivity(view, plot_dir)
+    except OSError as exc:
+        raise write_error(Path(getattr(exc, "filename", None) or plot_dir), exc,
+                          "the report was not written") from None
     if plots:
         lines += ["## Plots", ""]
         rel = plot_dir.relative_to(out_path.parent) if plot_dir.is_relative_to(out_path.parent) else plot_dir
@@ -406,7 +478,7 @@ def summary_table(data: dict) -> str:
             if view.failure(model, variant):
                 row["status"] = "FAILED"
             for sub, r in view.task_results(model, variant).items():
-                row[sub] = _pct(r.get("value")) if _is_mean(r) else _fmt(r.get("value"), 4)
+                row[sub] = _pct(r.get("value"), "n/a") if _is_mean(r) else _fmt(r.get("value"), 4)
             q = view.cell(model, variant, "quality") or {}
             row["bpb"] = _fmt(q.get("bpb"), 4)
             if q.get("kl_mean") is not None:

@@ -24,8 +24,6 @@ import os
 import pathlib
 import time
 
-import yaml
-
 from ..errors import UserError
 
 DEFAULTS = {
@@ -54,33 +52,85 @@ DEFAULTS = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="training config YAML (configs/train/tiny_block.yaml)")
     parser.add_argument("--out", help="output directory (default: the config's output_dir)")
-    parser.add_argument("--steps", type=int, help="override train.steps (smoke tests)")
-    parser.add_argument("--threads", type=int, help="override train.threads (torch CPU threads)")
+    parser.add_argument("--steps", type=_positive_int, help="override train.steps (smoke tests)")
+    parser.add_argument("--threads", type=_positive_int, help="override train.threads (torch CPU threads)")
     parser.add_argument("--prepare-only", action="store_true",
                         help="build the tokenizer and token cache, then exit")
     parser.add_argument("--no-eval", action="store_true", help="skip proxy-task scoring in the card")
-    parser.add_argument("--eval-n", type=int, help="override the number of items per proxy family")
+    parser.add_argument("--eval-n", type=_positive_int, help="override the number of items per proxy family")
     parser.add_argument("--init-from", help="start from the weights of a checkpoint directory (continued "
                         "training; its training card is carried into the new card)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.lr=0.0015 (repeatable)")
 
 
-def _merge(base: dict, over: dict, where: str) -> dict:
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not positive")
+    return value
+
+
+# Keys whose value may be a mapping although the default is a number (see data.corpus.build_corpus).
+_MAPPING_OK = {"proxy_items_per_family"}
+
+
+def _check_value(key: str, default, value, where: str):
+    """A config value must have its default's type (ints for ints, numbers for floats, ...)."""
+    def bad(kind):
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise UserError(f"`{key}` must be {kind}, got {shown}", where, "see configs/train/tiny_block.yaml")
+
+    if default is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            bad("true or false")
+    elif isinstance(default, int):
+        if isinstance(value, dict) and key in _MAPPING_OK:
+            return value
+        if isinstance(value, bool) or not isinstance(value, int):
+            bad("a whole number")
+        if value < 0:
+            bad("zero or more")
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            bad("a finite number")
+        return float(value)
+    elif isinstance(default, str) and not isinstance(value, str):
+        bad("a string")
+    return value
+
+
+def _merge(base: dict, over, where: str) -> dict:
+    if not isinstance(over, dict):
+        raise UserError(f"this part of the training config must be a mapping of keys to values, got "
+                        f"{type(over).__name__}", where, "see configs/train/tiny_block.yaml")
     out = dict(base)
-    for k, v in (over or {}).items():
+    for k, v in over.items():
         if k not in base:
-            raise UserError(f"unknown key {k!r}", where, f"allowed keys: {', '.join(base)}")
-        out[k] = _merge(base[k], v, f"{where}.{k}") if isinstance(base[k], dict) else v
+            shown = repr(k) if len(repr(k)) <= 60 else repr(k)[:57] + "..."
+            raise UserError(f"unknown key {shown}", where, f"allowed keys: {', '.join(base)}")
+        if isinstance(base[k], dict):
+            out[k] = _merge(base[k], v, f"{where}.{k}")
+        else:
+            out[k] = _check_value(k, base[k], v, f"{where}.{k}")
     return out
 
 
 def load_config(path: str) -> dict:
+    from .. import safe_yaml
+
     p = pathlib.Path(path)
     if not p.is_file():
         raise UserError(f"training config {path} does not exist", path, "pass a YAML file such as "
                         "configs/train/tiny_block.yaml")
-    raw = yaml.safe_load(p.read_text()) or {}
+    raw = safe_yaml.read_file(p, "training config")
+    if raw is None:
+        raw = {}
     if not isinstance(raw, dict):
         raise UserError("the training config must be a YAML mapping", path, "see configs/train/tiny_block.yaml")
     return _merge(DEFAULTS, raw, path)
@@ -223,21 +273,33 @@ def slice_loss(model, x) -> float:
                                                        x[:, 1:].reshape(-1)))
 
 
+def apply_overrides(cfg: dict, items: list[str], source: str) -> None:
+    """``--set train.lr=0.0015``: only keys that exist, values of the key's type."""
+    from .. import safe_yaml
+
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--set {item!r} has no `=`", "command line", "write --set key=value, e.g. train.lr=0.002")
+        node, defaults = cfg, DEFAULTS
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+            defaults = defaults.get(part) if isinstance(defaults, dict) else None
+        if not isinstance(node, dict) or leaf not in node or isinstance(node[leaf], dict):
+            raise UserError(f"--set {item[:80]}: unknown config key {key[:80]!r}", source,
+                            "use a dotted key of a value that exists in the config, e.g. train.lr")
+        parsed = safe_yaml.loads(value, f"--set {key}")
+        node[leaf] = _check_value(leaf, defaults.get(leaf) if isinstance(defaults, dict) else None, parsed,
+                                  f"{source} (--set {key})")
+
+
 def main(args) -> int:
     import torch
     from tqdm import tqdm
 
     cfg = load_config(args.config)
-    for item in getattr(args, "set", None) or []:
-        key, _, value = item.partition("=")
-        node = cfg
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or leaf not in node:
-            raise UserError(f"--set {item}: unknown config key {key!r}", args.config,
-                            "use a dotted key that exists in the config, e.g. train.lr")
-        node[leaf] = yaml.safe_load(value)
+    apply_overrides(cfg, getattr(args, "set", None) or [], args.config)
     if args.steps:
         cfg["train"]["steps"] = args.steps
     if args.threads:
