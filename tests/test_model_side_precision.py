@@ -45,7 +45,8 @@ METHOD_VARIANTS = {
     "gptq": {"method": "gptq", "default": {"weight": "int4", "group_size": 32}},
     "awq": {"method": "awq", "default": {"weight": "int4", "group_size": 32},
             "rules": [{"select": "depth.query", "weight": "int4"}]},
-    "gguf": {"method": "gguf", "default": {"weight": "q4_0"}},
+    # llama-quantize leaves [1, D] tensors unquantized; a rule asks for it explicitly.
+    "gguf": {"method": "gguf", "default": {"weight": "q4_0"}, "rules": [{"select": "depth.query", "weight": "q4_0"}]},
     "bnb": {"method": "bnb", "default": {"weight": "nf4"}, "rules": [{"select": "depth.query", "weight": "fp16"}]},
     "torchao": {"method": "torchao", "default": {"weight": "int8"},
                 "rules": [{"select": "depth.query", "weight": "fp16"}]},
