@@ -48,6 +48,19 @@ def _make_ckpt(out: Path, block_size, seed=0):
     return out
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    """One torch thread for the whole module: forked children (lock and SIGKILL tests) must use one
+    thread (see _fork), and an interrupted-then-resumed run must compute exactly what the
+    uninterrupted reference computed, which needs the same thread count."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpts")
@@ -611,6 +624,11 @@ def _fork(fn) -> int:
     if pid == 0:  # pragma: no cover - child
         code = 1
         try:
+            # The parent's OpenMP thread pool does not survive fork(): a child entering a parallel
+            # region after the parent ran multi-threaded torch ops hangs. One thread never does.
+            import torch
+
+            torch.set_num_threads(1)
             code = fn()
         except BaseException:  # noqa: BLE001
             code = 3
@@ -767,7 +785,7 @@ def test_disk_full_during_a_run_stops_cleanly_and_resume_finishes(tmp_path, ckpt
     assert run(config, out, "--resume") == 0
     resumed = load_results(out / "mini" / "results.json")
     for key, value in partial["cells"].items():
-        assert resumed["cells"][key] == value
+        assert resumed["cells"][key] == value, key
     assert resumed["cells"]["tiny-block/int4/status"]["status"] == "ok"
 
 

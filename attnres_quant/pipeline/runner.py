@@ -245,17 +245,19 @@ def mean_depth_weights(model, ids) -> list[list[float]] | None:
 def run_quality(store, label, vname, baseline, model, tokenizer, config, text_ids, is_baseline) -> None:
     from ..evaluation import quality
 
-    if store.done(label, vname, CELL_QUALITY) and store.done(label, vname, CELL_DEPTH):
-        return
-    _log(f"  {label} / {vname}: quality metrics")
-    t0 = time.perf_counter()
-    q = quality(baseline, model, tokenizer, text_ids.flatten().tolist(), seq_len=config.quality.seq_len)
-    if not math.isfinite(q.get("bpb", float("nan"))):
-        raise VariantFailed(f"bits-per-byte is not finite ({q.get('bpb')})")
-    if is_baseline:
-        q = {k: v for k, v in q.items() if k in ("bpb", "ppl", "nll", "tokens", "bytes")}
-    store.put(label, vname, CELL_QUALITY, q, wall_s=round(time.perf_counter() - t0, 2))
-    store.put(label, vname, CELL_DEPTH, mean_depth_weights(model, text_ids[:, : config.quality.seq_len]))
+    # Each cell is written once: after an interruption between the two (e.g. a full disk), resume
+    # computes only the missing one, so a finished cell stays byte-identical.
+    if not store.done(label, vname, CELL_QUALITY):
+        _log(f"  {label} / {vname}: quality metrics")
+        t0 = time.perf_counter()
+        q = quality(baseline, model, tokenizer, text_ids.flatten().tolist(), seq_len=config.quality.seq_len)
+        if not math.isfinite(q.get("bpb", float("nan"))):
+            raise VariantFailed(f"bits-per-byte is not finite ({q.get('bpb')})")
+        if is_baseline:
+            q = {k: v for k, v in q.items() if k in ("bpb", "ppl", "nll", "tokens", "bytes")}
+        store.put(label, vname, CELL_QUALITY, q, wall_s=round(time.perf_counter() - t0, 2))
+    if not store.done(label, vname, CELL_DEPTH):
+        store.put(label, vname, CELL_DEPTH, mean_depth_weights(model, text_ids[:, : config.quality.seq_len]))
 
 
 def run_latency(store, label, vname, model, config, simulated, kernel) -> None:
