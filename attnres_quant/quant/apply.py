@@ -11,7 +11,9 @@ from torch import nn
 from ..errors import UserError
 from .depth import kv_granularity, set_kv_cache, set_softmax, set_sources
 from .plan import Plan, resolve_plan
-from .policy import FLOAT_WEIGHTS, Variant
+from .formats import add_activation_quantizer as add_format_activation_quantizer
+from .formats import fake_quantize_weight as fmt_fake_quantize_weight
+from .policy import FLOAT_WEIGHTS, FP_FORMATS, QUANT_ACTIVATIONS, Variant
 from .rtn import add_activation_quantizer, fake_quantize_weight
 
 _FLOAT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -152,7 +154,7 @@ def quantize(model: nn.Module, variant: Variant, calibration=None, *, source: st
     check_can_run(base_plan, _device(model), f"{source}, variant {variant.name!r}")  # method x device
     base_weight_rows = [r for r in base_plan.weight_rows() if r.tied_to is None]
     needs_calib = any(r.method in ("gptq", "awq") for r in base_weight_rows) or any(
-        r.resolved.activation in ("int8", "int4") and r.resolved.activation_scheme == "static"
+        r.resolved.activation in ("int8", "int4", "fp8") and r.resolved.activation_scheme == "static"
         for r in base_weight_rows if r.part.is_linear)
     batches: list[torch.Tensor] = []
     notes: list[str] = []
@@ -251,6 +253,8 @@ def quantize(model: nn.Module, variant: Variant, calibration=None, *, source: st
             w = r.part.module.weight
             if r.method == "cast":
                 w.data.copy_(w.data.to(_FLOAT[r.precision]).to(w.dtype))
+            elif r.method == "rtn" and r.precision in FP_FORMATS:  # quant/formats.py (compressed-tensors' arithmetic)
+                w.data.copy_(fmt_fake_quantize_weight(w.data, r.precision, r.resolved.group_size))
             elif r.method == "rtn":
                 w.data.copy_(fake_quantize_weight(w.data, r.precision, r.resolved.group_size,
                                                   bool(r.resolved.symmetric)))
@@ -261,8 +265,9 @@ def quantize(model: nn.Module, variant: Variant, calibration=None, *, source: st
     static = []
     for r in plan.weight_rows():
         a = r.resolved.activation
-        if r.part.is_linear and a in ("int8", "int4") and method in ("rtn", "gptq"):
-            q = add_activation_quantizer(r.part.module, a, r.resolved.activation_scheme)
+        if r.part.is_linear and a in QUANT_ACTIVATIONS and method in ("rtn", "gptq"):
+            add = add_activation_quantizer if a in ("int8", "int4") else add_format_activation_quantizer
+            q = add(r.part.module, a, r.resolved.activation_scheme)
             if q.scheme == "static":
                 static.append(q)
     if static:
