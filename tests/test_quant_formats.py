@@ -246,3 +246,46 @@ def test_storage_formats_prefill_decode_agree():
         assert torch.isfinite(full).all()
         assert torch.equal(full[:, :, -1:], q(x[:, :, -1:])), p
         assert torch.equal(q(torch.zeros_like(x)), torch.zeros_like(x))
+
+
+# ------------------------------------------------------------------------------------------- real kernels / labels
+def test_fp8_real_kernel_labels_cpu_and_gpu_paths():
+    """CPU: torchao's fp8 weight-only (fp8 storage, per-row fp32 scales, dequantized for a bf16 matmul) runs and
+    is labelled a real kernel; the FP8 GEMM (fp8 activations) is a CUDA >= 8.9 code path, refused elsewhere by
+    can_run; rtn's formats are labelled simulated."""
+    pytest.importorskip("torchao")
+    from attnres_quant.quant.methods import can_run, fp8_gemm_available
+
+    m = tiny_attnres(hidden=64)
+    q = quantize(m, parse_variant({"name": "ao", "method": "torchao", "default": {"weight": "fp8"}}))
+    assert q.kernel == "torchao-float8-weight-only" and not q.simulated
+    row = q.plan.row("model.layers.0.attn.q_proj.weight")
+    assert row.bits == 8 + 32 / 64 and row.granularity == "per-channel"
+    lin = q.model.model.layers[0].attn.q_proj
+    deq = lin.weight.dequantize().float()
+    ours = F.fake_quantize_weight(m.model.layers[0].attn.q_proj.weight, "fp8").float()
+    # torchao scales in fp32, compressed-tensors (and we) in the weight's dtype: at most one E4M3 step apart
+    # (2^-3 relative), on a few percent of the elements.
+    diff = (deq - ours).abs()
+    sub = deq.abs().amax(-1, keepdim=True) / 448 * 2 ** -8  # two subnormal E4M3 steps
+    assert bool((diff <= torch.maximum(ours.abs(), deq.abs()) * 2 ** -3 + sub).all())
+    assert (diff > 0).float().mean() < 0.1
+    with torch.no_grad():
+        assert torch.isfinite(q.model(input_ids=torch.randint(0, 97, (1, 8))).logits).all()
+
+    dyn = resolve_plan(m, parse_variant({"name": "ao8", "method": "torchao",
+                                         "default": {"weight": "fp8", "activation": "fp8"}}))
+    assert "capability >= 8.9" in can_run(dyn, "cpu")
+    assert fp8_gemm_available("cuda", (9, 0)) and fp8_gemm_available("cuda", (8, 9))
+    assert not fp8_gemm_available("cuda", (8, 0)) and not fp8_gemm_available("cpu")
+    from attnres_quant.quant.torchao_method import torchao_config
+
+    cfg, kernel = torchao_config("fp8", "fp8", None, torch.device("cuda"))
+    assert kernel == "float8-dynamic" and type(cfg).__name__ == "Float8DynamicActivationFloat8WeightConfig"
+    with pytest.raises(UserError, match="per output row"):
+        resolve_plan(m, parse_variant({"name": "g", "method": "torchao", "default": {"weight": "fp8",
+                                                                                       "group_size": 32}}))
+    with pytest.raises(UserError, match="method 'torchao' cannot provide weight mxfp4"):
+        parse_variant({"name": "mx", "method": "torchao", "default": {"weight": "mxfp4"}})
+    q = quantize(m, parse_variant({"name": "sim", "default": {"weight": "fp8", "activation": "fp8"}}))
+    assert q.kernel == "simulated-rtn" and q.simulated

@@ -152,7 +152,8 @@ def weight_bits(method: str, precision: str, shape: tuple[int, ...], group_size:
     if precision in FP_FORMATS:  # fp8 scales are stored in the model dtype (compressed-tensors)
         from .formats import bits_per_weight
 
-        return bits_per_weight(precision, shape, group_size, baseline_bits)
+        scale_bits = 32 if method == "torchao" else baseline_bits  # torchao's Float8Tensor keeps fp32 scales
+        return bits_per_weight(precision, shape, group_size, scale_bits)
     cols = shape[-1] if shape else 1
     if method == "bnb":
         if precision == "int8":  # LLM.int8: int8 + one fp32 scale per output row

@@ -204,8 +204,8 @@ def weight_capability(method: str, component: str) -> tuple[str, ...]:
         return FLOAT_WEIGHTS + GGUF_WEIGHTS
     if method == "bnb":
         return FLOAT_WEIGHTS + (("int8", "nf4", "fp4") if linear else ())
-    if method == "torchao":
-        return FLOAT_WEIGHTS + (("int8", "int4") if linear else ())
+    if method == "torchao":  # fp8: Float8WeightOnlyConfig (CPU+CUDA) / Float8DynamicActivationFloat8WeightConfig
+        return FLOAT_WEIGHTS + (("int8", "int4", "fp8") if linear else ())
     return ()
 
 
@@ -218,13 +218,15 @@ def activation_capability(method: str, component: str, weight: str | None) -> tu
         return ("bf16", "fp16", "fp32", "int8", "int4", "fp8")
     if method == "torchao" and weight == "int8":
         return ("bf16", "fp16", "fp32", "int8")
+    if method == "torchao" and weight == "fp8":
+        return ("bf16", "fp16", "fp32", "fp8")
     return ("bf16", "fp16", "fp32")
 
 
 def method_fix(method: str, precision: str, component: str) -> str:
     if precision in FP_FORMATS:
-        return (f"{precision} (a floating deployment format) is simulated by `method: rtn` only; use rtn for this "
-                "variant, or int4/int8 with gptq/awq")
+        return (f"{precision} (a floating deployment format) is simulated by `method: rtn` (and fp8 per-row runs on "
+                "torchao's float8 kernels, `method: torchao`); use rtn for this variant, or int4/int8 with gptq/awq")
     if precision in GGUF_WEIGHTS:
         return (f"{precision.upper()} is a llama.cpp (GGUF) type: use `method: gguf` for GGUF types, or int4/int8 "
                 f"with rtn/gptq/awq")
