@@ -122,3 +122,29 @@ def test_export_refusals_and_card_results(zoo, tmp_path):
     assert "0.0123" in card and "kl_mean" in card
     assert "depth.sources=mxfp4" in card and "Not carried" in card  # run-time hooks are listed, not exported
     assert info["hooks_not_exported"] and not info["baked"]
+
+
+def test_export_verb_main(tmp_path):
+    """The `export` verb module (registered in cli.py as `export`): config -> checkpoint + card, variant picked by
+    name, results.json of the study found next to the config's report."""
+    import argparse
+
+    from attnres_quant import export
+
+    cfg = tmp_path / "study.yaml"
+    cfg.write_text("models:\n  - {path: \"zoo:tiny-block\"}\ndtype: bfloat16\nvariants:\n"
+                   "  - {name: nv, method: rtn, default: {weight: nvfp4}, rules: [{select: \"depth.*\", weight: bf16}]}\n"
+                   "  - {name: other, method: rtn, default: {weight: int8}}\n")
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"cells": [{"model": "tiny-block", "variant": "nv", "kl_mean": 0.0042}]}))
+    parser = argparse.ArgumentParser()
+    export.add_arguments(parser)
+    args = parser.parse_args([str(cfg), str(tmp_path / "out"), "--variant", "nv", "--model", "tiny-block",
+                              "--results", str(results)])
+    assert export.main(args) == 0
+    qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "nvfp4-pack-quantized"
+    assert "0.0042" in (tmp_path / "out" / "README.md").read_text()
+    args = parser.parse_args([str(cfg), str(tmp_path / "out2"), "--variant", "nope"])
+    with pytest.raises(UserError, match="no variant named 'nope'"):
+        export.main(args)
