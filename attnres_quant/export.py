@@ -39,7 +39,8 @@ _INT = ("int8", "int4")
 
 def add_arguments(parser) -> None:
     parser.add_argument("config", help="study config (YAML) with `model`/`models` and `variants`")
-    parser.add_argument("out", help="output directory (created; must be empty or absent)")
+    parser.add_argument("out", help="output directory (created; must be empty or absent), or a FILE.gguf for a "
+                                    "`method: gguf` variant of a Llama-family model")
     parser.add_argument("--variant", required=True, help="the variant to export")
     parser.add_argument("--model", default=None, help="model label or path (default: the config's first model)")
     parser.add_argument("--results", default=None,
@@ -72,6 +73,10 @@ def main(args) -> int:
 
     model, tokenizer = load_model(spec["path"], dtype=dtype, allow_pickle=bool(spec.get("allow_pickle", False)),
                                   trust_remote_code=bool(spec.get("trust_remote_code", False)))
+    if str(args.out).endswith(".gguf"):
+        info = export_gguf(model, variant, args.out, source=args.config)
+        print(f"wrote {info['out']}: {len(info['tensors'])} tensors ({info['arch']})")
+        return 0
     calibration = None
     if variant.needs_calibration():
         from .quant.apply import calibration_batches
@@ -240,6 +245,115 @@ def _set_param(mod: nn.Module, name: str, value: torch.Tensor) -> None:
     p.data = value.detach().to(p.dtype).reshape(p.shape).clone()
 
 
+# --------------------------------------------------------------------------------------------- GGUF
+# llama.cpp architectures for HF model types (the comparators); AttnRes is unknown to llama.cpp.
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+_GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+               "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+               "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+
+
+def gguf_tensor_name(hf_name: str) -> str | None:
+    """HF parameter name -> GGUF tensor name (llama.cpp's convention), or None if unknown."""
+    if hf_name == "model.embed_tokens.weight":
+        return "token_embd.weight"
+    if hf_name == "model.norm.weight":
+        return "output_norm.weight"
+    if hf_name == "lm_head.weight":
+        return "output.weight"
+    parts = hf_name.split(".")
+    if len(parts) >= 5 and parts[:2] == ["model", "layers"]:
+        mod, suffix = ".".join(parts[3:-1]), parts[-1]
+        if mod in _GGUF_NAMES:
+            return f"blk.{parts[2]}.{_GGUF_NAMES[mod]}.{suffix}"
+    return None
+
+
+def rope_permute(rows: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's row order for Llama q/k projections (its rotary pairs interleaved, HF's in halves): rows
+    grouped per head as [2, head_dim/2] become [head_dim/2, 2]. Works on any tensor whose dim 0 is the rows."""
+    n = rows.shape[0]
+    return rows.reshape(n_head, 2, n // n_head // 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
+
+
+def export_gguf(model: nn.Module, variant: Variant, out: str | Path, *, source: str = "config") -> dict:
+    """Write the GGUF file of a ``method: gguf`` variant of a Llama-family model: every tensor the plan quantizes
+    as llama.cpp's blocks from :func:`quant.gguf_quant.quantize_packed` (the same codes the simulation
+    dequantizes, so the reader's dequantized tensors equal the simulated weights), fp16 fallbacks as F16, every
+    other tensor as F32 (an exact widening of bf16); Llama/Mistral q/k rows in llama.cpp's rotary order.
+    Architecture hyper-parameters are written; tokenizer metadata is not (llama.cpp needs it to run the file)."""
+    import gguf
+
+    from .quant.apply import quantize
+    from .quant.gguf_quant import quantize_packed
+
+    where = f"{source}, variant {variant.name!r}"
+    mtype = getattr(getattr(model, "config", None), "model_type", None)
+    if variant.method != "gguf":
+        raise UserError(f"GGUF export needs a `method: gguf` variant (this one is {variant.method!r})", where,
+                        "export it as a compressed-tensors checkpoint (no .gguf suffix), or use method gguf")
+    if mtype not in GGUF_ARCH:
+        raise UserError(f"llama.cpp does not know the architecture {mtype!r}", where,
+                        "GGUF export covers the Llama-family comparators (" + ", ".join(GGUF_ARCH) + "); export "
+                        "AttnRes models as compressed-tensors checkpoints")
+    arch = GGUF_ARCH[mtype]
+    cfg = model.config
+    q = quantize(model, variant, source=source)
+    rows = {f"{r.part.name}.weight": r for r in q.plan.weight_rows()}
+    base = dict(model.named_parameters())
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(out), arch)
+    n_head, n_kv = int(cfg.num_attention_heads), int(cfg.num_key_value_heads or cfg.num_attention_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head)
+    w.add_name(variant.name)
+    w.add_context_length(int(cfg.max_position_embeddings))
+    w.add_embedding_length(int(cfg.hidden_size))
+    w.add_block_count(int(cfg.num_hidden_layers))
+    w.add_feed_forward_length(int(cfg.intermediate_size))
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    w.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or
+                               (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", 10000.0)))
+    w.add_vocab_size(int(cfg.vocab_size))
+    written = {}
+    for name, param in q.model.named_parameters():
+        gname = gguf_tensor_name(name)
+        if gname is None:
+            raise UserError(f"no GGUF name for tensor {name!r}", where, "GGUF export covers Llama-family layouts")
+        row = rows.get(name)
+        if row is not None and row.tied_to is not None:
+            continue  # llama.cpp reads a missing output.weight from token_embd
+        perm = None
+        if arch == "llama" and gname.endswith(("attn_q.weight", "attn_k.weight")):
+            perm = n_head if "attn_q" in gname else n_kv
+        if row is not None and row.method == "gguf" and row.precision != "fp16":
+            qt = row.precision.upper()
+            data = torch.from_numpy(quantize_packed(base[name].detach(), qt))
+            kind = gguf.GGMLQuantizationType[qt]
+        elif row is not None and row.precision == "fp16":
+            data, kind = param.detach().to(torch.float16), gguf.GGMLQuantizationType.F16
+        else:
+            data, kind = param.detach().float(), gguf.GGMLQuantizationType.F32
+        if perm:
+            data = rope_permute(data, perm)
+        arr = data.contiguous().numpy()
+        if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            w.add_tensor(gname, arr)
+        else:
+            w.add_tensor(gname, arr, raw_dtype=kind)  # uint8 blocks; the writer derives the element shape
+        written[gname] = kind.name
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return {"out": str(out), "arch": arch, "tensors": written, "avg_bits": q.avg_bits, "weight_bytes": q.weight_bytes}
+
+
 # --------------------------------------------------------------------------------------------- model card
 def _results_for(results, variant_name: str, model_label: str | None) -> list[dict]:
     if results is None:
@@ -337,4 +451,4 @@ def _short(args: dict | None):
     return {k: args[k] for k in keep if args.get(k) is not None}
 
 
-__all__ = ["add_arguments", "main", "export_variant", "model_card"]
+__all__ = ["add_arguments", "main", "export_variant", "export_gguf", "gguf_tensor_name", "model_card"]

@@ -148,3 +148,43 @@ def test_export_verb_main(tmp_path):
     args = parser.parse_args([str(cfg), str(tmp_path / "out2"), "--variant", "nope"])
     with pytest.raises(UserError, match="no variant named 'nope'"):
         export.main(args)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_gguf_export_reads_back_equal_to_simulated(tmp_path, kind):
+    """A `method: gguf` variant of a Llama-family comparator as a GGUF file: every tensor read back with gguf's
+    reader (and dequantized by gguf.quants) equals the simulated weight bit for bit; Llama q/k rows are in
+    llama.cpp's rotary order (undone here)."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    from attnres_quant.export import export_gguf, gguf_tensor_name, rope_permute
+    from attnres_quant.quant.testing import tiny_llama
+
+    m = tiny_llama(kind, hidden=256)  # rows of 256: real K-quant super-blocks
+    variant = parse_variant({"name": "q4km", "method": "gguf", "options": {"preset": "q4_k_m"}})
+    info = export_gguf(m, variant, tmp_path / "m.gguf")
+    assert {"Q4_K", "Q6_K", "F32"} <= set(info["tensors"].values())
+    sim = quantize(m, variant)
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    tensors = {t.name: t for t in reader.tensors}
+    assert reader.fields["general.architecture"].contents() == ("llama" if kind == "llama" else "qwen3")
+    n = 0
+    for name, p in sim.model.named_parameters():
+        t = tensors[gguf_tensor_name(name)]
+        deq = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type))).reshape(p.shape)
+        if kind == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = m.config.num_attention_heads if "attn_q" in t.name else m.config.num_key_value_heads
+            deq = deq[torch.argsort(rope_permute(torch.arange(p.shape[0]), heads))]
+        assert torch.equal(deq.to(p.dtype), p.detach()), name
+        n += 1
+    assert n == len(tensors)
+
+
+def test_gguf_export_refuses_attnres(zoo, tmp_path):
+    from attnres_quant.export import export_gguf
+
+    model, _ = zoo["tiny-block"]
+    with pytest.raises(UserError, match="llama.cpp does not know"):
+        export_gguf(model, parse_variant({"name": "q", "method": "gguf", "default": {"weight": "q8_0"}}),
+                    tmp_path / "x.gguf")
