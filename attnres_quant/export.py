@@ -97,7 +97,7 @@ def _scheme_key(row) -> tuple:
     g = res.group_size if w in _INT + ("fp8", "fp8_block") else None
     if w in _INT and (g is None or g >= row.part.shape[-1]):
         g = None
-    a = res.activation if res.activation in ("int8", "int4", "fp8", "mxfp8", "mxfp4") else None
+    a = res.activation if res.activation in ("int8", "int4", "fp8", "mxfp8", "mxfp4", "nvfp4") else None
     return (w, g, bool(res.symmetric) if w in _INT else True, a, res.activation_scheme if a else None)
 
 
@@ -125,7 +125,7 @@ def _ct_rows(plan) -> list:
             continue
         res = r.resolved
         wq = r.method == "rtn" and r.precision in FP_FORMATS + _INT
-        aq = res.activation in ("int8", "int4", "fp8", "mxfp8", "mxfp4")
+        aq = res.activation in ("int8", "int4", "fp8", "mxfp8", "mxfp4", "nvfp4")
         if wq or aq:
             out.append(r)
     return out
@@ -205,7 +205,9 @@ def export_variant(model: nn.Module, variant: Variant, out: str | Path, *, token
                 _set_param(mod, "weight_scale", scale.squeeze(-1))
                 if hasattr(mod, "weight_zero_point"):
                     _set_param(mod, "weight_zero_point", zp.squeeze(-1))
-            if a and scheme == "static":
+            if a == "nvfp4":
+                _set_param(mod, "input_global_scale", qmods[r.part.name]._act_quantizer.global_scale)
+            elif a and scheme == "static":
                 aq = qmods[r.part.name]._act_quantizer
                 if a == "fp8":
                     _set_param(mod, "input_scale", aq.scale)

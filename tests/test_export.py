@@ -24,6 +24,10 @@ FLOAT_SPECS = {
     "mxfp4": {"default": {"weight": "mxfp4"}, "rules": [{"select": "lm_head", "weight": "mxfp8"}]},
     "mxfp8": {"default": {"weight": "mxfp8"}},
     "nvfp4": {"default": {"weight": "nvfp4"}},
+    # NVFP4 W4A4: activations with a calibrated fp32 global scale (random calibration tokens, seeded) + dynamic
+    # E4M3 16-group scales -- compressed-tensors' NVFP4 preset.
+    "nvfp4_w4a4": {"default": {"weight": "nvfp4", "activation": "nvfp4"}, "rules": [{"select": "depth.*",
+                                                                                     "weight": "bf16"}]},
 }
 
 

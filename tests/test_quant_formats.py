@@ -113,6 +113,17 @@ def test_activation_formats_equal_compressed_tensors(dtype):
         got = F.fake_quantize_groups(x, p)
         assert torch.isfinite(got).all()
         assert torch.equal(got, fake_quantize(x, scale, zp, args))
+    # nvfp4: calibrated fp32 global scale (running amax) + dynamic E4M3 16-group scales (compute_dynamic_scales_and_zp
+    # with that global scale, as compressed-tensors' NVFP4 input activations)
+    q = F.FormatActivationQuantizer("nvfp4")
+    lin = torch.nn.Linear(128, 4).to(dtype)
+    assert q(lin, (x,)) is None and q(lin, (x * 1.5,)) is None
+    q.freeze()
+    args = F.activation_args("nvfp4")
+    scale, zp = ct_utils.compute_dynamic_scales_and_zp(x, args, lin, global_scale=q.global_scale)
+    got = q(lin, (x,))[0]
+    assert torch.isfinite(got).all()
+    assert torch.equal(got, fake_quantize(x, scale, zp, args, global_scale=q.global_scale))
     # static per-tensor fp8: scale from the calibrated amax, as calculate_qparams gives it
     q = F.FormatActivationQuantizer("fp8", "static")
     lin = torch.nn.Linear(128, 4).to(dtype)

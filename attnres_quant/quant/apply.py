@@ -154,7 +154,8 @@ def quantize(model: nn.Module, variant: Variant, calibration=None, *, source: st
     check_can_run(base_plan, _device(model), f"{source}, variant {variant.name!r}")  # method x device
     base_weight_rows = [r for r in base_plan.weight_rows() if r.tied_to is None]
     needs_calib = any(r.method in ("gptq", "awq") for r in base_weight_rows) or any(
-        r.resolved.activation in ("int8", "int4", "fp8") and r.resolved.activation_scheme == "static"
+        (r.resolved.activation in ("int8", "int4", "fp8") and r.resolved.activation_scheme == "static")
+        or r.resolved.activation == "nvfp4"
         for r in base_weight_rows if r.part.is_linear)
     batches: list[torch.Tensor] = []
     notes: list[str] = []
@@ -268,7 +269,7 @@ def quantize(model: nn.Module, variant: Variant, calibration=None, *, source: st
         if r.part.is_linear and a in QUANT_ACTIVATIONS and method in ("rtn", "gptq"):
             add = add_activation_quantizer if a in ("int8", "int4") else add_format_activation_quantizer
             q = add(r.part.module, a, r.resolved.activation_scheme)
-            if q.scheme == "static":
+            if q.observing:  # static scales (and nvfp4's global scale) come from calibration
                 static.append(q)
     if static:
         _run(qmodel, batches)

@@ -51,7 +51,7 @@ WEIGHT_FORMATS = ("fp8", "fp8_tensor", "fp8_block", "mxfp8", "mxfp4", "nvfp4")
 FIXED_GROUP = {"mxfp8": 32, "mxfp4": 32, "nvfp4": 16}
 BLOCK_DEFAULT = 128
 # Activation formats (inputs of nn.Linear; fp8 dynamic per token or static per tensor; MX dynamic per 32-group).
-ACTIVATION_FORMATS = ("fp8", "mxfp8", "mxfp4")
+ACTIVATION_FORMATS = ("fp8", "mxfp8", "mxfp4", "nvfp4")  # nvfp4: calibrated fp32 global + dynamic 16-groups
 # Storage (depth.sources, attn.kv_cache) and depth.softmax compute formats beyond the older fp8/int8/int4.
 STORAGE_FORMATS = ("fp8_e5m2", "mxfp8", "mxfp4", "nvfp4")
 COMPUTE_FORMATS = ("fp8_e5m2",)
@@ -265,34 +265,44 @@ class FormatActivationQuantizer:
 
     ``fp8`` dynamic: per-token E4M3 (:func:`fake_quantize_fp8_tokens`); ``fp8`` static: one per-tensor scale
     amax / 448 from calibration (``observe`` while ``observing``, then :meth:`freeze`); ``mxfp8`` / ``mxfp4``:
-    dynamic 32-element groups with E8M0 scales (what compressed-tensors' MXFP8/MXFP4 schemes do)."""
+    dynamic 32-element groups with E8M0 scales (what compressed-tensors' MXFP8/MXFP4 schemes do); ``nvfp4``:
+    compressed-tensors' NVFP4 activations -- one fp32 global scale 2688 / amax from calibration (static), E4M3
+    scales of 16-element groups computed at run time (dynamic "local")."""
 
     def __init__(self, precision: str, scheme: str = "dynamic"):
         if precision not in ACTIVATION_FORMATS:
             raise ValueError(f"unknown activation format {precision!r}")
-        if scheme == "static" and precision != "fp8":
+        if scheme == "static" and precision in ("mxfp8", "mxfp4"):
             raise ValueError(f"{precision} activations are dynamic only")
         self.bits, self.scheme = precision, scheme
         self.amax: torch.Tensor | None = None
         self.scale: torch.Tensor | None = None
-        self.observing = scheme == "static"
+        self.global_scale: torch.Tensor | None = None
+        self.observing = scheme == "static" or precision == "nvfp4"
 
     def __call__(self, module: nn.Module, args):
         x = args[0]
         if self.bits in ("mxfp8", "mxfp4"):
             return (fake_quantize_groups(x, self.bits),) + tuple(args[1:])
-        if self.scheme == "dynamic":
-            return (fake_quantize_fp8_tokens(x),) + tuple(args[1:])
-        if self.observing:
+        if self.observing:  # static fp8 scale / nvfp4 global scale: running amax over the calibration batches
             a = _amax(x.detach().amin(), x.detach().amax())
             self.amax = a if self.amax is None else torch.maximum(self.amax, a)
             return None
+        if self.bits == "nvfp4":
+            d = x.shape[-1]
+            xg = x.unflatten(-1, (d // 16, 16))
+            return (_qdq_groups(xg, "nvfp4", self.global_scale).flatten(-2),) + tuple(args[1:])
+        if self.scheme == "dynamic":
+            return (fake_quantize_fp8_tokens(x),) + tuple(args[1:])
         return (fake_quantize_fp8_static(x, self.scale),) + tuple(args[1:])
 
     def freeze(self) -> None:
         if self.amax is None:
             raise RuntimeError("static activation quantizer was never calibrated")
-        self.scale = _fp8_scale(self.amax).reshape(1)
+        if self.bits == "nvfp4":
+            self.global_scale = nvfp4_global_scale(self.amax)
+        else:
+            self.scale = _fp8_scale(self.amax).reshape(1)
         self.observing = False
 
     def __repr__(self) -> str:
@@ -474,6 +484,9 @@ def activation_args(precision: str, scheme: str = "dynamic"):
     if precision in ("mxfp8", "mxfp4"):
         return QuantizationArgs(num_bits=ELEMENT_BITS[precision], type="float", strategy="group", group_size=32,
                                 symmetric=True, dynamic=True, scale_dtype=torch.uint8, zp_dtype=torch.uint8)
+    if precision == "nvfp4":
+        return QuantizationArgs(num_bits=4, type="float", strategy="tensor_group", group_size=16, symmetric=True,
+                                dynamic="local", observer="static_minmax", scale_dtype=E4M3, zp_dtype=E4M3)
     if precision in ("int8", "int4"):
         bits = 8 if precision == "int8" else 4
         if scheme == "static":

@@ -379,6 +379,12 @@ def resolve_plan(model: nn.Module, variant: Variant, source: str = "config") -> 
                                 f"multiple ({p.name})", f"{where0} ({res.decided_by.get('storage', 'default')})",
                                 "use fp8/int8 storage for this model, or a model whose dimension is a multiple of "
                                 f"{g}")
+        if p.kind == "weight" and p.is_linear and res.activation in ("mxfp8", "mxfp4", "nvfp4"):
+            g = 16 if res.activation == "nvfp4" else 32
+            if p.shape[-1] % g:
+                raise UserError(f"{res.activation} activations group {g} input features; {p.tensor_name} has "
+                                f"{p.shape[-1]}", f"{where0} ({res.decided_by.get('activation', 'default')})",
+                                "keep this projection's activations at bf16 with a rule")
         if p.kind == "weight" and res.activation in ("mxfp8", "mxfp4") and res.activation_scheme == "static":
             raise UserError(f"{res.activation} activations are dynamic (a shared E8M0 scale per 32 values, computed "
                             f"at run time); `activation_scheme: static` cannot be applied ({p.tensor_name})",
@@ -551,6 +557,8 @@ def _rows(parts: list[Part], resolved: dict, variant: Variant, model: nn.Module)
             act = a if a in QUANT_ACTIVATIONS else "bf16" if a is None else a
             if a in ("mxfp8", "mxfp4"):
                 act += " g32 dyn"
+            elif a == "nvfp4":
+                act += " g16 dyn + calibrated global"
             elif a in QUANT_ACTIVATIONS:
                 act += " per-token dyn" if res.activation_scheme == "dynamic" else " per-tensor static"
         key = (m, prec, gran)

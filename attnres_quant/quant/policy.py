@@ -37,7 +37,7 @@ GGUF_WEIGHTS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")
 # Deployment floating formats (quant/formats.py; method rtn, simulated).
 FP_FORMATS = ("fp8", "fp8_tensor", "fp8_block", "mxfp8", "mxfp4", "nvfp4")
 WEIGHT_PRECISIONS = FLOAT_WEIGHTS + ("int8", "int4", "nf4", "fp4") + GGUF_WEIGHTS + FP_FORMATS
-QUANT_ACTIVATIONS = ("int8", "int4", "fp8", "mxfp8", "mxfp4")  # activation precisions that quantize
+QUANT_ACTIVATIONS = ("int8", "int4", "fp8", "mxfp8", "mxfp4", "nvfp4")  # activation precisions that quantize
 ACTIVATION_PRECISIONS = ("bf16", "fp16", "fp32") + QUANT_ACTIVATIONS
 ACTIVATION_SCHEMES = ("dynamic", "static")
 COMPUTE_PRECISIONS = ("fp32", "bf16", "fp16", "fp8", "int8", "fp8_e5m2")
@@ -47,7 +47,7 @@ KV_GRANULARITIES = ("per_token", "per_head")
 
 WeightP = Literal["bf16", "fp16", "fp32", "int8", "int4", "nf4", "fp4", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1",
                   "q4_k", "q5_k", "q6_k", "fp8", "fp8_tensor", "fp8_block", "mxfp8", "mxfp4", "nvfp4"]
-ActP = Literal["bf16", "fp16", "fp32", "int8", "int4", "fp8", "mxfp8", "mxfp4"]
+ActP = Literal["bf16", "fp16", "fp32", "int8", "int4", "fp8", "mxfp8", "mxfp4", "nvfp4"]
 SchemeP = Literal["dynamic", "static"]
 ComputeP = Literal["fp32", "bf16", "fp16", "fp8", "int8", "fp8_e5m2"]
 StorageP = Literal["fp32", "bf16", "fp8", "int8", "int4", "fp8_e5m2", "mxfp8", "mxfp4", "nvfp4"]
@@ -69,7 +69,7 @@ class Precision(BaseModel):
                       (unset: keep the baseline's)
     group_size        int (per-group) or null (per-channel); default null
     symmetric         bool; default true
-    activation        bf16 | fp16 | fp32 (no activation quantization) | int8 | int4 | fp8 | mxfp8 | mxfp4
+    activation        bf16 | fp16 | fp32 (no activation quantization) | int8 | int4 | fp8 | mxfp8 | mxfp4 | nvfp4
     activation_scheme dynamic (per-token, default) | static (per-tensor, calibrated; int8/int4/fp8)
     compute           depth.softmax: fp32 (default) | bf16 | fp16 | fp8 | fp8_e5m2 | int8 (simulated)
     storage           depth.sources / attn.kv_cache: fp32 | bf16 | fp8 | fp8_e5m2 | int8 | int4 | mxfp8 | mxfp4 |
@@ -150,6 +150,8 @@ class Variant(BaseModel):
         if self.method in ("gptq", "awq"):
             return True
         precs = [self.default] + list(self.rules)  # conservative: static anywhere + int activations anywhere
+        if any(p.activation == "nvfp4" for p in precs):  # its fp32 global scale is calibrated
+            return True
         return any(p.activation_scheme == "static" for p in precs) and any(
             p.activation in ("int8", "int4", "fp8") for p in precs)
 
