@@ -95,8 +95,8 @@ def _scheme_key(row) -> tuple:
     res = row.resolved
     w = row.precision if row.method == "rtn" else None
     g = res.group_size if w in _INT + ("fp8", "fp8_block") else None
-    if w in _INT and (g is None or g >= row.part.shape[-1]):
-        g = None
+    if w in _INT + ("fp8",) and (g is None or g >= row.part.shape[-1]):
+        g = None  # per-channel
     a = res.activation if res.activation in ("int8", "int4", "fp8", "mxfp8", "mxfp4", "nvfp4") else None
     return (w, g, bool(res.symmetric) if w in _INT else True, a, res.activation_scheme if a else None)
 

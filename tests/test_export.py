@@ -192,3 +192,30 @@ def test_gguf_export_refuses_attnres(zoo, tmp_path):
     with pytest.raises(UserError, match="llama.cpp does not know"):
         export_gguf(model, parse_variant({"name": "q", "method": "gguf", "default": {"weight": "q8_0"}}),
                     tmp_path / "x.gguf")
+
+
+@pytest.mark.parametrize("lm_head", [None, "fp8"])
+def test_export_llama_tied_embeddings(tmp_path, lm_head):
+    """A Llama comparator with tied embeddings: lm_head kept (still tied in the checkpoint) or quantized (untied,
+    as quantize() unties it). The reference is loaded from a saved checkpoint, so its rotary inv_freq is fp32 as
+    in the exported one (``.to(bf16)`` on a freshly built model rounds that buffer)."""
+    import transformers as tf
+    from transformers import AutoModelForCausalLM
+
+    cfg = tf.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=128, vocab_size=96, max_position_embeddings=128, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.bfloat16).eval()
+    spec = {"name": "mx", "default": {"weight": "mxfp4", "activation": "fp8"}}
+    if lm_head:
+        spec["rules"] = [{"select": "lm_head", "weight": lm_head}]
+    variant = parse_variant(spec)
+    export_variant(model, variant, tmp_path / "ckpt")
+    sim = quantize(model, variant)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(sim.model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+    tied = loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert tied == (lm_head is None)
