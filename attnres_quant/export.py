@@ -191,13 +191,16 @@ def export_variant(model: nn.Module, variant: Variant, out: str | Path, *, token
     qcfg = QuantizationConfig(config_groups=config_groups, quantization_status=QuantizationStatus.FROZEN)
     apply_quantization_config(exp, qcfg)
     n_quantized = 0
+    nv_amax = formats.fused_global_amax({r.part.name: emods[r.part.name].weight.data for r in ct_rows
+                                         if _scheme_key(r)[0] == "nvfp4"})
     with torch.no_grad():
         for r in ct_rows:
             mod = emods[r.part.name]
             key = _scheme_key(r)
             w, g, sym, a, scheme = key
             if w in FP_FORMATS:
-                for pname, val in formats.weight_qparams(mod.weight, w, g).items():
+                for pname, val in formats.weight_qparams(mod.weight, w, g,
+                                                         global_amax=nv_amax.get(r.part.name)).items():
                     _set_param(mod, pname, val)
             elif w in _INT:
                 xg = rtn._group_view(mod.weight.float(), g)

@@ -300,3 +300,23 @@ def test_fp8_real_kernel_labels_cpu_and_gpu_paths():
         parse_variant({"name": "mx", "method": "torchao", "default": {"weight": "mxfp4"}})
     q = quantize(m, parse_variant({"name": "sim", "default": {"weight": "fp8", "activation": "fp8"}}))
     assert q.kernel == "simulated-rtn" and q.simulated
+
+
+def test_nvfp4_fused_global_scale_like_llm_compressor():
+    """q/k/v and gate/up share one NVFP4 global scale (llm-compressor's fuse_weight_observers; vLLM runs them as
+    one GEMM): the global comes from the max |w| of the siblings; compressed-tensors' QDQ with that global."""
+    m = tiny_attnres(hidden=64)
+    q = quantize(m, parse_variant({"name": "nv", "default": {"weight": "nvfp4"}}))
+    layer, qlayer = m.model.layers[0], q.model.model.layers[0]
+    ws = {n: getattr(layer.attn, n).weight for n in ("q_proj", "k_proj", "v_proj")}
+    a = torch.stack([w.abs().amax() for w in ws.values()]).amax()
+    gs = ct_utils.generate_gparam(-a.reshape(1), a.reshape(1))
+    args = F.weight_args("nvfp4")
+    for n, w in ws.items():
+        g = w.unflatten(-1, (-1, 16))
+        scale, zp = ct_utils.calculate_qparams(g.amin(-1), g.amax(-1), args, global_scale=gs)
+        assert torch.equal(getattr(qlayer.attn, n).weight, fake_quantize(w, scale, zp, args, global_scale=gs)), n
+    amax = F.fused_global_amax({"a.gate_proj": layer.mlp.gate_proj.weight, "a.up_proj": layer.mlp.up_proj.weight,
+                                "a.down_proj": layer.mlp.down_proj.weight})
+    assert torch.equal(amax["a.gate_proj"], amax["a.up_proj"])
+    assert torch.equal(amax["a.down_proj"], layer.mlp.down_proj.weight.abs().amax())

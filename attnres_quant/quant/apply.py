@@ -248,14 +248,19 @@ def quantize(model: nn.Module, variant: Variant, calibration=None, *, source: st
                                          for r in gguf_rows if r.fallback}}
         gguf_bytes = gguf_bytes - planned
 
-    # 3. RTN / float casts.
+    # 3. RTN / float casts (nvfp4: q/k/v and gate/up share one global scale, as llm-compressor fuses them).
+    from .formats import fused_global_amax
+
+    nv_amax = fused_global_amax({r.part.name: r.part.module.weight.data for r in weight_rows
+                                 if r.method == "rtn" and r.precision == "nvfp4"})
     with torch.no_grad():
         for r in weight_rows:
             w = r.part.module.weight
             if r.method == "cast":
                 w.data.copy_(w.data.to(_FLOAT[r.precision]).to(w.dtype))
             elif r.method == "rtn" and r.precision in FP_FORMATS:  # quant/formats.py (compressed-tensors' arithmetic)
-                w.data.copy_(fmt_fake_quantize_weight(w.data, r.precision, r.resolved.group_size))
+                w.data.copy_(fmt_fake_quantize_weight(w.data, r.precision, r.resolved.group_size,
+                                                      global_amax=nv_amax.get(r.part.name)))
             elif r.method == "rtn":
                 w.data.copy_(fake_quantize_weight(w.data, r.precision, r.resolved.group_size,
                                                   bool(r.resolved.symmetric)))

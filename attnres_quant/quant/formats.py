@@ -165,9 +165,32 @@ def _qdq_groups(xg: torch.Tensor, precision: str, global_scale: torch.Tensor | N
     return (q.to(scale.dtype) * scale).to(xg.dtype)
 
 
+# Sibling projections a serving engine fuses into one GEMM (vLLM's qkv_proj / gate_up_proj): NVFP4 gives them one
+# shared global scale, as llm-compressor's fuse_weight_observers does (vLLM needs it).
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("q_a_proj", "kv_a_proj_with_mqa"),
+                  ("w1", "w3"))
+
+
+def fused_global_amax(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{module name: weight} of the nvfp4 weights -> {module name: amax for its global scale}: the max |w| over
+    the fused siblings present among them (``FUSED_SIBLINGS`` under one parent), else the tensor's own."""
+    out = {n: _amax(w.amin(), w.amax()) for n, w in weights.items()}
+    for name in list(weights):
+        parent, _, leaf = name.rpartition(".")
+        for group in FUSED_SIBLINGS:
+            if leaf in group:
+                members = [f"{parent}.{g}" if parent else g for g in group]
+                members = [m for m in members if m in weights]
+                if len(members) > 1:
+                    out[name] = torch.stack([_amax(weights[m].amin(), weights[m].amax()) for m in members]).amax()
+    return out
+
+
 @torch.no_grad()
-def fake_quantize_weight(w: torch.Tensor, precision: str, group_size: int | None = None) -> torch.Tensor:
-    """Quantize-dequantize a weight [out, in] (or 1-D) in ``precision``; returns w's dtype and shape."""
+def fake_quantize_weight(w: torch.Tensor, precision: str, group_size: int | None = None, *,
+                         global_amax: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantize-dequantize a weight [out, in] (or 1-D) in ``precision``; returns w's dtype and shape.
+    ``global_amax`` (nvfp4): the amax its global scale comes from (fused siblings), default the tensor's own."""
     if precision not in WEIGHT_FORMATS:
         raise ValueError(f"unknown weight format {precision!r}")
     x = w if w.dim() >= 2 else w.unsqueeze(0)
@@ -187,7 +210,7 @@ def fake_quantize_weight(w: torch.Tensor, precision: str, group_size: int | None
     xg = x.unflatten(-1, (cols // g, g))
     gs = None
     if precision == "nvfp4":
-        gs = nvfp4_global_scale(_amax(x.amin(), x.amax()))
+        gs = nvfp4_global_scale(global_amax if global_amax is not None else _amax(x.amin(), x.amax()))
     return _qdq_groups(xg, precision, gs).flatten(-2).reshape(w.shape)
 
 
@@ -204,7 +227,8 @@ def _fp8_block(x: torch.Tensor, b: int) -> torch.Tensor:
     return out[:rows, :cols].to(x.dtype)
 
 
-def weight_qparams(w: torch.Tensor, precision: str, group_size: int | None = None) -> dict:
+def weight_qparams(w: torch.Tensor, precision: str, group_size: int | None = None, *,
+                   global_amax: torch.Tensor | None = None) -> dict:
     """Scales as compressed-tensors stores them for a weight (export): ``weight_scale`` (E4M3 for nvfp4,
     E8M0 values for MX, else in w's dtype) and ``weight_global_scale`` (nvfp4)."""
     x = w
@@ -223,7 +247,7 @@ def weight_qparams(w: torch.Tensor, precision: str, group_size: int | None = Non
     if precision in ("mxfp8", "mxfp4"):
         return {"weight_scale": _mx_scale(amax, ELEMENT_BITS[precision])}
     if precision == "nvfp4":
-        gs = nvfp4_global_scale(_amax(x.amin(), x.amax()))
+        gs = nvfp4_global_scale(global_amax if global_amax is not None else _amax(x.amin(), x.amax()))
         return {"weight_scale": _nvfp4_group_scale(amax, gs), "weight_global_scale": gs}
     return {"weight_scale": _fp8_scale(amax)}  # fp8 per-channel [out, 1] / per-group [out, G]
 
