@@ -11,7 +11,9 @@ from torch import nn
 from ..errors import UserError
 from .depth import kv_granularity, set_kv_cache, set_softmax, set_sources
 from .plan import Plan, resolve_plan
-from .policy import FLOAT_WEIGHTS, Variant
+from .formats import add_activation_quantizer as add_format_activation_quantizer
+from .formats import fake_quantize_weight as fmt_fake_quantize_weight
+from .policy import FLOAT_WEIGHTS, FP_FORMATS, QUANT_ACTIVATIONS, Variant
 from .rtn import add_activation_quantizer, fake_quantize_weight
 
 _FLOAT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -152,7 +154,8 @@ def quantize(model: nn.Module, variant: Variant, calibration=None, *, source: st
     check_can_run(base_plan, _device(model), f"{source}, variant {variant.name!r}")  # method x device
     base_weight_rows = [r for r in base_plan.weight_rows() if r.tied_to is None]
     needs_calib = any(r.method in ("gptq", "awq") for r in base_weight_rows) or any(
-        r.resolved.activation in ("int8", "int4") and r.resolved.activation_scheme == "static"
+        (r.resolved.activation in ("int8", "int4", "fp8") and r.resolved.activation_scheme == "static")
+        or r.resolved.activation == "nvfp4"
         for r in base_weight_rows if r.part.is_linear)
     batches: list[torch.Tensor] = []
     notes: list[str] = []
@@ -245,12 +248,19 @@ def quantize(model: nn.Module, variant: Variant, calibration=None, *, source: st
                                          for r in gguf_rows if r.fallback}}
         gguf_bytes = gguf_bytes - planned
 
-    # 3. RTN / float casts.
+    # 3. RTN / float casts (nvfp4: q/k/v and gate/up share one global scale, as llm-compressor fuses them).
+    from .formats import fused_global_amax
+
+    nv_amax = fused_global_amax({r.part.name: r.part.module.weight.data for r in weight_rows
+                                 if r.method == "rtn" and r.precision == "nvfp4"})
     with torch.no_grad():
         for r in weight_rows:
             w = r.part.module.weight
             if r.method == "cast":
                 w.data.copy_(w.data.to(_FLOAT[r.precision]).to(w.dtype))
+            elif r.method == "rtn" and r.precision in FP_FORMATS:  # quant/formats.py (compressed-tensors' arithmetic)
+                w.data.copy_(fmt_fake_quantize_weight(w.data, r.precision, r.resolved.group_size,
+                                                      global_amax=nv_amax.get(r.part.name)))
             elif r.method == "rtn":
                 w.data.copy_(fake_quantize_weight(w.data, r.precision, r.resolved.group_size,
                                                   bool(r.resolved.symmetric)))
@@ -261,9 +271,10 @@ def quantize(model: nn.Module, variant: Variant, calibration=None, *, source: st
     static = []
     for r in plan.weight_rows():
         a = r.resolved.activation
-        if r.part.is_linear and a in ("int8", "int4") and method in ("rtn", "gptq"):
-            q = add_activation_quantizer(r.part.module, a, r.resolved.activation_scheme)
-            if q.scheme == "static":
+        if r.part.is_linear and a in QUANT_ACTIVATIONS and method in ("rtn", "gptq"):
+            add = add_activation_quantizer if a in ("int8", "int4") else add_format_activation_quantizer
+            q = add(r.part.module, a, r.resolved.activation_scheme)
+            if q.observing:  # static scales (and nvfp4's global scale) come from calibration
                 static.append(q)
     if static:
         _run(qmodel, batches)

@@ -78,6 +78,10 @@ def set_softmax(mixer, compute: str | None) -> None:
         mixer.logit_quantizer = FP8LogitQuantizer()
     elif compute == "int8":
         mixer.logit_quantizer = Int8LogitQuantizer()
+    elif compute == "fp8_e5m2":
+        from .formats import E5M2LogitQuantizer
+
+        mixer.logit_quantizer = E5M2LogitQuantizer()
     else:
         raise ValueError(f"unknown depth.softmax compute {compute!r}")
 
@@ -88,6 +92,10 @@ def storage_quantizer(storage: str | None, model_dtype: torch.dtype):
         return None
     if storage == "bf16" and model_dtype == torch.bfloat16:
         return None
+    from .formats import STORAGE_FORMATS, FormatStorageQuantizer
+
+    if storage in STORAGE_FORMATS:  # fp8_e5m2 / mxfp8 / mxfp4 / nvfp4 (quant/formats.py)
+        return FormatStorageQuantizer(storage)
     return StorageQuantizer(storage)
 
 

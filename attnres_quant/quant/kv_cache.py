@@ -45,7 +45,8 @@ import torch
 
 PRECISIONS = ("bf16", "fp8", "int8", "int4")
 GRANULARITIES = ("per_head", "per_token")
-_BITS = {"bf16": 16, "fp8": 8, "int8": 8, "int4": 4, "fp16": 16, "fp32": 32}
+_BITS = {"bf16": 16, "fp8": 8, "int8": 8, "int4": 4, "fp16": 16, "fp32": 32,
+         "fp8_e5m2": 8, "mxfp8": 8.25, "mxfp4": 4.25, "nvfp4": 4.5}  # MX / NV: incl. their group scales
 _QMAX = {"int8": 127, "int4": 7}
 _FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
 _TINY = torch.finfo(torch.float32).tiny
@@ -133,7 +134,13 @@ class KVQuantizer:
 def make_kv_quantizer(precision: str, granularity: str = "per_token", *, symmetric: bool = True) -> KVQuantizer:
     """The callable for ``Attention.kv_quantizer``: simulated KV storage at ``precision``
     (``bf16`` | ``fp8`` | ``int8`` | ``int4``), one scale per ``granularity``
-    (``per_token`` | ``per_head``); applied separately to k and to v [B, H_kv, T, head_dim]."""
+    (``per_token`` | ``per_head``); applied separately to k and to v [B, H_kv, T, head_dim].
+    ``fp8_e5m2`` / ``mxfp8`` / ``mxfp4`` / ``nvfp4``: :class:`~attnres_quant.quant.formats.FormatStorageQuantizer`
+    (MX groups of 32 along head_dim whatever the granularity; nvfp4's fp32 global scale per ``granularity``)."""
+    from .formats import STORAGE_FORMATS, FormatStorageQuantizer
+
+    if precision in STORAGE_FORMATS:
+        return FormatStorageQuantizer(precision, granularity)
     return KVQuantizer(precision, granularity, symmetric)
 
 
@@ -161,7 +168,7 @@ def _element_bytes(precision: str) -> float:
 
 
 def _scale_bytes(precision: str, scale_bytes: int) -> int:
-    return scale_bytes if precision in ("fp8", "int8", "int4") else 0
+    return scale_bytes if precision in ("fp8", "int8", "int4", "fp8_e5m2") else 4 if precision == "nvfp4" else 0
 
 
 def _cfg(config, name, default=None):

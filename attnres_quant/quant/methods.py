@@ -145,6 +145,14 @@ def torchao_setting_problem(row) -> tuple[str, str] | None:
             return ("torchao's int4 weight-only format is asymmetric (a scale and a zero point per group); "
                     "`symmetric: true` cannot be applied",
                     "remove `symmetric`, or use `method: rtn`/`gptq` for symmetric int4 (simulated)")
+    if row.precision == "fp8":
+        if _effective_group(row) is not None:
+            return (f"torchao's float8 configs scale fp8 weights per output row; group_size {res.group_size} cannot "
+                    "be applied", "remove `group_size`, or use `method: rtn` for grouped fp8 (simulated)")
+        if res.activation == "fp8" and res.activation_scheme == "static":
+            return ("torchao's Float8DynamicActivationFloat8WeightConfig computes activation scales per token at run "
+                    "time; `activation_scheme: static` cannot be applied",
+                    "use `activation_scheme: dynamic`, or `method: rtn` for static fp8 activations (simulated)")
     if act_int and res.activation_scheme == "static":
         return ("torchao runs int8 activations with per-token scales computed at run time (dynamic); "
                 "`activation_scheme: static` (calibrated per-tensor scales) cannot be applied",
@@ -188,7 +196,26 @@ def _needs(module: str, pip: str):
     return check
 
 
+def fp8_gemm_available(dev: str, capability: tuple[int, int] | None = None) -> bool:
+    """torchao 0.18's FP8 GEMM (Float8DynamicActivationFloat8WeightConfig) needs CUDA compute capability >= 8.9
+    (Ada, Hopper, Blackwell); ``capability`` defaults to the current CUDA device's."""
+    if dev != "cuda":
+        return False
+    if capability is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            return True  # planning for a CUDA machine from one without: assume a recent GPU
+        capability = torch.cuda.get_device_capability()
+    return tuple(capability) >= (8, 9)
+
+
 def _can_run_torchao(plan, dev: str, rows) -> str | None:
+    fp8_dyn = [r.name for r in rows if r.precision == "fp8" and r.resolved.activation == "fp8"]
+    if fp8_dyn and not fp8_gemm_available(dev):
+        return (f"torchao's FP8 GEMM (fp8 weights with fp8 activations) needs a CUDA GPU with compute capability >= "
+                f"8.9; there is no {dev.upper()} FP8 GEMM kernel in torchao 0.18 ({len(fp8_dyn)} tensor(s), e.g. "
+                f"{fp8_dyn[0]}); fp8 weight-only (Float8WeightOnlyConfig) does run on CPU")
     int4 = [r.name for r in rows if r.precision == "int4"]
     if int4 and dev != "cuda":
         return (f"torchao int4 weight-only has no {dev.upper()} kernel in torchao 0.18 (its int4 packings need "
@@ -234,8 +261,8 @@ def can_run(plan, device) -> str | None:
 
 
 _CAN_RUN_FIX = {
-    "torchao": "run on a CUDA device (--device cuda), or use `method: rtn`/`gptq` (simulated int4) or `method: bnb` "
-               "with nf4/fp4 (real CPU kernels)",
+    "torchao": "run on a CUDA device (--device cuda), or use `method: rtn`/`gptq` (simulated int4 / fp8 activations) "
+               "or `method: bnb` with nf4/fp4 (real CPU kernels)",
 }
 
 

@@ -33,7 +33,9 @@ from .components import LINEAR_COMPONENTS, Part, is_attnres, num_layers, resolve
 from .policy import (
     ACT_FIELDS,
     FLOAT_WEIGHTS,
+    FP_FORMATS,
     GGUF_WEIGHTS,
+    QUANT_ACTIVATIONS,
     WEIGHT_FIELDS,
     Precision,
     Rule,
@@ -147,6 +149,11 @@ def weight_bits(method: str, precision: str, shape: tuple[int, ...], group_size:
     """Bits per weight as stored, including scale (and zero-point) overhead."""
     if precision in FLOAT_WEIGHTS:
         return float(min(_BITS[precision], baseline_bits))
+    if precision in FP_FORMATS:  # fp8 scales are stored in the model dtype (compressed-tensors)
+        from .formats import bits_per_weight
+
+        scale_bits = 32 if method == "torchao" else baseline_bits  # torchao's Float8Tensor keeps fp32 scales
+        return bits_per_weight(precision, shape, group_size, scale_bits)
     cols = shape[-1] if shape else 1
     if method == "bnb":
         if precision == "int8":  # LLM.int8: int8 + one fp32 scale per output row
@@ -335,6 +342,15 @@ def resolve_plan(model: nn.Module, variant: Variant, source: str = "config") -> 
                 res.weight, res.group_size = None, None
                 res.decided_by["weight"] = "kept: bnb 4-bit CPU packing"
                 continue
+        if res.weight in FP_FORMATS:
+            from .formats import check_weight
+
+            problem = check_weight(res.weight, p.shape, res.group_size, res.symmetric, res.decided_by)
+            if problem:
+                decided = "; ".join(sorted({res.decided_by.get(f, "default") for f in ("weight", "group_size",
+                                                                                        "symmetric")
+                                            if f in res.decided_by}))
+                raise UserError(f"{problem[0]} ({p.tensor_name})", f"{where0} ({decided or 'default'})", problem[1])
         if method == "torchao" and res.activation == "int8" and res.weight != "int8":
             raise UserError(f"torchao's dynamic int8 activations need int8 weights, {p.tensor_name} has "
                             f"{res.weight}", where0, "set `weight: int8` with `activation: int8` for torchao")
@@ -346,6 +362,34 @@ def resolve_plan(model: nn.Module, variant: Variant, source: str = "config") -> 
                                 "choose a group_size that divides every selected layer's input size, or "
                                 "null (per-channel)")
 
+    cfg = getattr(model, "config", None)
+    for p in parts:
+        res = resolved[id(p)]
+        if p.kind != "weight" and res.storage in ("mxfp8", "mxfp4", "nvfp4") and cfg is not None:
+            from .formats import FIXED_GROUP
+
+            hidden = int(getattr(cfg, "hidden_size", 0) or 0)
+            heads = int(getattr(cfg, "num_heads", 0) or getattr(cfg, "num_attention_heads", 0) or 1)
+            dim = (int(getattr(cfg, "head_dim", 0) or hidden // heads) if p.component == "attn.kv_cache"
+                   else hidden)
+            g = FIXED_GROUP[res.storage]
+            if dim % g:
+                what = "head_dim" if p.component == "attn.kv_cache" else "hidden size"
+                raise UserError(f"{res.storage} storage groups {g} values along the {what}; {dim} is not a "
+                                f"multiple ({p.name})", f"{where0} ({res.decided_by.get('storage', 'default')})",
+                                "use fp8/int8 storage for this model, or a model whose dimension is a multiple of "
+                                f"{g}")
+        if p.kind == "weight" and p.is_linear and res.activation in ("mxfp8", "mxfp4", "nvfp4"):
+            g = 16 if res.activation == "nvfp4" else 32
+            if p.shape[-1] % g:
+                raise UserError(f"{res.activation} activations group {g} input features; {p.tensor_name} has "
+                                f"{p.shape[-1]}", f"{where0} ({res.decided_by.get('activation', 'default')})",
+                                "keep this projection's activations at bf16 with a rule")
+        if p.kind == "weight" and res.activation in ("mxfp8", "mxfp4") and res.activation_scheme == "static":
+            raise UserError(f"{res.activation} activations are dynamic (a shared E8M0 scale per 32 values, computed "
+                            f"at run time); `activation_scheme: static` cannot be applied ({p.tensor_name})",
+                            f"{where0} ({res.decided_by.get('activation_scheme', 'default')})",
+                            "remove `activation_scheme: static`, or use `activation: fp8` for static per-tensor scales")
     for problem, names in bnb_kept.items():
         notes.append(f"bnb 4-bit: {len(names)} tensor(s) kept at baseline precision ({', '.join(names[:4])}"
                      f"{' ...' if len(names) > 4 else ''}): {problem}. bitsandbytes' CPU kernel on AVX512-BF16 "
@@ -406,6 +450,12 @@ def _gguf_notes(rows: list[PlanRow]) -> list[str]:
     return notes
 
 
+def _storage_gran(prec: str) -> str:
+    from .formats import storage_granularity
+
+    return storage_granularity(prec)
+
+
 def ggml_n_dims(shape: tuple[int, ...]) -> int:
     """``gguf_quant.ggml_n_dims`` (imported lazily: the gguf package is only needed for method gguf)."""
     from .gguf_quant import ggml_n_dims as n_dims
@@ -455,9 +505,11 @@ def _rows(parts: list[Part], resolved: dict, variant: Variant, model: nn.Module)
                 if p.component == "attn.kv_cache" and res.storage is None:
                     prec = mdtype
             gran = {"depth.softmax": "per-token" if prec == "int8" else "elementwise",
-                    "depth.sources": "per-token" if prec in ("int8", "int4", "fp8") else "-",
+                    "depth.sources": "per-token" if prec in ("int8", "int4", "fp8") else
+                    _storage_gran(prec),
                     "attn.kv_cache": ("per-head" if variant.options.get("kv_granularity") == "per_head" else
-                                      "per-token-head") if prec in ("int8", "int4", "fp8") else "-"}[p.component]
+                                      "per-token-head") if prec in ("int8", "int4", "fp8") else
+                    _storage_gran(prec)}[p.component]
             base_prec = "fp32" if p.component == "depth.softmax" else mdtype
             keep = prec == base_prec or (prec == "fp32" and p.component != "depth.softmax")
             suffix = {"depth.softmax": ".softmax", "depth.sources": ".sources", "attn.kv_cache": ".kv_cache"}
@@ -489,6 +541,10 @@ def _rows(parts: list[Part], resolved: dict, variant: Variant, model: nn.Module)
             bits = float(min(_BITS.get(prec, 32), _BITS.get(base, 32)))
         else:
             gran = granularity(p.shape, res.group_size, res.symmetric)
+            if prec in FP_FORMATS:
+                from .formats import granularity as fmt_granularity
+
+                gran = fmt_granularity(prec, p.shape, res.group_size)
             if m == "torchao" and prec == "int4":  # tinygemm int4: scale + zero point per group
                 gran = granularity(p.shape, res.group_size, False)
             if m == "bnb":
@@ -498,8 +554,12 @@ def _rows(parts: list[Part], resolved: dict, variant: Variant, model: nn.Module)
         act = "-"
         if p.is_linear:
             a = res.activation
-            act = a if a in ("int8", "int4") else "bf16" if a is None else a
-            if a in ("int8", "int4"):
+            act = a if a in QUANT_ACTIVATIONS else "bf16" if a is None else a
+            if a in ("mxfp8", "mxfp4"):
+                act += " g32 dyn"
+            elif a == "nvfp4":
+                act += " g16 dyn + calibrated global"
+            elif a in QUANT_ACTIVATIONS:
                 act += " per-token dyn" if res.activation_scheme == "dynamic" else " per-tensor static"
         key = (m, prec, gran)
         first = seen.get(id(w))  # tied weights are one Parameter object (works on the meta device too)

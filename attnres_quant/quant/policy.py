@@ -34,20 +34,23 @@ from .components import COMPONENTS, LINEAR_COMPONENTS
 FLOAT_WEIGHTS = ("bf16", "fp16", "fp32")
 # llama.cpp quant types (method gguf only); written lower-case in the plan, upper-case accepted.
 GGUF_WEIGHTS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")
-WEIGHT_PRECISIONS = FLOAT_WEIGHTS + ("int8", "int4", "nf4", "fp4") + GGUF_WEIGHTS
-ACTIVATION_PRECISIONS = ("bf16", "fp16", "fp32", "int8", "int4")
+# Deployment floating formats (quant/formats.py; method rtn, simulated).
+FP_FORMATS = ("fp8", "fp8_tensor", "fp8_block", "mxfp8", "mxfp4", "nvfp4")
+WEIGHT_PRECISIONS = FLOAT_WEIGHTS + ("int8", "int4", "nf4", "fp4") + GGUF_WEIGHTS + FP_FORMATS
+QUANT_ACTIVATIONS = ("int8", "int4", "fp8", "mxfp8", "mxfp4", "nvfp4")  # activation precisions that quantize
+ACTIVATION_PRECISIONS = ("bf16", "fp16", "fp32") + QUANT_ACTIVATIONS
 ACTIVATION_SCHEMES = ("dynamic", "static")
-COMPUTE_PRECISIONS = ("fp32", "bf16", "fp16", "fp8", "int8")
-STORAGE_PRECISIONS = ("fp32", "bf16", "fp8", "int8", "int4")
+COMPUTE_PRECISIONS = ("fp32", "bf16", "fp16", "fp8", "int8", "fp8_e5m2")
+STORAGE_PRECISIONS = ("fp32", "bf16", "fp8", "int8", "int4", "fp8_e5m2", "mxfp8", "mxfp4", "nvfp4")
 METHODS = ("none", "rtn", "gptq", "awq", "gguf", "bnb", "torchao")
 KV_GRANULARITIES = ("per_token", "per_head")
 
 WeightP = Literal["bf16", "fp16", "fp32", "int8", "int4", "nf4", "fp4", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1",
-                  "q4_k", "q5_k", "q6_k"]
-ActP = Literal["bf16", "fp16", "fp32", "int8", "int4"]
+                  "q4_k", "q5_k", "q6_k", "fp8", "fp8_tensor", "fp8_block", "mxfp8", "mxfp4", "nvfp4"]
+ActP = Literal["bf16", "fp16", "fp32", "int8", "int4", "fp8", "mxfp8", "mxfp4", "nvfp4"]
 SchemeP = Literal["dynamic", "static"]
-ComputeP = Literal["fp32", "bf16", "fp16", "fp8", "int8"]
-StorageP = Literal["fp32", "bf16", "fp8", "int8", "int4"]
+ComputeP = Literal["fp32", "bf16", "fp16", "fp8", "int8", "fp8_e5m2"]
+StorageP = Literal["fp32", "bf16", "fp8", "int8", "int4", "fp8_e5m2", "mxfp8", "mxfp4", "nvfp4"]
 MethodP = Literal["none", "rtn", "gptq", "awq", "gguf", "bnb", "torchao"]
 
 PRECISION_FIELDS = ("weight", "group_size", "symmetric", "activation", "activation_scheme", "compute",
@@ -60,13 +63,17 @@ class Precision(BaseModel):
     """Precision fields; an unset field inherits (default -> earlier rules -> baseline).
 
     weight            bf16 | fp16 | fp32 | int8 | int4 | nf4 | fp4 | GGUF type (method gguf: q8_0, q4_0, q4_1,
-                      q5_0, q5_1, q4_k, q5_k, q6_k; upper-case accepted) (unset: keep the baseline's)
+                      q5_0, q5_1, q4_k, q5_k, q6_k; upper-case accepted) | floating formats (method rtn):
+                      fp8 (E4M3 per-channel, or per-group with group_size), fp8_tensor, fp8_block (group_size x
+                      group_size blocks, default 128), mxfp8, mxfp4 (g32 E8M0), nvfp4 (g16 E4M3 + fp32 global)
+                      (unset: keep the baseline's)
     group_size        int (per-group) or null (per-channel); default null
     symmetric         bool; default true
-    activation        bf16 | fp16 | fp32 (no activation quantization) | int8 | int4
-    activation_scheme dynamic (per-token, default) | static (per-tensor, calibrated)
-    compute           depth.softmax: fp32 (default) | bf16 | fp16 | fp8 | int8 (simulated)
-    storage           depth.sources / attn.kv_cache: fp32 | bf16 | fp8 | int8 | int4 (simulated)
+    activation        bf16 | fp16 | fp32 (no activation quantization) | int8 | int4 | fp8 | mxfp8 | mxfp4 | nvfp4
+    activation_scheme dynamic (per-token, default) | static (per-tensor, calibrated; int8/int4/fp8)
+    compute           depth.softmax: fp32 (default) | bf16 | fp16 | fp8 | fp8_e5m2 | int8 (simulated)
+    storage           depth.sources / attn.kv_cache: fp32 | bf16 | fp8 | fp8_e5m2 | int8 | int4 | mxfp8 | mxfp4 |
+                      nvfp4 (simulated)
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -143,8 +150,10 @@ class Variant(BaseModel):
         if self.method in ("gptq", "awq"):
             return True
         precs = [self.default] + list(self.rules)  # conservative: static anywhere + int activations anywhere
+        if any(p.activation == "nvfp4" for p in precs):  # its fp32 global scale is calibrated
+            return True
         return any(p.activation_scheme == "static" for p in precs) and any(
-            p.activation in ("int8", "int4") for p in precs)
+            p.activation in ("int8", "int4", "fp8") for p in precs)
 
 
 def parse_slice(text: str) -> slice:
@@ -189,28 +198,37 @@ def weight_capability(method: str, component: str) -> tuple[str, ...]:
     linear = component in LINEAR_COMPONENTS
     if method == "none":
         return FLOAT_WEIGHTS
-    if method in ("rtn", "gptq", "awq"):  # awq: AWQ for attn/mlp projections, RTN for the other parts
+    if method == "rtn":  # the floating formats are simulated by rtn only (quant/formats.py)
+        return FLOAT_WEIGHTS + ("int8", "int4") + FP_FORMATS
+    if method in ("gptq", "awq"):  # awq: AWQ for attn/mlp projections, RTN for the other parts
         return FLOAT_WEIGHTS + ("int8", "int4")
     if method == "gguf":  # every weight tensor (1-D ones only when a rule names them; see plan.py)
         return FLOAT_WEIGHTS + GGUF_WEIGHTS
     if method == "bnb":
         return FLOAT_WEIGHTS + (("int8", "nf4", "fp4") if linear else ())
-    if method == "torchao":
-        return FLOAT_WEIGHTS + (("int8", "int4") if linear else ())
+    if method == "torchao":  # fp8: Float8WeightOnlyConfig (CPU+CUDA) / Float8DynamicActivationFloat8WeightConfig
+        return FLOAT_WEIGHTS + (("int8", "int4", "fp8") if linear else ())
     return ()
 
 
 def activation_capability(method: str, component: str, weight: str | None) -> tuple[str, ...]:
     if component not in LINEAR_COMPONENTS:
         return ("bf16", "fp16", "fp32")
-    if method in ("rtn", "gptq"):
+    if method == "rtn":
         return ACTIVATION_PRECISIONS
+    if method == "gptq":
+        return ("bf16", "fp16", "fp32", "int8", "int4", "fp8")
     if method == "torchao" and weight == "int8":
         return ("bf16", "fp16", "fp32", "int8")
+    if method == "torchao" and weight == "fp8":
+        return ("bf16", "fp16", "fp32", "fp8")
     return ("bf16", "fp16", "fp32")
 
 
 def method_fix(method: str, precision: str, component: str) -> str:
+    if precision in FP_FORMATS:
+        return (f"{precision} (a floating deployment format) is simulated by `method: rtn` (and fp8 per-row runs on "
+                "torchao's float8 kernels, `method: torchao`); use rtn for this variant, or int4/int8 with gptq/awq")
     if precision in GGUF_WEIGHTS:
         return (f"{precision.upper()} is a llama.cpp (GGUF) type: use `method: gguf` for GGUF types, or int4/int8 "
                 f"with rtn/gptq/awq")
@@ -239,7 +257,7 @@ def check_variant(variant: Variant, source: str = "config") -> None:
     if d.weight is not None and d.weight not in weight_capability(variant.method, "attn.q"):
         raise UserError(f"method {variant.method!r} cannot provide weight {d.weight}",
                         f"{where0}, default", method_fix(variant.method, d.weight, "attn.q"))
-    if d.activation in ("int8", "int4") and variant.method in ("none", "bnb", "awq", "gguf"):
+    if d.activation in QUANT_ACTIVATIONS and variant.method in ("none", "bnb", "awq", "gguf"):
         raise UserError(f"method {variant.method!r} cannot quantize activations to {d.activation}",
                         f"{where0}, default",
                         "use `method: rtn` or `gptq` (simulated activations) or torchao with int8 weights; "
@@ -268,7 +286,7 @@ def check_variant(variant: Variant, source: str = "config") -> None:
             if weighty and not ok:
                 raise UserError(f"method {variant.method!r} cannot provide weight {rule.weight} for "
                                 f"{rule.select}", where, method_fix(variant.method, rule.weight, weighty[0]))
-        if rule.activation in ("int8", "int4"):
+        if rule.activation in QUANT_ACTIVATIONS:
             if not any(rule.activation in activation_capability(variant.method, c, rule.weight or d.weight)
                        for c in comps):
                 raise UserError(f"method {variant.method!r} cannot quantize activations of {rule.select} to "

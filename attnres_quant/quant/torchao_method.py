@@ -1,6 +1,9 @@
 """torchao real kernels (for latency studies): int8 weight-only, int8 dynamic-activation +
 int8 weight, int4 weight-only (CUDA only: torchao 0.18's int4 packings need tinygemm/CUDA
-or FBGEMM's mslk; on CPU this raises a UserError before any model work).
+or FBGEMM's mslk; on CPU this raises a UserError before any model work), fp8 (E4M3, per row)
+weight-only (``Float8WeightOnlyConfig``: fp8 storage, dequantized to bf16 for the matmul -- runs on CPU) and
+fp8 dynamic activation + fp8 weight (``Float8DynamicActivationFloat8WeightConfig(PerRow)``: a real FP8 GEMM,
+CUDA compute capability >= 8.9 only; ``methods.can_run`` refuses it elsewhere).
 """
 
 from __future__ import annotations
@@ -41,6 +44,12 @@ def torchao_config(weight: str, activation: str | None, group_size: int | None, 
             raise ValueError("torchao int4 needs a group_size (refused at plan time)")
         return Int4WeightOnlyConfig(group_size=int(group_size), int4_packing_format="tile_packed_to_4d"), \
             "int4-weight-only"
+    if weight == "fp8":  # E4M3, one scale per output row
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig, PerRow
+
+        if activation == "fp8":
+            return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), "float8-dynamic"
+        return Float8WeightOnlyConfig(), "float8-weight-only"
     raise ValueError(f"torchao cannot provide weight {weight}")
 
 
