@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .depth import kv_granularity, set_kv_cache, set_softmax, set_sources
+from .depth import kv_granularity, set_kv_cache, set_softmax, set_sources, set_state
 from .plan import Plan, resolve_plan
 from .policy import FLOAT_WEIGHTS, Variant
 from .rtn import add_activation_quantizer, fake_quantize_weight
@@ -205,6 +205,8 @@ def quantize(model: nn.Module, variant: Variant, calibration=None, *, source: st
             set_sources(module, res.storage, mdtype)
         elif row.component == "attn.kv_cache":
             set_kv_cache(module, res.storage, mdtype, kv_gran)
+        elif row.component == "attn.state":
+            set_state(module, res.storage)
         if row.method == "sim":
             simulated_parts.append(f"{row.component}@{row.name}={row.precision}")
 
@@ -311,6 +313,13 @@ def _kv_details(model: nn.Module, plan: Plan, granularity: str) -> dict:
     from .kv_cache import kv_cache_bytes_per_token
 
     cfg = model.config
+    if getattr(cfg, "kv_lora_rank", None):  # MLA (Kimi): the latent cache
+        from ..architectures.kimi import latent_cache_bytes_per_token as latent
+
+        n_mla = len(rows)
+        return {"precisions": sorted({r.precision for r in rows}), "granularity": granularity, "cache": "mla latent",
+                "bytes_per_token": sum(latent(cfg, r.precision, granularity) / n_mla for r in rows),
+                "baseline_bytes_per_token": latent(cfg, plan.model_dtype, granularity)}
     n = int(cfg.num_hidden_layers)
     per_layer = [kv_cache_bytes_per_token(cfg, r.precision, granularity) / n for r in rows]
     return {"precisions": sorted({r.precision for r in rows}), "granularity": granularity,
