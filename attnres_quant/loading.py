@@ -393,6 +393,11 @@ def preflight_model(path: str, *, dtype: Any = "bfloat16", device: Any = "cpu", 
         has_tok, tok_note = fam.tokenizer_status(directory, tokenizer, trust_remote_code)
         if tok_note:
             notes.append(tok_note)
+    elif tokenizer:  # an explicit tokenizer directory replaces the checkpoint's files
+        if not Path(os.path.expanduser(tokenizer)).is_dir():
+            raise UserError(f"tokenizer directory {tokenizer!r} does not exist", where=where,
+                            fix="point `tokenizer:` at a directory saved with transformers' save_pretrained")
+        has_tok = True
     elif has_tok:
         tok_cfg = directory / "tokenizer_config.json"
         if tok_cfg.is_file() and _read_json(tok_cfg, where).get("auto_map") and not trust_remote_code:
@@ -495,7 +500,8 @@ def load_model(path: str, *, dtype: Any = "bfloat16", device: Any = "cpu", allow
         from transformers import AutoTokenizer
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code,
+            tok_dir = os.path.expanduser(src.tokenizer) if src.tokenizer else str(directory)
+            tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=trust_remote_code,
                                                       local_files_only=True)
         except Exception as exc:  # noqa: BLE001
             raise UserError(f"The checkpoint's tokenizer files could not be loaded ({type(exc).__name__}: {exc})",
@@ -554,7 +560,8 @@ def describe_model(model) -> dict:
         src0 = getattr(model, "_attnres_source", None)
         model_type = src0.model_type if src0 is not None else model_type
         family = model_type + ("-attnres" if block else "")
-        extra = {"attn_res_block_size": getattr(cfg, "attn_res_block_size", None),
+        extra = {"attnres_block_size": block,  # in sub-layers (FLA's name; what the report reads)
+                 "attn_res_block_size": getattr(cfg, "attn_res_block_size", None),
                  "num_experts": getattr(cfg, "num_experts", None),
                  "kda_layers": sum(1 for i in range(cfg.num_hidden_layers) if cfg.is_kda_layer(i)),
                  "load_notes": list(getattr(model, "_load_notes", [])),

@@ -319,7 +319,8 @@ def _check_report(out):
     assert all(len(j) == 2 * TINY["num_hidden_layers"] + 1 for j in js.values())
     assert max(js["int4_all"]) > max(js["int4_hybrid"]) > 0
     report = (out / "kimi_mini.md").read_text()
-    assert "int4_experts02" in report and "kimi" in report.lower()
+    assert "int4_experts02" in report and "kimi_linear-attnres" in report
+    assert "Depth JS per mixing point" in report and "depth JS max" in report
     return results
 
 
@@ -349,3 +350,29 @@ def test_run_end_to_end_all_proxy_tasks_and_latency(kimi_ckpt, tmp_path, one_thr
     for v in ("bf16", "int4_all", "int4_hybrid", "int4_experts02", "kv_fp8_state_int4"):
         for c in ("task:proxy_mc", "task:proxy_math", "latency"):
             assert cells[f"tiny-kimi/{v}/{c}"]["status"] == "ok", (v, c)
+
+
+def test_run_without_a_usable_tokenizer_stops_at_preflight(tmp_path, capsys):
+    """A Kimi checkpoint with only Moonshot's tiktoken tokenizer: `run` stops before any weights load,
+    naming the `tokenizer:` key; with `tokenizer: DIR` the preflight passes."""
+    from attnres_quant.cli import main as cli_main
+    from attnres_quant.evaluation.testing import tiny_tokenizer
+
+    ckpt = tmp_path / "k"
+    save_tiny_kimi(ckpt, tokenizer=False)
+    (ckpt / "tokenizer_config.json").write_text(json.dumps(
+        {"auto_map": {"AutoTokenizer": ["tokenization_kimi.TikTokenTokenizer", None]}}))
+    cfg = {"name": "k", "device": "cpu", "dtype": "float32", "model": {"path": str(ckpt)}, "tasks": ["proxy_mc"],
+           "variants": [{"name": "w4", "method": "rtn", "default": {"weight": "int4"}}]}
+    path = tmp_path / "k.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert cli_main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "no usable tokenizer" in err and "tokenizer: DIR" in err
+    assert not (tmp_path / "out" / "k" / "results.json").exists()
+    from attnres_quant.pipeline.config import load_config
+    from attnres_quant.pipeline.runner import preflight, validate_variants
+
+    tiny_tokenizer(vocab_size=320).save_pretrained(tmp_path / "tok")
+    config, _ = load_config(path, [f"model.tokenizer={tmp_path / 'tok'}"])
+    preflight(config, validate_variants(config, str(path)), str(path), "cpu")

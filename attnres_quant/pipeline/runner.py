@@ -123,12 +123,24 @@ def preflight(config: StudyConfig, variants, source: str, device: str) -> None:
     settings = eval_settings(config)
     eval_preflight([t.name for t in config.tasks], settings)
     for spec in config.models:
-        preflight_model(spec.path, allow_pickle=spec.allow_pickle, trust_remote_code=spec.trust_remote_code)
+        src = preflight_model(spec.path, allow_pickle=spec.allow_pickle, trust_remote_code=spec.trust_remote_code,
+                              **_tokenizer_kw(spec))
+        if not src.has_tokenizer and (config.tasks or config.quality.enabled):
+            raise UserError(f"model {spec.label} has no usable tokenizer, and tasks / quality metrics need one"
+                            + (f" ({src.warnings[-1]})" if src.warnings else ""), f"{source} (model {spec.label})",
+                            "give the model entry `tokenizer: DIR` (a transformers tokenizer directory), or run "
+                            "`plan` only")
         skeleton = structure_model(spec.path, trust_remote_code=spec.trust_remote_code)
         for variant in variants:
             plan = resolve_plan(skeleton, variant, source=f"{source} (model {spec.label})")
             # Each method says whether it can run this plan on the device, before any weights load.
             check_can_run(plan, device, f"{source} (model {spec.label}), variant {variant.name!r}")
+
+
+def _tokenizer_kw(spec) -> dict:
+    """``tokenizer=`` for load_model / preflight_model when the model entry names one."""
+    tok = getattr(spec, "tokenizer", None)
+    return {"tokenizer": tok} if tok else {}
 
 
 def eval_settings(config: StudyConfig):
@@ -299,7 +311,8 @@ def run_model(store: ResultStore, spec, config: StudyConfig, variants, device: s
 
     _log(f"{label}: loading {spec.path} ({config.dtype}, {device})")
     baseline, tokenizer = load_model(spec.path, dtype=config.dtype, device=device,
-                                     allow_pickle=spec.allow_pickle, trust_remote_code=spec.trust_remote_code)
+                                     allow_pickle=spec.allow_pickle, trust_remote_code=spec.trust_remote_code,
+                                     **_tokenizer_kw(spec))
     baseline.eval()
     settings = eval_settings(config)
     text_ids = quality_text_ids(tokenizer, config.quality.max_tokens)
