@@ -1,7 +1,8 @@
 """Kimi-Linear / K3 wired into the tool (issue 16): loading, components, plan, experts selector,
 DEFAULT_KEEP, attn.state / attn.kv_cache hooks, method refusals and `run` end to end.
 
-Every model is a random tiny Kimi config (KDA + MLA + MoE + Block AttnRes) built and saved here.
+Every model is a random tiny Kimi config (KDA + MLA + MoE + Block AttnRes,
+``architectures.kimi_testing``) built and saved here.
 """
 
 from __future__ import annotations
@@ -13,57 +14,12 @@ import pytest
 import torch
 import yaml
 
-from attnres_quant.architectures.kimi_modeling import KimiAttnResConfig, KimiAttnResForCausalLM
+from attnres_quant.architectures.kimi_testing import TINY, save_tiny_kimi, tiny_kimi
 from attnres_quant.errors import UserError
 from attnres_quant.quant import parse_variant, quantize, resolve_plan
 
-MLA = dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16, mla_use_nope=True)
-# 3 layers: KDA, KDA, MLA; layer 0 dense, layers 1-2 MoE (top-2 of 4 + shared); blocks of 2 layers.
-TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=2, rms_norm_eps=1e-6,
-            tie_word_embeddings=False, num_hidden_layers=3, attn_res_block_size=2, moe_intermediate_size=16,
-            num_experts=4, num_experts_per_token=2, num_shared_experts=1, first_k_dense_replace=1,
-            linear_attn_config={"kda_layers": [1, 2], "full_attn_layers": [3], "head_dim": 8, "num_heads": 4,
-                                "short_conv_kernel_size": 4}, **MLA)
 DENSE = dict(TINY, num_experts=None, num_experts_per_token=None, linear_attn_config=None,
              num_shared_experts=0, q_lora_rank=12)
-
-
-def _randomize(model, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            elif name.endswith("A_log"):
-                p.copy_(torch.log(torch.empty(p.shape).uniform_(1, 16, generator=g)))
-            elif p.dim() == 1:
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
-
-
-def tiny_kimi(cfg=TINY, seed: int = 0) -> KimiAttnResForCausalLM:
-    model = KimiAttnResForCausalLM(KimiAttnResConfig(**cfg)).eval()
-    _randomize(model, seed)
-    return model
-
-
-def save_tiny_kimi(directory, cfg=TINY, seed: int = 0, tokenizer: bool = True):
-    """A random tiny Kimi checkpoint (config.json model_type kimi_linear, safetensors) with our tiny
-    byte-level tokenizer (Kimi's own tokenizer needs tiktoken and remote code)."""
-    cfg = dict(cfg)
-    tok = None
-    if tokenizer:
-        from attnres_quant.evaluation.testing import tiny_tokenizer
-
-        tok = tiny_tokenizer(vocab_size=320)
-        cfg.update(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                   pad_token_id=tok.pad_token_id)
-    model = tiny_kimi(cfg, seed)
-    model.save_pretrained(directory)
-    if tok is not None:
-        tok.save_pretrained(directory)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -376,3 +332,14 @@ def test_run_without_a_usable_tokenizer_stops_at_preflight(tmp_path, capsys):
     tiny_tokenizer(vocab_size=320).save_pretrained(tmp_path / "tok")
     config, _ = load_config(path, [f"model.tokenizer={tmp_path / 'tok'}"])
     preflight(config, validate_variants(config, str(path)), str(path), "cpu")
+
+
+def test_example_config_plans_on_a_tiny_kimi_checkpoint(kimi_ckpt, capsys):
+    from pathlib import Path
+
+    from attnres_quant.cli import main as cli_main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "kimi_tiny.yaml"
+    assert cli_main(["plan", str(config), "--set", f"model.path={kimi_ckpt}", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "experts: [0, 2]" in out and "kept: kimi default-keep" in out and "attn.state" in out
