@@ -17,6 +17,7 @@ Wired through the registry in :mod:`attnres_quant.architectures` (loading, compo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import warnings
@@ -335,11 +336,8 @@ def is_kimi_model(model) -> bool:
 
 # --------------------------------------------------------------------------- wiring helpers
 # Methods the plan accepts on this family, and why the others are refused (at plan time).
-METHODS = ("none", "rtn")
+METHODS = ("none", "rtn", "gptq")
 REFUSED_METHODS = {
-    "gptq": "llm-compressor's GPTQ is not wired for this family yet: its `oneshot` re-reads the config through "
-            "AutoConfig (model_type kimi_linear maps to transformers' native Kimi-Linear, which has no AttnRes), "
-            "and its basic pipeline calibrates only the routed experts that calibration tokens reach",
     "awq": "llm-compressor's AWQ mappings name Llama-style layers (input_layernorm -> q/k/v, post_attention_layernorm "
            "-> gate/up); there are none for KDA/MLA/MoE layers here yet",
     "gguf": "llama.cpp has no Kimi-Linear / KDA architecture, so there is no GGUF tensor naming or preset to follow",
@@ -353,6 +351,22 @@ def method_problem(method: str) -> str | None:
     if method in METHODS:
         return None
     return REFUSED_METHODS.get(method, f"method {method!r} is not supported on this family")
+
+
+@contextlib.contextmanager
+def calibrate_all_experts(model):
+    """During calibration every routed expert sees every token (its Hessian is never empty), while the
+    forward still adds only the routed experts' outputs -- llm-compressor's "calibrate all experts"."""
+    from .kimi_modeling import KimiSparseMoe
+
+    moes = [m for m in model.modules() if isinstance(m, KimiSparseMoe)]
+    for m in moes:
+        m.calibrate_all_experts = True
+    try:
+        yield model
+    finally:
+        for m in moes:
+            m.calibrate_all_experts = False
 
 
 def family_name(config: dict) -> str:
@@ -483,6 +497,7 @@ class Family:
     method_problem: Any = None  # (method) -> None | reason
     tokenizer_status: Any = None  # (directory, tokenizer, trust_remote_code) -> (ok, note)
     load_tokenizer: Any = None  # (directory, tokenizer, trust_remote_code) -> tokenizer | None
+    calibration_context: Any = None  # (model) -> context manager used while calibration data runs (GPTQ)
 
     def handles_config(self, config: dict) -> bool:
         return config.get("model_type") in self.model_types
@@ -493,7 +508,7 @@ class Family:
 
 FAMILY = Family("kimi", MODEL_TYPES, COMPONENTS, COMPUTE_COMPONENTS, DEFAULT_KEEP, load_kimi, kimi_component,
                 kimi_parts, is_kimi_model, check_config, structure, method_problem, tokenizer_status,
-                load_tokenizer)
+                load_tokenizer, calibrate_all_experts)
 
 
 __all__ = ["FAMILY", "Family", "is_kimi_model", "MODEL_TYPES", "COMPONENTS", "WEIGHT_COMPONENTS",

@@ -221,6 +221,9 @@ class KimiSparseMoe(nn.Module):
         super().__init__()
         self.config_ref = config
         self.latent = config.routed_expert_hidden_size is not None
+        # Calibration mode (GPTQ Hessians, kimi.calibrate_all_experts): every routed expert runs on every
+        # token so that each one is calibrated; the output still uses only the routed experts' results.
+        self.calibrate_all_experts = False
         inner = config.routed_expert_hidden_size if self.latent else config.hidden_size
         self.experts = nn.ModuleList(KimiExpert(config, inner, config.moe_intermediate_size)
                                      for _ in range(config.num_experts))
@@ -242,9 +245,12 @@ class KimiSparseMoe(nn.Module):
         y = x.new_zeros(x.shape, dtype=torch.float32)
         for e, expert in enumerate(self.experts):
             tok, pos = torch.where(idx == e)
-            if tok.numel() == 0:
+            if self.calibrate_all_experts:
+                out = expert(x)[tok]
+            elif tok.numel() == 0:
                 continue
-            out = expert(x[tok])
+            else:
+                out = expert(x[tok])
             y.index_add_(0, tok, out.float() * weight[tok, pos, None])
         y = y.to(x.dtype)
         if self.latent:

@@ -226,8 +226,9 @@ def quantize(model: nn.Module, variant: Variant, calibration=None, *, source: st
         from .gptq import gptq_quantize
 
         opts = variant.options
-        gptq_quantize(qmodel, gptq_groups, batches, block_size=int(opts.get("block_size", 128)),
-                      dampening=float(opts.get("dampening", 0.01)), actorder=opts.get("actorder", "static"))
+        with _calibration_context(qmodel):  # Kimi: every routed expert sees every calibration token
+            gptq_quantize(qmodel, gptq_groups, batches, block_size=int(opts.get("block_size", 128)),
+                          dampening=float(opts.get("dampening", 0.01)), actorder=opts.get("actorder", "static"))
 
     # 2b. GGUF (llama.cpp types) on the rows that ask for it; llama.cpp's fallback where rows do not fit.
     gguf_bytes = None
@@ -303,6 +304,17 @@ def quantize(model: nn.Module, variant: Variant, calibration=None, *, source: st
     s = plan.summary()
     return QuantizedModel(qmodel, plan, simulated, kernel, int(weight_bytes), float(s["avg_bits"]),
                           simulated_parts, notes, details)
+
+
+def _calibration_context(model: nn.Module):
+    """The architecture family's calibration mode (Kimi: calibrate all routed experts), else a no-op."""
+    import contextlib
+
+    from ..architectures import family_for_model
+
+    fam = family_for_model(model)
+    ctx = getattr(fam, "calibration_context", None) if fam is not None else None
+    return ctx(model) if ctx is not None else contextlib.nullcontext()
 
 
 def _kv_details(model: nn.Module, plan: Plan, granularity: str) -> dict:
