@@ -234,7 +234,7 @@ def test_set_kv_quantizer_finds_mla_layers():
 
 
 # --------------------------------------------------------------------------- run end to end
-def _study(tmp_path, ckpt, *, tasks, bench=False, extra_variants=()):
+def _study(tmp_path, ckpt, *, tasks, bench=False, extra_variants=(), calibration=False):
     cfg = {
         "name": "kimi_mini", "seed": 0, "device": "cpu", "dtype": "float32",
         "model": {"path": str(ckpt), "name": "tiny-kimi"},
@@ -254,6 +254,7 @@ def _study(tmp_path, ckpt, *, tasks, bench=False, extra_variants=()):
         "quality": {"max_tokens": 96, "seq_len": 48},
         "bench": {"enabled": bench, "prompt_len": 8, "decode_tokens": 2, "warmup": 0, "repeats": 1,
                   "threads": 1},
+        **({"calibration": {"samples": 4, "seq_len": 32}} if calibration else {}),
     }
     path = tmp_path / "kimi_mini.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -296,14 +297,16 @@ def test_run_end_to_end_all_proxy_tasks_and_latency(kimi_ckpt, tmp_path, one_thr
     from attnres_quant.cli import main as cli_main
 
     out = tmp_path / "reports"
-    path = _study(tmp_path, kimi_ckpt, tasks=["proxy_mc", "proxy_math"], bench=True,
+    path = _study(tmp_path, kimi_ckpt, tasks=["proxy_mc", "proxy_math"], bench=True, calibration=True,
                   extra_variants=[{"name": "kv_fp8_state_int4", "method": "none",
                                    "rules": [{"select": "attn.kv_cache", "storage": "fp8"},
-                                             {"select": "attn.state", "storage": "int4"}]}])
+                                             {"select": "attn.state", "storage": "int4"}]},
+                                  {"name": "gptq_int4", "method": "gptq",
+                                   "default": {"weight": "int4", "group_size": 16}}])
     assert cli_main(["run", str(path), "--out", str(out)]) == 0
     results = _check_report(out)
     cells = results["cells"]
-    for v in ("bf16", "int4_all", "int4_hybrid", "int4_experts02", "kv_fp8_state_int4"):
+    for v in ("bf16", "int4_all", "int4_hybrid", "int4_experts02", "kv_fp8_state_int4", "gptq_int4"):
         for c in ("task:proxy_mc", "task:proxy_math", "latency"):
             assert cells[f"tiny-kimi/{v}/{c}"]["status"] == "ok", (v, c)
 
@@ -375,3 +378,58 @@ def test_gptq_on_kimi_calibrates_every_routed_expert(one_thread):
     # Some experts receive no routed calibration token (layer_output_error sees only called modules), yet
     # every expert was quantized above: calibrating all experts is what reaches them.
     assert 0 < len(e_gptq) < len(names) and better >= 0.8 * len(e_gptq)
+
+
+def test_kimi_k3_checkpoint_through_load_model_and_plan(tmp_path, one_thread):
+    """kimi_k3: the text model under `language_model.` loads through loading.load_model (vision tensors
+    skipped with a note), and its structure plans like the loaded model."""
+    from safetensors.torch import save_file
+
+    from attnres_quant.evaluation.testing import tiny_tokenizer
+    from attnres_quant.loading import describe_model, load_model, preflight_model, structure_model
+
+    model = tiny_kimi()
+    state = {f"language_model.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    state["vision_tower.patch_embed.weight"] = torch.zeros(4, 4)
+    ckpt = tmp_path / "k3"
+    ckpt.mkdir()
+    save_file(state, str(ckpt / "model.safetensors"))
+    text = dict(TINY, model_type="kimi_linear")
+    (ckpt / "config.json").write_text(json.dumps({"model_type": "kimi_k3", "text_config": text,
+                                                  "auto_map": {"AutoModel": "modeling_kimi_k3.X"}}))
+    tiny_tokenizer(vocab_size=320).save_pretrained(tmp_path / "tok")
+    src = preflight_model(str(ckpt), tokenizer=str(tmp_path / "tok"))  # auto_map is never run: no refusal
+    assert src.family == "kimi_k3-attnres" and any("only the text model" in n for n in src.warnings)
+    loaded, tok = load_model(str(ckpt), dtype="float32", tokenizer=str(tmp_path / "tok"))
+    assert tok is not None
+    info = describe_model(loaded)
+    assert info["model_type"] == "kimi_k3" and any("vision_tower" in n for n in info["load_notes"])
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(_logits(loaded, ids), _logits(model, ids))
+    v = _variant(default={"weight": "int4"}, rules=[{"select": "moe.experts.up", "experts": "1:3",
+                                                     "weight": "int8"}])
+    skeleton = structure_model(str(ckpt), dtype="float32")
+    assert [r.as_dict() for r in resolve_plan(skeleton, v).rows] == [r.as_dict() for r in resolve_plan(loaded, v).rows]
+
+
+def test_standard_residual_kimi_skips_depth_rules():
+    model = tiny_kimi(dict(TINY, attn_res_block_size=None))
+    plan = resolve_plan(model, _variant(default={"weight": "int4"}, rules=[{"select": "depth.*", "weight": "bf16"}]))
+    assert not any(r.component.startswith("depth.") for r in plan.rows)
+    assert any("no depth path" in n for n in plan.notes)
+
+
+@pytest.mark.parametrize("scheme", ["dynamic", "static"])
+def test_w8a8_on_kimi_every_expert_gets_a_static_scale(scheme, one_thread):
+    """Static activation scales are observed with every routed expert running on every calibration token
+    (an expert no token is routed to would otherwise have no scale)."""
+    model = tiny_kimi()
+    calib = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    q = quantize(model, _variant(default={"weight": "int8", "activation": "int8", "activation_scheme": scheme}),
+                 calibration=calib)
+    experts = [m for n, m in q.model.named_modules() if ".experts." in n and isinstance(m, torch.nn.Linear)]
+    assert len(experts) == 24 and all(hasattr(m, "_act_quantizer") for m in experts)
+    if scheme == "static":
+        assert all(m._act_quantizer.amax is not None for m in experts)
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+    assert 0 < (_logits(q.model, ids) - _logits(model, ids)).abs().max() < 5

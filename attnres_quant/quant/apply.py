@@ -269,7 +269,8 @@ def quantize(model: nn.Module, variant: Variant, calibration=None, *, source: st
             if q.scheme == "static":
                 static.append(q)
     if static:
-        _run(qmodel, batches)
+        with _calibration_context(qmodel):  # Kimi: every routed expert observes every calibration token
+            _run(qmodel, batches)
         for q in static:
             q.freeze()
 

@@ -101,9 +101,12 @@ class Rule(Precision):
 
     @field_validator("layers", "experts")
     @classmethod
-    def _check_layers(cls, v):
+    def _check_layers(cls, v, info):
         if isinstance(v, str):
-            parse_slice(v)  # raises ValueError with a clear message
+            try:
+                parse_slice(v)  # raises ValueError with a clear message
+            except ValueError as exc:
+                raise ValueError(str(exc).replace("layers ", f"{info.field_name} ", 1)) from None
         return v
 
     @field_validator("modules")
