@@ -172,13 +172,33 @@ def test_experts_selector_errors():
         resolve_plan(tiny_attnres(), _variant(rules=[{"select": "mlp.*", "experts": [0], "weight": "int4"}]))
 
 
-@pytest.mark.parametrize("method", ["awq", "gguf", "bnb", "torchao"])
-def test_methods_not_wired_for_kimi_are_refused_at_plan_time(method):
-    default = {"weight": {"gguf": "q4_0", "bnb": "nf4", "torchao": "int8"}.get(method, "int4")}
-    if method == "torchao":
-        default["group_size"] = None
-    with pytest.raises(UserError, match=f"cannot run on the kimi family"):
-        resolve_plan(tiny_kimi(), _variant(method=method, default=default))
+@pytest.mark.parametrize("method,options", [("awq", {}), ("torchao", {}), ("gguf", {"preset": "q4_k_m"})])
+def test_methods_not_wired_for_kimi_are_refused_at_plan_time(method, options):
+    default = {"weight": {"gguf": "q4_0", "torchao": "int8"}.get(method, "int4")}
+    with pytest.raises(UserError, match="cannot run on the kimi family"):
+        resolve_plan(tiny_kimi(), _variant(method=method, default=default, options=options))
+
+
+@pytest.mark.parametrize("method,weight,kernel", [("gguf", "q4_0", "simulated-gguf"), ("bnb", "int8", "bitsandbytes-int8")])
+def test_gguf_types_and_bnb_on_kimi(method, weight, kernel, one_thread):
+    """Plain GGUF types (llama.cpp's rounding and fallbacks) and bitsandbytes LLM.int8 reach the routed
+    experts; DEFAULT_KEEP holds for them too."""
+    model = tiny_kimi()
+    q = quantize(model, _variant(method=method, default={"weight": weight}))
+    assert q.kernel == kernel
+    rows = {r.name: r for r in q.plan.weight_rows()}
+    up = rows["model.layers.1.block_sparse_moe.experts.3.w3.weight"]
+    assert up.method == method and up.precision == weight
+    assert rows["model.layers.1.block_sparse_moe.gate.weight"].method == "keep"
+    if method == "gguf":  # rows of 16 (w2) do not fit q4_0's block of 32: llama.cpp's fp16 fallback
+        assert rows["model.layers.1.block_sparse_moe.experts.3.w2.weight"].fallback == "q4_0"
+        got = dict(q.model.named_parameters())
+        assert not torch.equal(got[up.name], dict(model.named_parameters())[up.name])
+    else:
+        assert type(q.model.model.layers[1].block_sparse_moe.experts[3].w3).__name__ == "Linear8bitLt"
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+    d = (_logits(q.model, ids).float() - _logits(model, ids)).abs().max()
+    assert torch.isfinite(d) and d > 0
 
 
 # --------------------------------------------------------------------------- cache hooks

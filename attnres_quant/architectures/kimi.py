@@ -336,18 +336,20 @@ def is_kimi_model(model) -> bool:
 
 # --------------------------------------------------------------------------- wiring helpers
 # Methods the plan accepts on this family, and why the others are refused (at plan time).
-METHODS = ("none", "rtn", "gptq")
+METHODS = ("none", "rtn", "gptq", "gguf", "bnb")
 REFUSED_METHODS = {
     "awq": "llm-compressor's AWQ mappings name Llama-style layers (input_layernorm -> q/k/v, post_attention_layernorm "
            "-> gate/up); there are none for KDA/MLA/MoE layers here yet",
-    "gguf": "llama.cpp has no Kimi-Linear / KDA architecture, so there is no GGUF tensor naming or preset to follow",
-    "bnb": "bitsandbytes replacement of the routed-expert Linears is untested on this family",
     "torchao": "torchao quantize_ on this family is untested (routed experts run on token subsets)",
 }
 
 
-def method_problem(method: str) -> str | None:
-    """Why ``method`` cannot run on this family (None when it can)."""
+def method_problem(method: str, options: dict | None = None) -> str | None:
+    """Why ``method`` (with its ``options``) cannot run on this family (None when it can)."""
+    if method == "gguf" and (options or {}).get("preset"):
+        return ("a gguf `preset` reproduces llama-quantize's per-tensor mix for Llama-layout layers (attn_v / "
+                "ffn_down in every layer); KDA/MLA/MoE layers have no such mix here -- give plain GGUF types "
+                "(default/rules with q4_0, q4_k, q8_0 ...) instead")
     if method in METHODS:
         return None
     return REFUSED_METHODS.get(method, f"method {method!r} is not supported on this family")

@@ -282,10 +282,11 @@ def resolve_plan(model: nn.Module, variant: Variant, source: str = "config") -> 
     keep: tuple[str, ...] = ()
     n_experts = 0
     if fam is not None:
-        problem = fam.method_problem(method)
+        problem = fam.method_problem(method, variant.options)
         if problem:
             raise UserError(f"method {method!r} cannot run on the {fam.name} family: {problem}", where0,
-                            "use `method: rtn` (or `none` for depth/cache hooks only) on this model")
+                            "use `method: rtn`, `gptq`, `gguf` (plain types) or `bnb` (or `none` for depth/cache "
+                            "hooks only) on this model")
         keep = tuple(fam.default_keep)
         n_experts = fam.num_experts(model)
     elif any(r.experts is not None for r in variant.rules):
