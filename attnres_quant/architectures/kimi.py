@@ -403,8 +403,14 @@ def structure(config: dict, dtype: Any = "bfloat16"):
         warnings.simplefilter("ignore")
         model = KimiAttnResForCausalLM(cfg)
     torch_dtype = _torch_dtype(dtype)
-    if torch_dtype is not None:
-        model = model.to(torch_dtype)
+    if torch_dtype is None:  # "auto": the checkpoint's declared dtype (bf16 when it declares none)
+        text, _ = text_config_dict(config)
+        declared = config.get("torch_dtype") or config.get("dtype") or text.get("torch_dtype") or text.get("dtype")
+        try:
+            torch_dtype = _torch_dtype(declared or "bfloat16")
+        except UserError:
+            torch_dtype = torch.bfloat16
+    model = model.to(torch_dtype or torch.bfloat16)
     return model.eval()
 
 
