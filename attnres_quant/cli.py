@@ -21,6 +21,7 @@ VERBS = {
     "bench": ("attnres_quant.bench.cli", "latency/memory benchmarks (overhead, kernels)"),
     "report": ("attnres_quant.report.render", "re-render a report from results.json"),
     "convert": ("attnres_quant.convert", "retrofit a Llama-style checkpoint into Block/Full AttnRes"),
+    "export": ("attnres_quant.export", "write a variant as a compressed-tensors checkpoint (or .gguf) + model card"),
 }
 
 

@@ -25,6 +25,11 @@ Families
   names) load into the reference implementation ``attnres_quant.model``.
 * Llama-family causal LMs (``llama``, ``qwen2``, ``qwen3``, ``mistral``) load
   through transformers as standard-residual comparators.
+* Families of the architecture registry (``attnres_quant.architectures``): Kimi-Linear /
+  Kimi K3 (``model_type`` ``kimi_linear`` / ``kimi_k3``) load into attnres_quant's own Kimi
+  model (never the checkpoint's remote code); their tokenizer comes from a ``tokenizer``
+  directory, the checkpoint's own files, or Moonshot's tiktoken tokenizer with
+  ``trust_remote_code`` (``architectures.kimi.tokenizer_status``).
 * Any other causal LM that transformers knows loads with a warning (untested).
 """
 
@@ -85,6 +90,7 @@ class ModelSource:
     config: dict[str, Any] = field(repr=False, default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     hub_id: str | None = None
+    tokenizer: str | None = None  # explicit tokenizer directory (registry families)
 
     @property
     def is_attnres_reference(self) -> bool:
@@ -206,8 +212,18 @@ def _weights(files: set[str], where: str, allow_pickle: bool) -> tuple[str, list
                     where=where, fix="point the model path at a complete checkpoint directory")
 
 
+def _registry_family(config: dict):
+    """The architecture-registry family of a config.json dict (Kimi ...), or None."""
+    from .architectures import family_for_config
+
+    return family_for_config(config)
+
+
 def _check_config(config: dict, where: str, trust_remote_code: bool) -> tuple[str, str, int | None, list[str]]:
     """(model_type, family, block size, warnings) from a config.json dict."""
+    fam = _registry_family(config)
+    if fam is not None:  # our own modelling code: the checkpoint's auto_map is never run
+        return fam.check_config(config, where)
     notes: list[str] = []
     if config.get("auto_map"):
         if not trust_remote_code:
@@ -345,7 +361,7 @@ def _resolve(spec: str) -> tuple[str, Path, str, str | None]:
 
 
 def preflight_model(path: str, *, dtype: Any = "bfloat16", device: Any = "cpu", allow_pickle: bool = False,
-                    trust_remote_code: bool = False) -> ModelSource:
+                    trust_remote_code: bool = False, tokenizer: str | None = None) -> ModelSource:
     """Check a model path without reading weights; raise ``UserError`` on anything ``load_model`` would refuse.
 
     For a hub id this downloads (or finds cached) only config and tokenizer files.
@@ -372,7 +388,17 @@ def preflight_model(path: str, *, dtype: Any = "bfloat16", device: Any = "cpu", 
     fmt, weight_files, wnotes = _weights(files, where, allow_pickle)
     notes += wnotes
     has_tok = _has_tokenizer(files)
-    if has_tok:
+    fam = _registry_family(config)
+    if fam is not None:
+        has_tok, tok_note = fam.tokenizer_status(directory, tokenizer, trust_remote_code)
+        if tok_note:
+            notes.append(tok_note)
+    elif tokenizer:  # an explicit tokenizer directory replaces the checkpoint's files
+        if not Path(os.path.expanduser(tokenizer)).is_dir():
+            raise UserError(f"tokenizer directory {tokenizer!r} does not exist", where=where,
+                            fix="point `tokenizer:` at a directory saved with transformers' save_pretrained")
+        has_tok = True
+    elif has_tok:
         tok_cfg = directory / "tokenizer_config.json"
         if tok_cfg.is_file() and _read_json(tok_cfg, where).get("auto_map") and not trust_remote_code:
             raise UserError("The checkpoint's tokenizer ships its own code (`auto_map` in tokenizer_config.json); "
@@ -384,7 +410,8 @@ def preflight_model(path: str, *, dtype: Any = "bfloat16", device: Any = "cpu", 
                      "and evaluation tasks that need text cannot run")
     return ModelSource(spec=spec, kind=kind, directory=directory, model_type=model_type, family=family,
                        block_size=block, weights_format=fmt, weight_files=weight_files, has_tokenizer=has_tok,
-                       dtype=dtype_name, device=device_name, config=config, warnings=notes, hub_id=hub_id)
+                       dtype=dtype_name, device=device_name, config=config, warnings=notes, hub_id=hub_id,
+                       tokenizer=tokenizer)
 
 
 def structure_model(path: str, *, trust_remote_code: bool = False, dtype: Any = "bfloat16", **_ignored):
@@ -405,7 +432,11 @@ def structure_model(path: str, *, trust_remote_code: bool = False, dtype: Any = 
     if not (directory / "config.json").is_file():
         raise UserError("The checkpoint has no config.json", where=where,
                         fix="point at a transformers-format checkpoint directory (config.json + weights)")
-    _check_config(_read_json(directory / "config.json", where), where, trust_remote_code)
+    raw = _read_json(directory / "config.json", where)
+    _check_config(raw, where, trust_remote_code)
+    fam = _registry_family(raw)
+    if fam is not None:
+        return fam.structure(raw, dtype_name)
     config = AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code, local_files_only=True)
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -428,7 +459,7 @@ def checkpoint_dir(src: ModelSource, *, trust_remote_code: bool = False) -> Path
 
 
 def load_model(path: str, *, dtype: Any = "bfloat16", device: Any = "cpu", allow_pickle: bool = False,
-               trust_remote_code: bool = False):
+               trust_remote_code: bool = False, tokenizer: str | None = None):
     """Load ``(model, tokenizer)`` from ``zoo:NAME``, a local directory or a hub id (see module docstring).
 
     The model is in eval mode on ``device`` in ``dtype``.  Missing or mismatched weights are an error
@@ -441,11 +472,14 @@ def load_model(path: str, *, dtype: Any = "bfloat16", device: Any = "cpu", allow
     from . import model as _registers_attnres  # noqa: F401  (AutoConfig/AutoModel registration)
 
     src = preflight_model(path, dtype=dtype, device=device, allow_pickle=allow_pickle,
-                          trust_remote_code=trust_remote_code)
+                          trust_remote_code=trust_remote_code, tokenizer=tokenizer)
     for note in src.warnings:
         warnings.warn(note, LoadingWarning, stacklevel=2)
     directory = checkpoint_dir(src, trust_remote_code=trust_remote_code)
     where = f"model path {src.spec!r}"
+    fam = _registry_family(src.config)
+    if fam is not None:
+        return _load_family(fam, src, directory, trust_remote_code)
     torch_dtype = "auto" if src.dtype == "auto" else getattr(torch, src.dtype)
     try:
         with warnings.catch_warnings():
@@ -466,7 +500,8 @@ def load_model(path: str, *, dtype: Any = "bfloat16", device: Any = "cpu", allow
         from transformers import AutoTokenizer
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code,
+            tok_dir = os.path.expanduser(src.tokenizer) if src.tokenizer else str(directory)
+            tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=trust_remote_code,
                                                       local_files_only=True)
         except Exception as exc:  # noqa: BLE001
             raise UserError(f"The checkpoint's tokenizer files could not be loaded ({type(exc).__name__}: {exc})",
@@ -474,6 +509,17 @@ def load_model(path: str, *, dtype: Any = "bfloat16", device: Any = "cpu", allow
                 from None
     model._attnres_source = src  # provenance for describe_model / reports
     return model, tokenizer
+
+
+def _load_family(fam, src: ModelSource, directory: Path, trust_remote_code: bool):
+    """Load a registry family's checkpoint (Kimi ...) with its own loader and tokenizer rule."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the loader's notes are kept on the model instead
+        model, notes = fam.load(directory, dtype=src.dtype, device=src.device)
+    tokenizer = fam.load_tokenizer(directory, src.tokenizer, trust_remote_code)
+    model._attnres_source = src
+    model._load_notes = list(notes)
+    return model.eval(), tokenizer
 
 
 def _check_loading_info(info: dict, src: ModelSource, where: str) -> None:
@@ -503,10 +549,24 @@ def _short(keys: list[str], n: int = 5) -> str:
 # --------------------------------------------------------------------------- describe
 def describe_model(model) -> dict:
     """Family, residual mode, sizes, parameter count and dtype of a loaded model."""
+    from .architectures import family_for_model
+
     cfg = model.config
     model_type = getattr(cfg, "model_type", None) or type(model).__name__
-    block = getattr(cfg, "attnres_block_size", None) if model_type in ATTNRES_MODEL_TYPES else None
-    if model_type in ATTNRES_MODEL_TYPES:
+    fam = family_for_model(model)
+    block = getattr(cfg, "attnres_block_size", None) if model_type in ATTNRES_MODEL_TYPES or fam else None
+    extra: dict = {}
+    if fam is not None:  # Kimi: block size in sub-layers here, in decoder layers as attn_res_block_size
+        src0 = getattr(model, "_attnres_source", None)
+        model_type = src0.model_type if src0 is not None else model_type
+        family = model_type + ("-attnres" if block else "")
+        extra = {"attnres_block_size": block,  # in sub-layers (FLA's name; what the report reads)
+                 "attn_res_block_size": getattr(cfg, "attn_res_block_size", None),
+                 "num_experts": getattr(cfg, "num_experts", None),
+                 "kda_layers": sum(1 for i in range(cfg.num_hidden_layers) if cfg.is_kda_layer(i)),
+                 "load_notes": list(getattr(model, "_load_notes", [])),
+                 "as_shipped": dict(getattr(model, "_kimi_as_shipped", {}))}
+    elif model_type in ATTNRES_MODEL_TYPES:
         family = "standard" if block is None else ("attnres-full" if block == 1 else "attnres-block")
     else:
         family = model_type
@@ -534,6 +594,7 @@ def describe_model(model) -> dict:
         "device": str(first.device) if first is not None else None,
         "tie_word_embeddings": bool(getattr(cfg, "tie_word_embeddings", False)),
         "source": src.spec if src is not None else getattr(cfg, "_name_or_path", None) or None,
+        **extra,
     }
 
 

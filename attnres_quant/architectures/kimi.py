@@ -12,11 +12,12 @@
   ``(component, layer, expert)``, SPEC section 2 extended for this family; computations
   (depth softmax/sources, the MLA latent cache, the KDA state) come from :func:`kimi_parts`.
 
-Not wired into ``attnres_quant.loading`` / ``quant.plan`` yet (see docs/checkpoints.md).
+Wired through the registry in :mod:`attnres_quant.architectures` (loading, components, plan).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import warnings
@@ -333,9 +334,162 @@ def is_kimi_model(model) -> bool:
     return isinstance(model, KimiAttnResForCausalLM)
 
 
+# --------------------------------------------------------------------------- wiring helpers
+# Methods the plan accepts on this family, and why the others are refused (at plan time).
+METHODS = ("none", "rtn", "gptq", "gguf", "bnb")
+REFUSED_METHODS = {
+    "awq": "llm-compressor's AWQ mappings name Llama-style layers (input_layernorm -> q/k/v, post_attention_layernorm "
+           "-> gate/up); there are none for KDA/MLA/MoE layers here yet",
+    "torchao": "torchao quantize_ on this family is untested (routed experts run on token subsets)",
+}
+
+
+def method_problem(method: str, options: dict | None = None) -> str | None:
+    """Why ``method`` (with its ``options``) cannot run on this family (None when it can)."""
+    if method == "gguf" and (options or {}).get("preset"):
+        return ("a gguf `preset` reproduces llama-quantize's per-tensor mix for Llama-layout layers (attn_v / "
+                "ffn_down in every layer); KDA/MLA/MoE layers have no such mix here -- give plain GGUF types "
+                "(default/rules with q4_0, q4_k, q8_0 ...) instead")
+    if method in METHODS:
+        return None
+    return REFUSED_METHODS.get(method, f"method {method!r} is not supported on this family")
+
+
+@contextlib.contextmanager
+def calibrate_all_experts(model):
+    """During calibration every routed expert sees every token (its Hessian is never empty), while the
+    forward still adds only the routed experts' outputs -- llm-compressor's "calibrate all experts"."""
+    from .kimi_modeling import KimiSparseMoe
+
+    moes = [m for m in model.modules() if isinstance(m, KimiSparseMoe)]
+    for m in moes:
+        m.calibrate_all_experts = True
+    try:
+        yield model
+    finally:
+        for m in moes:
+            m.calibrate_all_experts = False
+
+
+def family_name(config: dict) -> str:
+    """``kimi_linear-attnres`` / ``kimi_linear`` (standard residual) / ``kimi_k3-attnres`` ..."""
+    text, _ = text_config_dict(config)
+    return f"{config.get('model_type')}" + ("-attnres" if text.get("attn_res_block_size") else "")
+
+
+def check_config(config: dict, where: str) -> tuple[str, str, int | None, list[str]]:
+    """(model_type, family, block size in sub-layers, notes) of a Kimi config.json, as loading._check_config."""
+    notes = []
+    build_config(config)  # UserError on a config our model cannot build
+    text, _ = text_config_dict(config)
+    k = text.get("attn_res_block_size")
+    if config.get("auto_map"):
+        notes.append(f"{where}: config.json names remote code (auto_map); it is not run: the Kimi family runs on "
+                     "attnres_quant's own model (architectures/kimi_modeling.py)")
+    if config.get("model_type") == "kimi_k3":
+        notes.append(f"{where}: kimi_k3: only the text model (language_model.) is loaded; the vision tower and "
+                     "projector are skipped")
+    return config.get("model_type"), family_name(config), (2 * k if k else None), notes
+
+
+def structure(config: dict, dtype: Any = "bfloat16"):
+    """The model on the meta device (no weights), in ``dtype`` as ``load_kimi`` would load it."""
+    import torch
+
+    from .kimi_modeling import KimiAttnResForCausalLM
+
+    cfg = build_config(config)
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = KimiAttnResForCausalLM(cfg)
+    torch_dtype = _torch_dtype(dtype)
+    if torch_dtype is None:  # "auto": the checkpoint's declared dtype (bf16 when it declares none)
+        text, _ = text_config_dict(config)
+        declared = config.get("torch_dtype") or config.get("dtype") or text.get("torch_dtype") or text.get("dtype")
+        try:
+            torch_dtype = _torch_dtype(declared or "bfloat16")
+        except UserError:
+            torch_dtype = torch.bfloat16
+    model = model.to(torch_dtype or torch.bfloat16)
+    return model.eval()
+
+
+def tokenizer_status(directory: Path, tokenizer: str | None, trust_remote_code: bool) -> tuple[bool, str | None]:
+    """(a tokenizer will load, note) without loading it.
+
+    Order: an explicit ``tokenizer`` directory; the checkpoint's own tokenizer files when they need
+    no remote code; Moonshot's tiktoken tokenizer (``tokenization_kimi.py``, ``auto_map`` in
+    tokenizer_config.json) only with ``trust_remote_code`` and the ``tiktoken`` package.
+    """
+    import importlib.util
+
+    if tokenizer:
+        if not Path(tokenizer).expanduser().is_dir():
+            raise UserError(f"tokenizer directory {tokenizer!r} does not exist", where="model tokenizer",
+                            fix="point `tokenizer:` at a directory saved with transformers' save_pretrained")
+        return True, None
+    tok_cfg = directory / "tokenizer_config.json"
+    files = {p.name for p in directory.iterdir()}
+    if not tok_cfg.is_file() and "tokenizer.json" not in files:
+        return False, (f"{directory}: no tokenizer files; the tokenizer is None (give the model entry a "
+                       "`tokenizer: DIR`)")
+    remote = False
+    if tok_cfg.is_file():
+        with open(tok_cfg, encoding="utf-8") as fh:
+            remote = bool((json.load(fh) or {}).get("auto_map"))
+    if not remote:
+        return True, None
+    why = []
+    if not trust_remote_code:
+        why.append("it is remote code (tokenization_kimi.py): set `trust_remote_code: true` on the model entry")
+    if importlib.util.find_spec("tiktoken") is None:
+        why.append("it needs the `tiktoken` package (pip install tiktoken)")
+    if why:
+        return False, (f"{directory}: Moonshot's Kimi tokenizer is tiktoken-based and is not loaded ("
+                       + "; ".join(why) + "), or give the model entry a `tokenizer: DIR`; the tokenizer is None, "
+                       "so tasks and quality metrics cannot run")
+    return True, None
+
+
+def load_tokenizer(directory: Path, tokenizer: str | None, trust_remote_code: bool):
+    """The tokenizer as :func:`tokenizer_status` describes, or None."""
+    ok, _ = tokenizer_status(directory, tokenizer, trust_remote_code)
+    if not ok:
+        return None
+    from transformers import AutoTokenizer
+
+    path = Path(tokenizer).expanduser() if tokenizer else directory
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code and not tokenizer,
+                                             local_files_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"The tokenizer could not be loaded ({type(exc).__name__}: {exc})", where=str(path),
+                        fix="repair the tokenizer files or give the model entry another `tokenizer: DIR`") from None
+
+
+def latent_cache_bytes_per_token(config, precision: str = "bf16", granularity: str = "per_token", *,
+                                 scale_bytes: int = 2) -> float:
+    """Bytes the MLA latent cache holds per token of context, all MLA layers: ``kv_lora_rank`` +
+    ``qk_rope_head_dim`` values per layer, plus (per_token fp8/int8/int4) one scale per token for each
+    of the two cached tensors."""
+    bits = {"bf16": 16, "fp16": 16, "fp32": 32, "fp8": 8, "int8": 8, "int4": 4}[precision]
+    n_mla = sum(1 for i in range(config.num_hidden_layers) if not config.is_kda_layer(i))
+    width = int(config.kv_lora_rank or 0) + int(config.qk_rope_head_dim or 0)
+    scales = 2 * scale_bytes if (granularity == "per_token" and precision in ("fp8", "int8", "int4")) else 0
+    return n_mla * (width * bits / 8 + scales)
+
+
+def kda_state_bytes(config, precision: str = "fp32") -> float:
+    """Bytes of the KDA recurrent states of one sequence (all KDA layers): H x V x K per layer."""
+    bits = {"bf16": 16, "fp16": 16, "fp32": 32, "fp8": 8, "int8": 8, "int4": 4}[precision]
+    lac = config.linear_attn_config or {}
+    n_kda = sum(1 for i in range(config.num_hidden_layers) if config.is_kda_layer(i))
+    return n_kda * int(lac.get("num_heads", 0)) * int(lac.get("head_dim", 0)) ** 2 * bits / 8
+
+
 @dataclass(frozen=True)
 class Family:
-    """What an architecture registry needs from this family (the registry itself is not built yet)."""
+    """What the architecture registry needs from this family (``attnres_quant.architectures``)."""
 
     name: str
     model_types: tuple[str, ...]
@@ -346,15 +500,26 @@ class Family:
     component: Any  # (name, num_layers=None) -> ComponentRef | None
     parts: Any  # (model) -> Iterator[KimiPart]
     handles_model: Any  # (model) -> bool
+    check_config: Any = None  # (config dict, where) -> (model_type, family, block size in sub-layers, notes)
+    structure: Any = None  # (config dict, dtype) -> meta-device model
+    method_problem: Any = None  # (method) -> None | reason
+    tokenizer_status: Any = None  # (directory, tokenizer, trust_remote_code) -> (ok, note)
+    load_tokenizer: Any = None  # (directory, tokenizer, trust_remote_code) -> tokenizer | None
+    calibration_context: Any = None  # (model) -> context manager used while calibration data runs (GPTQ)
 
     def handles_config(self, config: dict) -> bool:
         return config.get("model_type") in self.model_types
 
+    def num_experts(self, model) -> int:
+        return int(getattr(model.config, "num_experts", None) or 0)
+
 
 FAMILY = Family("kimi", MODEL_TYPES, COMPONENTS, COMPUTE_COMPONENTS, DEFAULT_KEEP, load_kimi, kimi_component,
-                kimi_parts, is_kimi_model)
+                kimi_parts, is_kimi_model, check_config, structure, method_problem, tokenizer_status,
+                load_tokenizer, calibrate_all_experts)
 
 
 __all__ = ["FAMILY", "Family", "is_kimi_model", "MODEL_TYPES", "COMPONENTS", "WEIGHT_COMPONENTS",
-           "COMPUTE_COMPONENTS", "DEFAULT_KEEP", "ComponentRef", "KimiPart", "kimi_component", "kimi_parts", "is_kimi_config", "text_config_dict", "build_config",
-           "load_kimi", "weight_files"]
+           "COMPUTE_COMPONENTS", "DEFAULT_KEEP", "ComponentRef", "KimiPart", "kimi_component", "kimi_parts",
+           "is_kimi_config", "text_config_dict", "build_config", "load_kimi", "weight_files", "METHODS",
+           "method_problem", "latent_cache_bytes_per_token", "kda_state_bytes", "structure", "check_config"]

@@ -221,6 +221,9 @@ class KimiSparseMoe(nn.Module):
         super().__init__()
         self.config_ref = config
         self.latent = config.routed_expert_hidden_size is not None
+        # Calibration mode (GPTQ Hessians, kimi.calibrate_all_experts): every routed expert runs on every
+        # token so that each one is calibrated; the output still uses only the routed experts' results.
+        self.calibrate_all_experts = False
         inner = config.routed_expert_hidden_size if self.latent else config.hidden_size
         self.experts = nn.ModuleList(KimiExpert(config, inner, config.moe_intermediate_size)
                                      for _ in range(config.num_experts))
@@ -242,9 +245,12 @@ class KimiSparseMoe(nn.Module):
         y = x.new_zeros(x.shape, dtype=torch.float32)
         for e, expert in enumerate(self.experts):
             tok, pos = torch.where(idx == e)
-            if tok.numel() == 0:
+            if self.calibrate_all_experts:
+                out = expert(x)[tok]
+            elif tok.numel() == 0:
                 continue
-            out = expert(x[tok])
+            else:
+                out = expert(x[tok])
             y.index_add_(0, tok, out.float() * weight[tok, pos, None])
         y = y.to(x.dtype)
         if self.latent:
@@ -286,6 +292,10 @@ class KimiCache:
                 self.conv_states[i] = tuple(t.index_select(0, beam_idx.to(t.device)) for t in self.conv_states[i])
                 s = self.recurrent_states[i]
                 self.recurrent_states[i] = s.index_select(0, beam_idx.to(s.device))
+        for layer_state in getattr(self, "_kv_quant_state", {}).values():  # per-head running KV scales
+            for slot, (lo, hi) in list(layer_state.items()):
+                layer_state[slot] = (lo.index_select(0, beam_idx.to(lo.device)),
+                                     hi.index_select(0, beam_idx.to(hi.device)))
 
 
 class KimiMLAAttention(nn.Module):
@@ -322,7 +332,8 @@ class KimiMLAAttention(nn.Module):
         # key part [B, 1, T, rope] before they are cached (and used), prefill and decode alike.
         self.kv_quantizer = None
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KimiCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KimiCache | None,
+                token_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         h = self.num_heads
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank is not None else self.q_proj(x)
@@ -330,8 +341,7 @@ class KimiMLAAttention(nn.Module):
         c, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
         c = self.kv_a_layernorm(c)
         if self.kv_quantizer is not None:
-            c = self.kv_quantizer(c.unsqueeze(1)).squeeze(1)
-            k_rope = self.kv_quantizer(k_rope.unsqueeze(1)).squeeze(1)
+            c, k_rope = self._store_latent(c, k_rope, cache, token_mask)
         if cache is not None:
             c, k_rope = cache.update_latent(self.layer_idx, c, k_rope)
         n = c.shape[1]
@@ -344,6 +354,25 @@ class KimiMLAAttention(nn.Module):
         if self.use_output_gate:
             out = out * self.g_proj(x).sigmoid()
         return self.o_proj(out)
+
+    def _store_latent(self, c, k_rope, cache: KimiCache | None, token_mask=None):
+        """The latent and the shared key part as the (simulated) cache stores them, each as [B, 1, T, C].
+
+        The reference model's KV-cache protocol (``Attention._store_kv``): a ``stateful`` quantizer
+        (per-head running maximum) is called ``q(x, state, slot, token_mask)`` with a dict kept beside
+        the cache per layer, so decode steps continue from the prefill's scales; ``token_mask`` [B, T]
+        is False at padding, which never widens a scale."""
+        q = self.kv_quantizer
+        c4, r4 = c.unsqueeze(1), k_rope.unsqueeze(1)
+        if not getattr(q, "stateful", False):
+            return q(c4).squeeze(1), q(r4).squeeze(1)
+        if cache is None:
+            state = {}
+        else:
+            if not hasattr(cache, "_kv_quant_state"):
+                cache._kv_quant_state = {}
+            state = cache._kv_quant_state.setdefault(self.layer_idx, {})
+        return q(c4, state, "latent", token_mask).squeeze(1), q(r4, state, "k_rope", token_mask).squeeze(1)
 
 
 class KimiDeltaAttention(nn.Module):
@@ -523,13 +552,16 @@ class KimiAttnResModel(KimiPreTrainedModel):
         # KDA: left padding is handled by zeroing padded inputs of the short convolutions, which
         # keeps the recurrent state at zero until the first real token (prefill only).
         kda_mask = attention_mask[:, -t:] if padded and past == 0 else None
+        token_mask = attention_mask[:, -t:].bool() if padded else None  # MLA latent cache scales (per_head)
         if padded and past > 0 and t > 1:
             raise NotImplementedError("padded chunked prefill after a cache is not supported")
 
         def run(sub: SubLayer, x):
             if sub.is_attn:
                 fn = sub.fn
-                return fn(x, kda_mask if isinstance(fn, KimiDeltaAttention) else mla_mask, cache)
+                if isinstance(fn, KimiDeltaAttention):
+                    return fn(x, kda_mask, cache)
+                return fn(x, mla_mask, cache, token_mask)
             return sub.fn(x)
 
         subs = self.sublayers()

@@ -60,6 +60,8 @@ class ModelSpec(Strict):
     name: str | None = Field(default=None, description="label in the report (default: from path)")
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    tokenizer: str | None = Field(default=None, description="tokenizer directory when the checkpoint's own cannot "
+                                  "be used (Kimi's tiktoken tokenizer is remote code)")
 
     @field_validator("name")
     @classmethod

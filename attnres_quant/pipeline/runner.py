@@ -152,12 +152,24 @@ def preflight(config: StudyConfig, variants, source: str, device: str) -> None:
     settings = eval_settings(config)
     eval_preflight([t.name for t in config.tasks], settings)
     for spec in config.models:
-        preflight_model(spec.path, allow_pickle=spec.allow_pickle, trust_remote_code=spec.trust_remote_code)
+        src = preflight_model(spec.path, allow_pickle=spec.allow_pickle, trust_remote_code=spec.trust_remote_code,
+                              **_tokenizer_kw(spec))
+        if not src.has_tokenizer and (config.tasks or config.quality.enabled):
+            raise UserError(f"model {spec.label} has no usable tokenizer, and tasks / quality metrics need one"
+                            + (f" ({src.warnings[-1]})" if src.warnings else ""), f"{source} (model {spec.label})",
+                            "give the model entry `tokenizer: DIR` (a transformers tokenizer directory), or run "
+                            "`plan` only")
         skeleton = structure_model(spec.path, trust_remote_code=spec.trust_remote_code)
         for variant in variants:
             plan = resolve_plan(skeleton, variant, source=f"{source} (model {spec.label})")
             # Each method says whether it can run this plan on the device, before any weights load.
             check_can_run(plan, device, f"{source} (model {spec.label}), variant {variant.name!r}")
+
+
+def _tokenizer_kw(spec) -> dict:
+    """``tokenizer=`` for load_model / preflight_model when the model entry names one."""
+    tok = getattr(spec, "tokenizer", None)
+    return {"tokenizer": tok} if tok else {}
 
 
 def eval_settings(config: StudyConfig):
@@ -326,7 +338,7 @@ def load_baseline(spec, config: StudyConfig, device: str):
 
     try:
         model, tokenizer = load_model(spec.path, dtype=config.dtype, device=device, allow_pickle=spec.allow_pickle,
-                                      trust_remote_code=spec.trust_remote_code)
+                                      trust_remote_code=spec.trust_remote_code, **_tokenizer_kw(spec))
     except pickle.UnpicklingError as exc:
         detail = (str(exc).strip().splitlines() or ["no detail"])[0][:200]
         raise UserError(f"the pickle weights of model {spec.label!r} ({_pickle_files(spec.path)}) were refused by "

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .depth import kv_granularity, set_kv_cache, set_softmax, set_sources
+from .depth import kv_granularity, set_kv_cache, set_softmax, set_sources, set_state
 from .plan import Plan, resolve_plan
 from .formats import add_activation_quantizer as add_format_activation_quantizer
 from .formats import fake_quantize_weight as fmt_fake_quantize_weight
@@ -208,6 +208,8 @@ def quantize(model: nn.Module, variant: Variant, calibration=None, *, source: st
             set_sources(module, res.storage, mdtype)
         elif row.component == "attn.kv_cache":
             set_kv_cache(module, res.storage, mdtype, kv_gran)
+        elif row.component == "attn.state":
+            set_state(module, res.storage)
         if row.method == "sim":
             simulated_parts.append(f"{row.component}@{row.name}={row.precision}")
 
@@ -227,8 +229,9 @@ def quantize(model: nn.Module, variant: Variant, calibration=None, *, source: st
         from .gptq import gptq_quantize
 
         opts = variant.options
-        gptq_quantize(qmodel, gptq_groups, batches, block_size=int(opts.get("block_size", 128)),
-                      dampening=float(opts.get("dampening", 0.01)), actorder=opts.get("actorder", "static"))
+        with _calibration_context(qmodel):  # Kimi: every routed expert sees every calibration token
+            gptq_quantize(qmodel, gptq_groups, batches, block_size=int(opts.get("block_size", 128)),
+                          dampening=float(opts.get("dampening", 0.01)), actorder=opts.get("actorder", "static"))
 
     # 2b. GGUF (llama.cpp types) on the rows that ask for it; llama.cpp's fallback where rows do not fit.
     gguf_bytes = None
@@ -277,7 +280,8 @@ def quantize(model: nn.Module, variant: Variant, calibration=None, *, source: st
             if q.observing:  # static scales (and nvfp4's global scale) come from calibration
                 static.append(q)
     if static:
-        _run(qmodel, batches)
+        with _calibration_context(qmodel):  # Kimi: every routed expert observes every calibration token
+            _run(qmodel, batches)
         for q in static:
             q.freeze()
 
@@ -314,6 +318,17 @@ def quantize(model: nn.Module, variant: Variant, calibration=None, *, source: st
                           simulated_parts, notes, details)
 
 
+def _calibration_context(model: nn.Module):
+    """The architecture family's calibration mode (Kimi: calibrate all routed experts), else a no-op."""
+    import contextlib
+
+    from ..architectures import family_for_model
+
+    fam = family_for_model(model)
+    ctx = getattr(fam, "calibration_context", None) if fam is not None else None
+    return ctx(model) if ctx is not None else contextlib.nullcontext()
+
+
 def _kv_details(model: nn.Module, plan: Plan, granularity: str) -> dict:
     """KV-cache bytes per token of context (all layers) as planned, and at the baseline dtype."""
     rows = [r for r in plan.rows if r.component == "attn.kv_cache"]
@@ -322,6 +337,13 @@ def _kv_details(model: nn.Module, plan: Plan, granularity: str) -> dict:
     from .kv_cache import kv_cache_bytes_per_token
 
     cfg = model.config
+    if getattr(cfg, "kv_lora_rank", None):  # MLA (Kimi): the latent cache
+        from ..architectures.kimi import latent_cache_bytes_per_token as latent
+
+        n_mla = len(rows)
+        return {"precisions": sorted({r.precision for r in rows}), "granularity": granularity, "cache": "mla latent",
+                "bytes_per_token": sum(latent(cfg, r.precision, granularity) / n_mla for r in rows),
+                "baseline_bytes_per_token": latent(cfg, plan.model_dtype, granularity)}
     n = int(cfg.num_hidden_layers)
     per_layer = [kv_cache_bytes_per_token(cfg, r.precision, granularity) / n for r in rows]
     return {"precisions": sorted({r.precision for r in rows}), "granularity": granularity,

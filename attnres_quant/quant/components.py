@@ -15,6 +15,12 @@ Two naming schemes are recognised:
 
 Any other ``nn.Linear`` / ``nn.Embedding`` becomes component ``other`` (selectable by a
 ``modules`` regex); any other norm-like 1-D weight is not a part.
+
+Families of the architecture registry (``attnres_quant.architectures``: Kimi-Linear / K3)
+name their own parts (:func:`_family_parts`): one part per *parameter* (``A_log``,
+``dt_bias`` and the router's ``e_score_correction_bias`` have no module ``.weight``; such a
+part's ``module`` is a :class:`ParamView` and its ``param`` names the tensor), routed experts
+carry their ``expert`` index, and KDA layers add the computation ``attn.state``.
 """
 
 from __future__ import annotations
@@ -28,13 +34,20 @@ from torch import nn
 # Weight-bearing components, then computations.
 WEIGHT_COMPONENTS = ("embed", "attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down",
                      "lm_head", "norm", "depth.query", "depth.key_norm", "other")
-COMPUTE_COMPONENTS = ("depth.softmax", "depth.sources", "attn.kv_cache")
-COMPONENTS = WEIGHT_COMPONENTS + COMPUTE_COMPONENTS
+COMPUTE_COMPONENTS = ("depth.softmax", "depth.sources", "attn.kv_cache", "attn.state")
+# Components only the Kimi family has (KDA / MLA / MoE; SPEC section 2).
+FAMILY_WEIGHT_COMPONENTS = ("attn.gate", "attn.conv", "attn.decay", "attn.q_a", "attn.q_b", "attn.kv_a",
+                            "attn.kv_b", "moe.router", "moe.experts.gate", "moe.experts.up", "moe.experts.down",
+                            "moe.shared.gate", "moe.shared.up", "moe.shared.down", "moe.latent.down",
+                            "moe.latent.up")
+COMPONENTS = WEIGHT_COMPONENTS + FAMILY_WEIGHT_COMPONENTS + COMPUTE_COMPONENTS
 
 # Components whose weight is an nn.Linear called as a module (so real kernels and
 # activation quantizers can replace / wrap it).
 LINEAR_COMPONENTS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down", "lm_head",
-                     "other")
+                     "other", "attn.gate", "attn.q_a", "attn.q_b", "attn.kv_a", "attn.kv_b", "moe.experts.gate",
+                     "moe.experts.up", "moe.experts.down", "moe.shared.gate", "moe.shared.up", "moe.shared.down",
+                     "moe.latent.down", "moe.latent.up")
 
 
 @dataclass
@@ -50,10 +63,33 @@ class Part:
     numel: int = 0
     dtype: torch.dtype | None = None
     is_linear: bool = False  # an nn.Linear called as a module
+    expert: int | None = None  # routed expert index (moe.experts.*), selected by a rule's `experts:`
+    param: str = "weight"  # the module attribute holding the tensor (A_log, dt_bias, e_score_correction_bias)
 
     @property
     def tensor_name(self) -> str:
-        return f"{self.name}.weight" if self.kind == "weight" else self.name
+        return f"{self.name}.{self.param}" if self.kind == "weight" else self.name
+
+
+class ParamView:
+    """Stands in for a module whose quantizable tensor is not called ``weight`` (``A_log``, ``dt_bias``,
+    a router's ``e_score_correction_bias``): ``view.weight`` reads and writes ``module.<param>``, so the
+    plan and the RTN / cast code treat it like any weight."""
+
+    def __init__(self, module: nn.Module, param: str):
+        object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "_param", param)
+
+    @property
+    def weight(self):
+        return getattr(self._module, self._param)
+
+    @weight.setter
+    def weight(self, value):
+        setattr(self._module, self._param, value)
+
+    def __repr__(self) -> str:
+        return f"ParamView({type(self._module).__name__}.{self._param})"
 
 
 _ATTNRES_RULES = [
@@ -99,8 +135,36 @@ def _classify(name: str, rules) -> tuple[str, int | None] | None:
     return None
 
 
+def _family_parts(model: nn.Module, fam) -> list[Part]:
+    """Parts of a registry family's model (Kimi): one per parameter, then its computations."""
+    modules = dict(model.named_modules())
+    parts: list[Part] = []
+    for kp in fam.parts(model):
+        ref = kp.ref
+        if kp.kind == "weight":
+            mname, _, attr = kp.name.rpartition(".")
+            module = modules[mname]
+            w = getattr(module, attr)
+            holder = module if attr == "weight" else ParamView(module, attr)
+            linear = attr == "weight" and isinstance(module, nn.Linear) and ref.component in LINEAR_COMPONENTS
+            parts.append(Part(ref.component, ref.layer, mname, "weight", holder, tuple(w.shape), w.numel(), w.dtype,
+                              linear, ref.expert, attr))
+        else:
+            module = modules[kp.name]
+            # Sub-layer 0 mixes one source (weight 1): no depth softmax to lower (as on the reference model).
+            if ref.component == "depth.softmax" and getattr(module, "sublayer", 1) == 0:
+                continue
+            parts.append(Part(ref.component, ref.layer, kp.name, "compute", module))
+    return parts
+
+
 def resolve_components(model: nn.Module) -> list[Part]:
     """Every quantizable tensor and computation of ``model``, in module order."""
+    from ..architectures import family_for_model
+
+    fam = family_for_model(model)
+    if fam is not None:
+        return _family_parts(model, fam)
     attnres = is_attnres(model) or type(model).__name__.startswith(("AttnRes", "FLATransformer"))
     rules = _ATTNRES_RULES if attnres else _LLAMA_RULES
     L = num_layers(model)

@@ -117,3 +117,10 @@ def set_kv_cache(attn, storage: str | None, model_dtype: torch.dtype, granularit
         attn.kv_quantizer = None
     else:
         attn.kv_quantizer = make_kv_quantizer(storage, granularity)
+
+
+def set_state(attn, storage: str | None) -> None:
+    """``KimiDeltaAttention.state_quantizer`` (component ``attn.state``): the fp32 KDA recurrent state
+    [B, H, V, K] as stored after every token -- bf16/fp16 cast, fp8 scaled e4m3 or int8/int4 symmetric RTN
+    with one scale per (sequence, head, value row) over K (``per-row``); None for fp32 (the baseline)."""
+    attn.state_quantizer = None if storage is None or storage == "fp32" else StorageQuantizer(storage)

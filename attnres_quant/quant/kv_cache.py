@@ -150,7 +150,9 @@ def set_kv_quantizer(model, precision: str | None, granularity: str = "per_token
     ``model`` (or only ``layers``, a collection of layer indices). Returns the count installed."""
     n = 0
     for module in model.modules():
-        if hasattr(module, "kv_quantizer") and hasattr(module, "k_proj"):
+        # Attention layers with a KV cache: the reference model's (k_proj) and MLA's latent cache
+        # (kv_a_proj_with_mqa, Kimi); KDA layers have k_proj but no kv_quantizer (attn.state instead).
+        if hasattr(module, "kv_quantizer") and (hasattr(module, "k_proj") or hasattr(module, "kv_a_proj_with_mqa")):
             idx = getattr(module, "layer_idx", None)
             if layers is not None and idx not in layers:
                 continue

@@ -187,12 +187,16 @@ def granularity(shape: tuple[int, ...], group_size: int | None, symmetric: bool)
 
 
 # --------------------------------------------------------------------------- resolve
-def _matches(rule, part: Part, n_layers: int) -> bool:
+def _matches(rule, part: Part, n_layers: int, n_experts: int = 0) -> bool:
     if not component_matches(rule.select, part.component):
         return False
     if rule.layers is not None:
         layers = selected_layers(rule.layers, n_layers)
         if part.layer is None or part.layer not in layers:
+            return False
+    experts = getattr(rule, "experts", None)
+    if experts is not None:  # routed experts only; slices and negative indices count over 0..n_experts-1
+        if part.expert is None or part.expert not in selected_layers(experts, n_experts):
             return False
     if rule.modules is not None and not re.search(rule.modules, part.name):
         return False
@@ -244,9 +248,11 @@ def effective_rules(variant: Variant, n_layers: int, *, tied_embeddings: bool = 
     return default, pre + rules
 
 
-def _default_ok(variant: Variant, part: Part, fields: list[str], default: Precision | None = None) -> list[str]:
-    """Default fields that apply to ``part`` (those the method can provide)."""
-    if part.component in DEFAULT_EXCLUDED:
+def _default_ok(variant: Variant, part: Part, fields: list[str], default: Precision | None = None,
+                keep: tuple[str, ...] = ()) -> list[str]:
+    """Default fields that apply to ``part`` (those the method can provide); ``keep``: a family's
+    DEFAULT_KEEP components, which the default never reaches."""
+    if part.component in DEFAULT_EXCLUDED or part.component in keep:
         return []
     d = default if default is not None else variant.default
     if variant.method == "gguf" and part.kind == "weight" and ggml_n_dims(part.shape) < 2:
@@ -277,18 +283,43 @@ def resolve_plan(model: nn.Module, variant: Variant, source: str = "config") -> 
     method = variant.method
     where0 = f"{source}, variant {variant.name!r}"
     notes: list[str] = []
+    from ..architectures import family_for_model
+
+    fam = family_for_model(model)
+    keep: tuple[str, ...] = ()
+    n_experts = 0
+    if fam is not None:
+        problem = fam.method_problem(method, variant.options)
+        if problem:
+            raise UserError(f"method {method!r} cannot run on the {fam.name} family: {problem}", where0,
+                            "use `method: rtn`, `gptq`, `gguf` (plain types) or `bnb` (or `none` for depth/cache "
+                            "hooks only) on this model")
+        keep = tuple(fam.default_keep)
+        n_experts = fam.num_experts(model)
+    elif any(r.experts is not None for r in variant.rules):
+        bad = next(i for i, r in enumerate(variant.rules) if r.experts is not None)
+        raise UserError("`experts:` selects routed experts, and this model has none", f"{where0}, "
+                        f"{variant.rules[bad].label(bad)}", "remove `experts:` or use it on a MoE model (Kimi)")
     resolved = {id(p): Resolved() for p in parts}
     tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
     default, rule_list = effective_rules(variant, n_layers, tied_embeddings=tied)
 
     dfields = default.set_fields()
+    kept_by_family: set[str] = set()
     for p in parts:
-        fields = _default_ok(variant, p, _relevant(dfields, p), default)
+        fields = _default_ok(variant, p, _relevant(dfields, p), default, keep)
         _apply(resolved[id(p)], default, fields, "default")
+        if p.component in keep and p.kind == "weight" and _default_ok(variant, p, _relevant(dfields, p), default):
+            resolved[id(p)].decided_by["weight"] = f"kept: {fam.name} default-keep"
+            kept_by_family.add(p.component)
+    if kept_by_family:
+        notes.append(f"{fam.name} family: the default does not reach {', '.join(sorted(kept_by_family))} "
+                     "(DEFAULT_KEEP: AttnRes pseudo-queries and key norms, routers, KDA decay, norms -- the K3 "
+                     "ignore lesson); a rule that names them quantizes them")
 
     for label, rule in rule_list:
         where = f"{where0}, {label}"
-        hits = [p for p in parts if _matches(rule, p, n_layers)]
+        hits = [p for p in parts if _matches(rule, p, n_layers, n_experts)]
         if not hits:
             depth_only = all(c.startswith("depth.") for c in
                              [c for c in {p.component for p in parts} | {"depth.query", "depth.key_norm",
@@ -325,7 +356,7 @@ def resolve_plan(model: nn.Module, variant: Variant, source: str = "config") -> 
             raise UserError(f"the rule sets {', '.join(fields)}, which applies to none of the parts it selects "
                             f"({', '.join(sorted({p.component for p in hits}))})", where,
                             "weight/group_size/symmetric apply to weights, activation* to nn.Linear inputs, "
-                            "compute to depth.softmax, storage to depth.sources and attn.kv_cache")
+                            "compute to depth.softmax, storage to depth.sources, attn.kv_cache and attn.state")
 
     # Cross-field checks per part.
     bnb_kept: dict[str, list[str]] = {}
@@ -497,6 +528,12 @@ def _rows(parts: list[Part], resolved: dict, variant: Variant, model: nn.Module)
     for p in parts:
         res = resolved[id(p)]
         rule = "; ".join(sorted(set(res.decided_by.values()), key=lambda s: (s != "default", s))) or "baseline"
+        if p.kind == "compute" and p.component == "attn.state":  # the KDA recurrent state: fp32 in every model
+            prec = res.storage or "fp32"
+            gran = "per-row" if prec in ("int8", "int4", "fp8") else "-"
+            rows.append(PlanRow(p.component, p.layer, p.name + ".state", "keep" if prec == "fp32" else "sim", prec,
+                                gran, "-", rule, part=p, resolved=res))
+            continue
         if p.kind == "compute":
             if p.component == "depth.softmax":
                 prec = res.compute or "fp32"
@@ -564,8 +601,8 @@ def _rows(parts: list[Part], resolved: dict, variant: Variant, model: nn.Module)
         key = (m, prec, gran)
         first = seen.get(id(w))  # tied weights are one Parameter object (works on the meta device too)
         tied = first[0] if first is not None and first[1] == key else None
-        seen.setdefault(id(w), (f"{p.name}.weight", key))
-        rows.append(PlanRow(p.component, p.layer, f"{p.name}.weight", m, prec, gran, act, rule, p.numel, bits,
+        seen.setdefault(id(w), (p.tensor_name, key))
+        rows.append(PlanRow(p.component, p.layer, p.tensor_name, m, prec, gran, act, rule, p.numel, bits,
                             tied, fallback, part=p, resolved=res))
     return rows
 

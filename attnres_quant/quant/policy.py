@@ -29,7 +29,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import UserError
-from .components import COMPONENTS, LINEAR_COMPONENTS
+from .components import COMPONENTS, COMPUTE_COMPONENTS, LINEAR_COMPONENTS
 
 FLOAT_WEIGHTS = ("bf16", "fp16", "fp32")
 # llama.cpp quant types (method gguf only); written lower-case in the plan, upper-case accepted.
@@ -103,13 +103,17 @@ class Rule(Precision):
 
     select: str = "*"
     layers: list[int] | str | None = None
+    experts: list[int] | str | None = None  # routed expert indices (moe.experts.*), list or slice like layers
     modules: str | None = None
 
-    @field_validator("layers")
+    @field_validator("layers", "experts")
     @classmethod
-    def _check_layers(cls, v):
+    def _check_layers(cls, v, info):
         if isinstance(v, str):
-            parse_slice(v)  # raises ValueError with a clear message
+            try:
+                parse_slice(v)  # raises ValueError with a clear message
+            except ValueError as exc:
+                raise ValueError(str(exc).replace("layers ", f"{info.field_name} ", 1)) from None
         return v
 
     @field_validator("modules")
@@ -126,6 +130,8 @@ class Rule(Precision):
         sel = [f"select: {self.select}"]
         if self.layers is not None:
             sel.append(f"layers: {self.layers}")
+        if self.experts is not None:
+            sel.append(f"experts: {self.experts}")
         if self.modules is not None:
             sel.append(f"modules: {self.modules}")
         return f"rules[{index}] ({', '.join(sel)})"
@@ -282,7 +288,7 @@ def check_variant(variant: Variant, source: str = "config") -> None:
         comps = [c for c in COMPONENTS if component_matches(rule.select, c)]
         if rule.weight is not None:
             ok = [c for c in comps if rule.weight in weight_capability(variant.method, c)]
-            weighty = [c for c in comps if c not in ("depth.softmax", "depth.sources", "attn.kv_cache")]
+            weighty = [c for c in comps if c not in COMPUTE_COMPONENTS]
             if weighty and not ok:
                 raise UserError(f"method {variant.method!r} cannot provide weight {rule.weight} for "
                                 f"{rule.select}", where, method_fix(variant.method, rule.weight, weighty[0]))
@@ -330,7 +336,7 @@ def format_validation_error(exc: ValidationError, source: str, variant_name: str
     last = str(loc[-1]) if loc else ""
     if err.get("type") == "extra_forbidden":
         fix = (f"remove {last!r}; precision keys are {', '.join(PRECISION_FIELDS)}, rule selectors are select, "
-               "layers, modules")
+               "layers, experts, modules")
         what = f"unknown key {last!r}"
     elif last in allowed:
         what = f"unknown {last} precision {err.get('input')!r}"

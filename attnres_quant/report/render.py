@@ -344,6 +344,24 @@ def quality_section(view: View, model: str) -> list[str]:
             "averaged over tokens._", ""]
 
 
+def depth_js_section(view: View, model: str) -> list[str]:
+    """Depth JS of every mixing point (sub-layers 0..2L-1, then the output mix), one row per variant."""
+    if not view.is_attnres(model):
+        return []
+    rows = []
+    for variant in view.variants:
+        js = (view.cell(model, variant, "quality") or {}).get("depth_js") or []
+        if js and variant != view.baseline:
+            rows.append({"variant": variant, **{("out" if j == len(js) - 1 else f"j={j}"): f"{x:.2e}"
+                                                for j, x in enumerate(js)}})
+    if not rows:
+        return []
+    return [f"#### Depth JS per mixing point — {model}", "", _table(rows), "",
+            "_Jensen–Shannon divergence (bits) between the baseline's and the variant's depth softmax at each "
+            "mixing point: sub-layer j (attention 2i, MLP 2i + 1 of layer i; j = 0 reads only the embedding), "
+            "`out` = the final mix before the last norm._", ""]
+
+
 def latency_section(view: View, model: str) -> list[str]:
     rows = []
     base = view.cell(model, view.baseline, "latency") or {}
@@ -443,7 +461,8 @@ def render_report(results_path: Path, out_path: Path) -> Path:
         info = view.cell(model, view.baseline, "model") or {}
         if info:
             lines += ["_" + ", ".join(f"{k}: {v}" for k, v in info.items()) + "_", ""]
-        lines += task_section(view, model) + quality_section(view, model) + latency_section(view, model)
+        lines += task_section(view, model) + quality_section(view, model) + depth_js_section(view, model)
+        lines += latency_section(view, model)
         lines += plan_section(view, model)
         sens = sensitivity_rows(view, model)
         if len(sens) > 1:
