@@ -19,7 +19,7 @@ VERBS = {
     "plan": ("attnres_quant.quant.plan_cli", "print the resolved precision plan of a config's variants"),
     "train": ("attnres_quant.training.train", "train a tiny model from a training config"),
     "bench": ("attnres_quant.bench.cli", "latency/memory benchmarks (overhead, kernels)"),
-    "report": ("attnres_quant.report.render", "re-render a report from results.json"),
+    "report": ("attnres_quant.report.render", "re-render a report from a study folder or its results.json"),
     "convert": ("attnres_quant.convert", "retrofit a Llama-style checkpoint into Block/Full AttnRes"),
     "export": ("attnres_quant.export", "write a variant as a compressed-tensors checkpoint (or .gguf) + model card"),
 }

@@ -17,7 +17,8 @@ from .plots import plot_accuracy_vs_bits, plot_depth_heatmaps, plot_sensitivity
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("results", help="a study folder (reports/<name>) or its results file (reports/<name>/results.json)")
+    parser.add_argument("results", help="a study folder (reports/<name>) or a results file in it "
+                                        "(reports/<name>/results.json, a kept results.<time>.json)")
     parser.add_argument("--out", default=None, help="markdown path (default: reports/<name>.md beside the folder)")
 
 
