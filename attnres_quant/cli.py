@@ -19,7 +19,7 @@ VERBS = {
     "plan": ("attnres_quant.quant.plan_cli", "print the resolved precision plan of a config's variants"),
     "train": ("attnres_quant.training.train", "train a tiny model from a training config"),
     "bench": ("attnres_quant.bench.cli", "latency/memory benchmarks (overhead, kernels)"),
-    "report": ("attnres_quant.report.render", "re-render a report from results.json"),
+    "report": ("attnres_quant.report.render", "re-render a report from a study folder or its results.json"),
     "convert": ("attnres_quant.convert", "retrofit a Llama-style checkpoint into Block/Full AttnRes"),
     "export": ("attnres_quant.export", "write a variant as a compressed-tensors checkpoint (or .gguf) + model card"),
 }
@@ -33,7 +33,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def _usage() -> str:
-    lines = ["usage: python -m attnres_quant VERB [options]", "", "verbs:"]
+    lines = ["usage: python -m attnres_quant [--version] VERB [options]", "", "verbs:"]
     lines += [f"  {verb:<8} {help_}" for verb, (_, help_) in VERBS.items()]
     lines += ["", "python -m attnres_quant VERB --help shows a verb's options."]
     return "\n".join(lines)
@@ -41,8 +41,16 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv:  # like argparse without a required argument: the usage, on stderr, exit status 2
+        print(_usage(), file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"attnres_quant {__version__}")
         return 0
     verb, rest = argv[0], argv[1:]
     if verb not in VERBS:

@@ -17,7 +17,8 @@ from .plots import plot_accuracy_vs_bits, plot_depth_heatmaps, plot_sensitivity
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("results", help="reports/<name>/results.json")
+    parser.add_argument("results", help="a study folder (reports/<name>) or a results file in it "
+                                        "(reports/<name>/results.json, a kept results.<time>.json)")
     parser.add_argument("--out", default=None, help="markdown path (default: reports/<name>.md beside the folder)")
 
 
@@ -25,9 +26,16 @@ def main(args) -> int:
     from ..errors import UserError
 
     path = Path(args.results)
+    if path.is_dir():  # the study folder: its current results
+        folder, path = path, path / "results.json"
+        if not path.is_file():
+            raise UserError(f"study folder {str(folder)!r} has no results.json", str(folder),
+                            "pass a folder written by `python -m attnres_quant run` (reports/<config name>) "
+                            "or the path of a results file (e.g. a kept results.<time>.json)")
     if not path.is_file():
         raise UserError(f"results file {str(path)!r} does not exist", str(path.parent),
-                        "pass reports/<config name>/results.json written by `python -m attnres_quant run`")
+                        "pass reports/<config name> or reports/<config name>/results.json written by "
+                        "`python -m attnres_quant run`")
     out = Path(args.out) if args.out else default_report_path(path)
     print(render_report(path, out))
     return 0
