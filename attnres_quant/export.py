@@ -34,6 +34,8 @@ from .errors import UserError
 from .quant.policy import FP_FORMATS, Variant
 
 EXPORT_METHODS = ("rtn", "none")
+# Components always named in `ignore` when kept dense, even if their module is not an nn.Linear.
+ALWAYS_IGNORE = ("depth.query", "moe.router")
 _INT = ("int8", "int4")
 
 
@@ -171,10 +173,11 @@ def export_variant(model: nn.Module, variant: Variant, out: str | Path, *, token
             name = r.part.name
             if name in ct_names and r.method == "rtn":
                 continue  # quantized by compressed-tensors from the baseline weight
-            src, dst = qmods[name].weight, emods[name].weight
+            # r.part.param: "weight", or a family's other tensor (Kimi's A_log, dt_bias, router bias)
+            src, dst = getattr(qmods[name], r.part.param), getattr(emods[name], r.part.param)
             if not torch.equal(src, dst):
                 dst.data.copy_(src.data)
-                baked.append(f"{name}.weight ({r.component}, {r.precision}, {r.method})")
+                baked.append(f"{r.part.tensor_name} ({r.component}, {r.precision}, {r.method})")
 
     groups: dict[tuple, list] = {}
     for r in ct_rows:
@@ -220,6 +223,11 @@ def export_variant(model: nn.Module, variant: Variant, out: str | Path, *, token
             mod.quantization_status = QuantizationStatus.FROZEN
             n_quantized += 1
     compressor = ModelCompressor.from_pretrained_model(exp)
+    # compressed-tensors lists only unquantized modules of a quantized class (nn.Linear); a MoE router that is
+    # not an nn.Linear (Kimi's KimiRouter) is added by name -- the K3 ignore lesson: it stays dense.
+    extra = [r.part.name for r in plan.weight_rows() if r.component in ALWAYS_IGNORE and r.part.param == "weight"
+             and r.part.name not in ct_names and r.part.name not in compressor.quantization_config.ignore]
+    compressor.quantization_config.ignore += list(dict.fromkeys(extra))
     compressor.compress_model(exp)
     out.mkdir(parents=True, exist_ok=True)
     exp.save_pretrained(out)
