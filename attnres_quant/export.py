@@ -242,7 +242,7 @@ def export_variant(model: nn.Module, variant: Variant, out: str | Path, *, token
                                      "weights": v.get("weights"), "input_activations": v.get("input_activations")}
                                  for k, v in qc.get("config_groups", {}).items()},
                "format": qc.get("format"), "ignore": ignore, "baked": baked, "hooks_not_exported": hooks,
-               "avg_bits": q.avg_bits, "weight_bytes": q.weight_bytes}
+               "avg_bits": q.avg_bits, "weight_bytes": q.weight_bytes, "model_type": cfg.get("model_type")}
     (out / "README.md").write_text(model_card(variant, plan, summary, model_label=model_label,
                                               model_path=model_path, results=results,
                                               calibrated=calibration is not None))
@@ -419,10 +419,7 @@ def model_card(variant: Variant, plan, summary: dict, *, model_label=None, model
     lines = [f"# {model_label or 'model'} — {variant.name} (compressed-tensors)", "",
              f"Exported by `attnres_quant export` from `{model_path or model_label}`, variant `{variant.name}`, "
              f"method `{variant.method}` (round-to-nearest; formats follow compressed-tensors' arithmetic).", "",
-             "Load with plain transformers (compressed-tensors decompresses on load):", "", "```python",
-             "import attnres_quant.model  # registers the AttnRes model type", "from transformers import "
-             "AutoModelForCausalLM", f"model = AutoModelForCausalLM.from_pretrained(\"{summary['out']}\")", "```",
-             "", "## Policy", "", "```yaml", pol, "```", "",
+             *_load_snippet(summary), "", "## Policy", "", "```yaml", pol, "```", "",
              f"Average {summary['avg_bits']:.3f} bits per weight including scales; {summary['weight_bytes']:,} "
              "bytes of weights as the format stores them.", "",
              f"Calibration: {'16 x 256 tokens of the training mix (proxy-task train split + stdlib train files)' if calibrated else 'none (no static scales)'}.",
@@ -455,6 +452,17 @@ def model_card(variant: Variant, plan, summary: dict, *, model_label=None, model
         lines += ["No study results were found for this variant (run `python -m attnres_quant run CONFIG` first, "
                   "or pass `--results`).", ""]
     return "\n".join(lines)
+
+
+def _load_snippet(summary: dict) -> list[str]:
+    if summary.get("model_type") in ("kimi_linear", "kimi_k3"):  # transformers has no Kimi-Linear model of its own
+        return ["Load with attnres_quant's Kimi loader (it decompresses every packed module with compressed-tensors' "
+                "decompressors; MXFP4 with its own decoder):", "", "```python",
+                "from attnres_quant.loading import load_model",
+                f"model, tokenizer = load_model(\"{summary['out']}\", dtype=\"bfloat16\")", "```"]
+    return ["Load with plain transformers (compressed-tensors decompresses on load):", "", "```python",
+            "import attnres_quant.model  # registers the AttnRes model type", "from transformers import "
+            "AutoModelForCausalLM", f"model = AutoModelForCausalLM.from_pretrained(\"{summary['out']}\")", "```"]
 
 
 def _short(args: dict | None):

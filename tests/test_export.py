@@ -278,7 +278,8 @@ def test_export_kimi_float_formats_round_trip(kimi, tmp_path, name, one_thread):
     assert "re:^model.layers.1.block_sparse_moe.experts.3.w2$" in targets
     assert "re:^model.layers.2.block_sparse_moe.shared_experts.up_proj$" in targets
     assert not any("res_proj" in t or t.endswith("block_sparse_moe.gate$") for t in targets)
-    assert info["baked"] == [] and "res_proj" in (tmp_path / "ckpt" / "README.md").read_text()
+    card = (tmp_path / "ckpt" / "README.md").read_text()
+    assert info["baked"] == [] and "res_proj" in card and "attnres_quant.loading import load_model" in card
     loaded = _kimi_load(tmp_path / "ckpt")
     (fmt, comps), = loaded._kimi_as_shipped.items()
     assert fmt == qc["format"] and {"moe.experts.down", "attn.kv_b", "attn.gate"} <= set(comps)
@@ -293,7 +294,7 @@ def test_export_kimi_int4_w4a16_within_tolerance(kimi, tmp_path, one_thread):
     """int4 g32 weight-only: our RTN's fp32 scale is stored in bf16 and compressed-tensors dequantizes in bf16
     (as for the zoo models): every weight within one quantization step plus two bf16 roundings of its group's
     largest value; KL(simulated || loaded) measured 3.2e-2 nats/token on this random (untrained, sharp) model,
-    whose own int4 quantization error is larger."""
+    an eighth of its own int4 error KL(baseline || simulated) 0.26."""
     from attnres_quant.quant.testing import kl_divergence
 
     _, model, tok = kimi
@@ -318,8 +319,10 @@ def test_export_kimi_int4_w4a16_within_tolerance(kimi, tmp_path, one_thread):
     assert n_quant > 40
     sim_logits, loaded_logits = _kimi_logits(sim.model), _kimi_logits(loaded)
     kl = kl_divergence(sim_logits, loaded_logits)
-    assert kl < 0.1, kl
-    assert kl < kl_divergence(_kimi_logits(model), sim_logits) * 10
+    own = kl_divergence(_kimi_logits(model), sim_logits)
+    print(f"int4 g32: KL(simulated || loaded) {kl:.3g}, KL(baseline || simulated) {own:.3g}")
+    assert kl < 0.1, kl  # measured 3.2e-2
+    assert kl < own / 3  # measured: own error 0.26
 
 
 def test_export_kimi_verb_mixed_formats_and_activations(kimi, tmp_path, one_thread):
