@@ -7,7 +7,9 @@ The checkpoint is written by compressed-tensors' own path (``apply_quantization_
 ``config_groups`` come from the plan (one group per distinct weight/activation setting, targets the exact module
 names ``re:^name$``), and compressed-tensors' ``ignore`` list -- every nn.Linear the plan leaves unquantized,
 including the pseudo-queries ``*_res_proj`` (the depth loop reads them as tensors, so they are never a quantized
-module call).
+module call), plus, by name, every kept component of :data:`ALWAYS_IGNORE` that is not an nn.Linear (Kimi's MoE
+router). Kimi-family models export the same way (their parameter-named rows -- ``A_log``, ``dt_bias``, the
+router bias -- bake through their own attribute) and load back with ``attnres_quant.loading.load_model``.
 
 What a compressed-tensors checkpoint cannot express is *baked*: a part the plan quantizes that is not a module
 call of an nn.Linear (embedding, norms, pseudo-queries / key norms, float casts) is stored dense holding its

@@ -357,3 +357,22 @@ def test_export_kimi_verb_mixed_formats_and_activations(kimi, tmp_path, one_thre
     sim = quantize(model, parse_variant(spec))
     sp, lp = dict(sim.model.named_parameters()), dict(loaded.named_parameters())
     assert all(torch.equal(sp[n], lp[n]) for n in sp)
+
+
+def test_export_kimi_bakes_parameter_rows(kimi, tmp_path, one_thread):
+    """Rules that lower the non-Linear parts (KDA short convolutions, dt_bias / A_log, the router and its bias,
+    the pseudo-queries) bake them: stored dense with their simulated values, by parameter name; the routers and
+    `*_res_proj` stay in `ignore` (dense in the checkpoint); the loaded model equals the simulated one."""
+    _, model, tok = kimi
+    lowered = ("attn.conv", "attn.decay", "moe.router", "depth.query")
+    variant = parse_variant({"name": "baked", "method": "rtn", "default": {"weight": "fp8"},
+                             "rules": [{"select": c, "weight": "fp8"} for c in lowered]})
+    info = export_variant(model, variant, tmp_path / "ckpt", tokenizer=tok)
+    baked = {b.split(" ")[0] for b in info["baked"]}
+    assert {"model.layers.0.self_attn.q_conv1d.weight", "model.layers.0.self_attn.dt_bias",
+            "model.layers.1.block_sparse_moe.gate.weight", "model.layers.1.block_sparse_moe.gate.e_score_correction_bias",
+            "model.output_attn_res_proj.weight"} <= baked
+    assert {"model.layers.1.block_sparse_moe.gate", "model.output_attn_res_proj"} <= set(info["ignore"])
+    loaded = _kimi_load(tmp_path / "ckpt")
+    sp, lp = dict(quantize(model, variant).model.named_parameters()), dict(loaded.named_parameters())
+    assert all(torch.equal(sp[n], lp[n]) for n in sp)
