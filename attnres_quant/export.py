@@ -457,7 +457,7 @@ def model_card(variant: Variant, plan, summary: dict, *, model_label=None, model
 
 
 def _load_snippet(summary: dict) -> list[str]:
-    if summary.get("model_type") in ("kimi_linear", "kimi_k3"):  # transformers has no Kimi-Linear model of its own
+    if summary.get("model_type") in ("kimi_linear", "kimi_k3"):  # transformers' own kimi_linear has no AttnRes
         return ["Load with attnres_quant's Kimi loader (it decompresses every packed module with compressed-tensors' "
                 "decompressors; MXFP4 with its own decoder):", "", "```python",
                 "from attnres_quant.loading import load_model",
