@@ -370,7 +370,8 @@ def test_export_kimi_bakes_parameter_rows(kimi, tmp_path, one_thread):
     info = export_variant(model, variant, tmp_path / "ckpt", tokenizer=tok)
     baked = {b.split(" ")[0] for b in info["baked"]}
     assert {"model.layers.0.self_attn.q_conv1d.weight", "model.layers.0.self_attn.dt_bias",
-            "model.layers.1.block_sparse_moe.gate.weight", "model.layers.1.block_sparse_moe.gate.e_score_correction_bias",
+            "model.layers.1.block_sparse_moe.gate.weight",
+            "model.layers.1.block_sparse_moe.gate.e_score_correction_bias",
             "model.output_attn_res_proj.weight"} <= baked
     assert {"model.layers.1.block_sparse_moe.gate", "model.output_attn_res_proj"} <= set(info["ignore"])
     loaded = _kimi_load(tmp_path / "ckpt")

@@ -315,7 +315,8 @@ def load_kimi(path: str | Path, *, dtype: Any = "bfloat16", device: Any = "cpu")
     for group, n in skipped.items():
         notes.append(f"skipped {n} tensors of {group.rstrip('.')} (not part of the text model studied here)")
     for fmt, comps in shipped.items():
-        notes.append(f"as shipped: {'/'.join(sorted(labels[fmt]))} for {', '.join(sorted(comps))} (dequantized on load)")
+        notes.append(f"as shipped: {'/'.join(sorted(labels[fmt]))} for {', '.join(sorted(comps))} "
+                     "(dequantized on load)")
     if dropped_act:
         notes.append(f"input-activation quantization of the {', '.join(sorted(dropped_act))} groups is not applied "
                      "(a run-time computation, not a weight: the loaded model computes in its dtype)")
