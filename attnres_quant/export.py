@@ -7,7 +7,9 @@ The checkpoint is written by compressed-tensors' own path (``apply_quantization_
 ``config_groups`` come from the plan (one group per distinct weight/activation setting, targets the exact module
 names ``re:^name$``), and compressed-tensors' ``ignore`` list -- every nn.Linear the plan leaves unquantized,
 including the pseudo-queries ``*_res_proj`` (the depth loop reads them as tensors, so they are never a quantized
-module call).
+module call), plus, by name, every kept component of :data:`ALWAYS_IGNORE` that is not an nn.Linear (Kimi's MoE
+router). Kimi-family models export the same way (their parameter-named rows -- ``A_log``, ``dt_bias``, the
+router bias -- bake through their own attribute) and load back with ``attnres_quant.loading.load_model``.
 
 What a compressed-tensors checkpoint cannot express is *baked*: a part the plan quantizes that is not a module
 call of an nn.Linear (embedding, norms, pseudo-queries / key norms, float casts) is stored dense holding its
@@ -34,6 +36,8 @@ from .errors import UserError
 from .quant.policy import FP_FORMATS, Variant
 
 EXPORT_METHODS = ("rtn", "none")
+# Components always named in `ignore` when kept dense, even if their module is not an nn.Linear.
+ALWAYS_IGNORE = ("depth.query", "moe.router")
 _INT = ("int8", "int4")
 
 
@@ -171,10 +175,11 @@ def export_variant(model: nn.Module, variant: Variant, out: str | Path, *, token
             name = r.part.name
             if name in ct_names and r.method == "rtn":
                 continue  # quantized by compressed-tensors from the baseline weight
-            src, dst = qmods[name].weight, emods[name].weight
+            # r.part.param: "weight", or a family's other tensor (Kimi's A_log, dt_bias, router bias)
+            src, dst = getattr(qmods[name], r.part.param), getattr(emods[name], r.part.param)
             if not torch.equal(src, dst):
                 dst.data.copy_(src.data)
-                baked.append(f"{name}.weight ({r.component}, {r.precision}, {r.method})")
+                baked.append(f"{r.part.tensor_name} ({r.component}, {r.precision}, {r.method})")
 
     groups: dict[tuple, list] = {}
     for r in ct_rows:
@@ -220,6 +225,11 @@ def export_variant(model: nn.Module, variant: Variant, out: str | Path, *, token
             mod.quantization_status = QuantizationStatus.FROZEN
             n_quantized += 1
     compressor = ModelCompressor.from_pretrained_model(exp)
+    # compressed-tensors lists only unquantized modules of a quantized class (nn.Linear); a MoE router that is
+    # not an nn.Linear (Kimi's KimiRouter) is added by name -- the K3 ignore lesson: it stays dense.
+    extra = [r.part.name for r in plan.weight_rows() if r.component in ALWAYS_IGNORE and r.part.param == "weight"
+             and r.part.name not in ct_names and r.part.name not in compressor.quantization_config.ignore]
+    compressor.quantization_config.ignore += list(dict.fromkeys(extra))
     compressor.compress_model(exp)
     out.mkdir(parents=True, exist_ok=True)
     exp.save_pretrained(out)
@@ -234,7 +244,7 @@ def export_variant(model: nn.Module, variant: Variant, out: str | Path, *, token
                                      "weights": v.get("weights"), "input_activations": v.get("input_activations")}
                                  for k, v in qc.get("config_groups", {}).items()},
                "format": qc.get("format"), "ignore": ignore, "baked": baked, "hooks_not_exported": hooks,
-               "avg_bits": q.avg_bits, "weight_bytes": q.weight_bytes}
+               "avg_bits": q.avg_bits, "weight_bytes": q.weight_bytes, "model_type": cfg.get("model_type")}
     (out / "README.md").write_text(model_card(variant, plan, summary, model_label=model_label,
                                               model_path=model_path, results=results,
                                               calibrated=calibration is not None))
@@ -411,10 +421,7 @@ def model_card(variant: Variant, plan, summary: dict, *, model_label=None, model
     lines = [f"# {model_label or 'model'} — {variant.name} (compressed-tensors)", "",
              f"Exported by `attnres_quant export` from `{model_path or model_label}`, variant `{variant.name}`, "
              f"method `{variant.method}` (round-to-nearest; formats follow compressed-tensors' arithmetic).", "",
-             "Load with plain transformers (compressed-tensors decompresses on load):", "", "```python",
-             "import attnres_quant.model  # registers the AttnRes model type", "from transformers import "
-             "AutoModelForCausalLM", f"model = AutoModelForCausalLM.from_pretrained(\"{summary['out']}\")", "```",
-             "", "## Policy", "", "```yaml", pol, "```", "",
+             *_load_snippet(summary), "", "## Policy", "", "```yaml", pol, "```", "",
              f"Average {summary['avg_bits']:.3f} bits per weight including scales; {summary['weight_bytes']:,} "
              "bytes of weights as the format stores them.", "",
              f"Calibration: {'16 x 256 tokens of the training mix (proxy-task train split + stdlib train files)' if calibrated else 'none (no static scales)'}.",
@@ -447,6 +454,17 @@ def model_card(variant: Variant, plan, summary: dict, *, model_label=None, model
         lines += ["No study results were found for this variant (run `python -m attnres_quant run CONFIG` first, "
                   "or pass `--results`).", ""]
     return "\n".join(lines)
+
+
+def _load_snippet(summary: dict) -> list[str]:
+    if summary.get("model_type") in ("kimi_linear", "kimi_k3"):  # transformers' own kimi_linear has no AttnRes
+        return ["Load with attnres_quant's Kimi loader (it decompresses every packed module with compressed-tensors' "
+                "decompressors; MXFP4 with its own decoder):", "", "```python",
+                "from attnres_quant.loading import load_model",
+                f"model, tokenizer = load_model(\"{summary['out']}\", dtype=\"bfloat16\")", "```"]
+    return ["Load with plain transformers (compressed-tensors decompresses on load):", "", "```python",
+            "import attnres_quant.model  # registers the AttnRes model type", "from transformers import "
+            "AutoModelForCausalLM", f"model = AutoModelForCausalLM.from_pretrained(\"{summary['out']}\")", "```"]
 
 
 def _short(args: dict | None):

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import UserError
-from .compressed import check_quantization_config, dequantize_mxfp4
+from .compressed import ACTIVATION_FIELDS, WEIGHT_FIELDS, check_quantization_config, decompress_module, module_group
 
 MODEL_TYPES = ("kimi_linear", "kimi_k3")
 K3_TEXT_PREFIX = "language_model."
@@ -238,7 +238,8 @@ def load_kimi(path: str | Path, *, dtype: Any = "bfloat16", device: Any = "cpu")
     state: dict[str, torch.Tensor] = {}
     skipped: dict[str, int] = {}
     unexpected: list[str] = []
-    packed: dict[str, dict[str, torch.Tensor]] = {}  # module name -> {weight_packed, weight_scale}
+    packed: dict[str, dict[str, torch.Tensor]] = {}  # module name -> {weight_packed, weight_scale, ...}
+    ct_fields = WEIGHT_FIELDS + ACTIVATION_FIELDS
     mtp = re.compile(r"model\.layers\.(\d+)\.")
     for file in weight_files(directory):
         with safe_open(str(file), framework="pt") as fh:
@@ -251,7 +252,7 @@ def load_kimi(path: str | Path, *, dtype: Any = "bfloat16", device: Any = "cpu")
                         unexpected.append(key)
                     continue
                 name = key[len(prefix):]
-                if packed_format is not None and name.endswith((".weight_packed", ".weight_scale")):
+                if packed_format is not None and name.rpartition(".")[2] in ct_fields:
                     module, _, field = name.rpartition(".")
                     packed.setdefault(module, {})[field] = fh.get_tensor(key)
                     continue
@@ -263,21 +264,38 @@ def load_kimi(path: str | Path, *, dtype: Any = "bfloat16", device: Any = "cpu")
                     unexpected.append(key)
                     continue
                 tensor = fh.get_tensor(key)
-                if tensor.is_floating_point() and torch_dtype is not None:
+                # (an fp8 `weight` of a float-quantized module stays fp8 until it is decompressed)
+                if tensor.is_floating_point() and tensor.dtype.itemsize > 1 and torch_dtype is not None:
                     tensor = tensor.to(torch_dtype)
                 state[name] = tensor
     shipped: dict[str, set[str]] = {}
+    dropped_act: set[str] = set()
+    labels: dict[str, set[str]] = {}
+    modules = dict(model.named_modules())
     for module, parts in sorted(packed.items()):
         name = f"{module}.weight"
-        if name not in expected or set(parts) != {"weight_packed", "weight_scale"}:
+        if name in expected and not any(f in parts for f in WEIGHT_FIELDS):  # activation-only group
+            dropped_act.add("activation-only")
+            continue
+        if name not in expected or "weight_scale" not in parts:
             unexpected.extend(f"{prefix}{module}.{f}" for f in parts)
             continue
-        tensor = dequantize_mxfp4(parts["weight_packed"], parts["weight_scale"])
+        if "weight_packed" not in parts and name in state:  # float-/int-/naive-quantized: `weight` holds the codes
+            parts["weight"] = state.pop(name)
+        try:
+            fmt, group = module_group(prefix + module, modules[module], qcfg)
+            tensor = decompress_module(parts, fmt, group)
+        except (KeyError, ValueError) as exc:
+            raise UserError(f"The compressed-tensors module {prefix}{module} cannot be decompressed ({exc})",
+                            where=where, fix="check the checkpoint's quantization_config against its tensors")
+        if any(f in parts for f in ACTIVATION_FIELDS) or (group.get("input_activations") or None):
+            dropped_act.add(fmt)
         # dtype "auto": the dtype the checkpoint's dense weights have (the embedding's).
         target = torch_dtype or getattr(state.get("model.embed_tokens.weight"), "dtype", torch.bfloat16)
         state[name] = tensor.to(target)
         ref = kimi_component(name, L)
-        shipped.setdefault(packed_format, set()).add(ref.component if ref else "other")
+        shipped.setdefault(fmt, set()).add(ref.component if ref else "other")
+        labels.setdefault(fmt, set()).add(_format_label(fmt, group))
     tied = bool(config.tie_word_embeddings)
     missing = sorted(k for k in expected if k not in state and not (tied and k == "lm_head.weight"))
     wrong = sorted(k for k, t in state.items() if tuple(t.shape) != tuple(expected[k].shape))
@@ -297,12 +315,25 @@ def load_kimi(path: str | Path, *, dtype: Any = "bfloat16", device: Any = "cpu")
     for group, n in skipped.items():
         notes.append(f"skipped {n} tensors of {group.rstrip('.')} (not part of the text model studied here)")
     for fmt, comps in shipped.items():
-        notes.append(f"as shipped: {fmt.split('-')[0]} for {', '.join(sorted(comps))} (dequantized on load)")
+        notes.append(f"as shipped: {'/'.join(sorted(labels[fmt]))} for {', '.join(sorted(comps))} "
+                     "(dequantized on load)")
+    if dropped_act:
+        notes.append(f"input-activation quantization of the {', '.join(sorted(dropped_act))} groups is not applied "
+                     "(a run-time computation, not a weight: the loaded model computes in its dtype)")
     model = model.to(device).eval()
     model._kimi_as_shipped = {fmt: sorted(c) for fmt, c in shipped.items()}
     for note in notes:
         warnings.warn(f"{where}: {note}", UserWarning, stacklevel=2)
     return model, notes
+
+
+def _format_label(fmt: str, group: dict) -> str:
+    """mxfp4 / nvfp4 / mxfp8, else the group's weights as fp8 / int4 / int8 (for notes)."""
+    head = fmt.split("-")[0]
+    if head in ("mxfp4", "nvfp4", "mxfp8"):
+        return head
+    w = group.get("weights") or {}
+    return f"{'fp' if w.get('type') == 'float' else 'int'}{w.get('num_bits', '?')}"
 
 
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
