@@ -84,6 +84,10 @@ class Phase1State:
     # sigmoid and one fused multiply-add (see DepthMixer.merge).
     lse: torch.Tensor | None = None  # [B, T, 1] fp32
     inv_sum: torch.Tensor | None = None  # [B, T, 1] fp32
+    # Tile-1 probabilities p_s (exp(l_s - max), rounded under a low-precision softmax) of the
+    # completed sources, [B, T, n] fp32 (a strided view): the depth weights of the completed
+    # sources up to the merge's per-token factor (DepthMixer.merge(..., with_weights=True)).
+    probs: torch.Tensor | None = None
 
 
 class DepthMixer(nn.Module):
@@ -131,26 +135,40 @@ class DepthMixer(nn.Module):
         return p.to(self.softmax_dtype).float()
 
     def merge(self, state: Phase1State, partial: torch.Tensor | None, query: torch.Tensor,
-              ) -> torch.Tensor:
-        """Phase 2: fold the partial-sum logit into the phase-1 state -> mix (fp32)."""
+              with_weights: bool = False):
+        """Phase 2: fold the partial-sum logit into the phase-1 state -> mix (fp32).
+
+        ``with_weights``: return (mix, weights) with the effective depth weights [B, T, n (+1)]
+        (fp32; the completed sources first, then the partial sum), the same numbers as
+        :func:`naive_mix` returns.
+        """
         if partial is None:
             if state.inv_sum is not None:
-                return state.acc * state.inv_sum
-            return state.acc / state.sum_exp.unsqueeze(-1)
+                mix = state.acc * state.inv_sum
+                return (mix, state.probs * state.inv_sum) if with_weights else mix
+            total = state.sum_exp.unsqueeze(-1)
+            mix = state.acc / total
+            return (mix, state.probs / total) if with_weights else mix
         pf = partial.float()
         if query.dim() == 1:
             query = query.unsqueeze(-1)
-        # w . RMSNorm(partial; g) with g folded into the query: [B, T, 1].
+        # w . RMSNorm(partial; g) with g folded into the query: [B, T, 1].  (Written as
+        # inverse_rms(partial) * (partial @ w g) it would skip a [B, T, D] temporary, but it rounds
+        # differently: fp32 logits moved by up to 1e-5 relative; kept bit-identical instead.)
         logit = self.prepare_logits(F.rms_norm(pf, (pf.shape[-1],), eps=self.eps) @ query)
         if state.lse is not None:
-            # Perf (default precision): the softmax over [completed..., partial]
-            # is  mix = (acc / sum_exp) * (1 - p) + partial * p  with
-            # p = sigmoid(logit - lse) the partial sum's weight -- the same
-            # online-softmax merge in fewer ops (decode) and two full-size
-            # passes (prefill); 1 - p is taken as sigmoid(lse - logit) for accuracy.
+            # Perf: the softmax over [completed..., partial] is
+            #   mix = (acc / sum_exp) * (1 - p) + partial * p,  p = sigmoid(logit - lse)
+            # the partial sum's weight: the same online-softmax merge in a handful of per-token
+            # ops and two full-size passes (one multiply, one fused multiply-add); 1 - p is taken
+            # as sigmoid(lse - logit) for accuracy.
             d = logit - state.lse
-            mix = pf * torch.sigmoid(d)
-            return mix.addcmul_(state.acc, torch.sigmoid(d.neg_()) * state.inv_sum)
+            p_partial = torch.sigmoid(d)
+            coef = torch.sigmoid(d.neg_()) * state.inv_sum
+            mix = torch.mul(pf, p_partial).addcmul_(state.acc, coef)
+            if not with_weights:
+                return mix
+            return mix, torch.cat([state.probs * coef, p_partial], dim=-1)
         # Tile 2 of the low-precision semantics (module docstring), same expressions as
         # naive_mix's _tiled_weights.
         logit = logit.squeeze(-1)
@@ -158,8 +176,11 @@ class DepthMixer(nn.Module):
         # Perf: (acc * a + pf * b) / den as two passes over [B, T, D] (one
         # multiply, one fused multiply-add) with the 1/den folded into the
         # per-token coefficients, instead of four full-size temporaries.
-        mix = pf * (b / den).unsqueeze(-1)
-        return mix.addcmul_(state.acc, (a / den).unsqueeze(-1))
+        coef_p, coef_c = (b / den).unsqueeze(-1), (a / den).unsqueeze(-1)
+        mix = (pf * coef_p).addcmul_(state.acc, coef_c)
+        if not with_weights:
+            return mix
+        return mix, torch.cat([state.probs * coef_c, coef_p], dim=-1)
 
 
 def _tile1(mixer: DepthMixer, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -249,6 +270,7 @@ def phase1(mixers: list[DepthMixer], logits: torch.Tensor, sources: torch.Tensor
             ws.append(p)
         w = torch.stack(ws, dim=-1).permute(1, 2, 3, 0)
     acc = torch.bmm(w.reshape(b * t, q, n), sources.reshape(b * t, n, d)).view(b, t, q, d).unbind(2)
+    probs = w.unbind(2)  # q x [B, T, n]
     return [Phase1State(maxes[i], sums[i], acc[i],
-                        None if lse is None else lse[i], None if inv_sum is None else inv_sum[i])
+                        None if lse is None else lse[i], None if inv_sum is None else inv_sum[i], probs[i])
             for i in range(q)]
