@@ -7,13 +7,30 @@ import json
 import sys
 
 
-def _common(p: argparse.ArgumentParser, *, hidden: int, layers: int, seq: int, dtype: str) -> None:
+def _int_list(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return out
+
+
+def _common(p: argparse.ArgumentParser, *, hidden: int, layers: int, seq: int, dtype: str,
+            multi: bool = False) -> None:
     p.add_argument("--hidden-size", type=int, default=hidden)
     p.add_argument("--layers", type=int, default=layers)
     p.add_argument("--seq-len", type=int, default=seq, help="prompt length of the prefill")
-    p.add_argument("--batch-size", type=int, default=1)
+    if multi:
+        p.add_argument("--batch-size", type=_int_list, default=[1, 8],
+                       help="batch size(s), comma-separated (default 1,8: one run per batch size and dtype)")
+        p.add_argument("--dtype", default=dtype,
+                       help="float32 / bfloat16 / float16, comma-separated for several runs")
+    else:
+        p.add_argument("--batch-size", type=int, default=1)
+        p.add_argument("--dtype", default=dtype, help="float32 / bfloat16 / float16")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--dtype", default=dtype, help="float32 / bfloat16 / float16")
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument("--num-heads", type=int, default=None, help="default: hidden_size // 64")
     p.add_argument("--decode-tokens", type=int, default=16, help="greedy KV-cache steps timed per round")
@@ -29,8 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="bench_verb", metavar="{overhead,kernels}")
     sub.required = True
     o = sub.add_parser("overhead", help="AttnRes latency overhead vs a standard-residual model of equal size")
-    _common(o, hidden=1024, layers=16, seq=512, dtype="float32")
+    _common(o, hidden=1024, layers=16, seq=512, dtype="bfloat16,float32", multi=True)
     o.add_argument("--block-size", type=int, default=4, help="Block AttnRes block size S (sub-layers)")
+    o.add_argument("--variants", default=None,
+                   help="comma-separated models to time besides standard (default: block,block_naive,full)")
     o.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="CPU only: wall time, or process CPU time (robust to other jobs; use --threads 1)")
     k = sub.add_parser("kernels", help="real-kernel quantized variants (torchao, bitsandbytes) vs bf16")
@@ -59,6 +78,15 @@ def _emit(result: dict, args: argparse.Namespace, table) -> None:
 
 
 def _overhead_table(r: dict) -> str:
+    if "runs" in r:
+        parts = [_overhead_table(run) for run in r["runs"]]
+        keys = sorted({k for row in r["summary"] for k in row["ratios"]})
+        lines = ["summary (median / standard median): " + ", ".join(keys),
+                 f"{'dtype':<9} {'batch':>5} " + " ".join(f"{k:>20}" for k in keys)]
+        for row in r["summary"]:
+            lines.append(f"{row['dtype']:<9} {row['batch_size']:>5} "
+                         + " ".join(f"{row['ratios'].get(k, float('nan')):>20.3f}" for k in keys))
+        return "\n\n".join(parts + ["\n".join(lines)])
     c = r["config"]
     lines = [f"AttnRes overhead: hidden {c['hidden_size']}, {c['layers']} layers, block size {c['block_size']}, "
              f"seq {c['seq_len']}, batch {c['batch_size']}, {c['dtype']} on {c['device']} "
@@ -77,13 +105,17 @@ def _overhead_table(r: dict) -> str:
 
 def main(args: argparse.Namespace) -> int:
     if args.bench_verb == "overhead":
-        from .overhead import run_overhead
+        from .overhead import VARIANTS, run_overhead_matrix
 
-        result = run_overhead(hidden_size=args.hidden_size, layers=args.layers, block_size=args.block_size,
-                              seq_len=args.seq_len, batch_size=args.batch_size, device=args.device,
-                              dtype=args.dtype, vocab_size=args.vocab_size, num_heads=args.num_heads,
-                              decode_tokens=args.decode_tokens, warmup=args.warmup, repeats=args.repeats,
-                              threads=args.threads, seed=args.seed, clock=args.clock)
+        variants = VARIANTS
+        if args.variants:
+            variants = ("standard", *[v.strip() for v in args.variants.split(",") if v.strip() and v != "standard"])
+        result = run_overhead_matrix(
+            dtypes=[d.strip() for d in args.dtype.split(",") if d.strip()], batch_sizes=args.batch_size,
+            hidden_size=args.hidden_size, layers=args.layers, block_size=args.block_size,
+            seq_len=args.seq_len, device=args.device, vocab_size=args.vocab_size, num_heads=args.num_heads,
+            decode_tokens=args.decode_tokens, warmup=args.warmup, repeats=args.repeats,
+            threads=args.threads, seed=args.seed, clock=args.clock, variants=variants)
         _emit(result, args, _overhead_table)
         return 0
     if args.bench_verb == "kernels":
