@@ -20,14 +20,16 @@ The quantization engine sets these attributes; the model never changes.
 
 Two equivalent computations are provided:
 
-* :func:`naive_mix` stacks all sources and takes a softmax (reference,
-  training, and the path that returns depth weights);
+* :func:`naive_mix` stacks all sources and takes a softmax (reference and
+  training);
 * :func:`phase1` + :meth:`DepthMixer.merge` are the paper's two-phase
   inference: at a block start all pseudo-queries of the block are scored
   against the completed sources in one batched product, then each sub-layer
   merges its single partial-sum logit with online-softmax algebra.  The
-  key-norm weight is folded into the query (w * g) and the inverse RMS of each
-  completed source is computed once, when it is stored.
+  key-norm weight is folded into the query (w * g) and each completed source
+  is scored once, when it is stored.  Both return the depth weights: the
+  two-phase ones are the phase-1 probabilities times the merge's per-token
+  factor, and the merge's partial-sum weight (``merge(..., with_weights=True)``).
 
 Low-precision softmax semantics (``softmax_dtype`` bf16 / fp16), defined once
 and implemented identically by both paths -- a flash-attention style kernel
