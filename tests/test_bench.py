@@ -175,3 +175,27 @@ def test_weight_bytes_of_fbgemm_dynamic_int8_reads_the_packed_weight():
                              dtype=torch.qint8)
     # int8 values + per-channel fp64 scales and int64 zero points + fp32 bias
     assert weight_bytes(model) == 512 * 256 + 512 * 8 + 512 * 8 + 512 * 4
+
+
+def test_overhead_cli_defaults_to_bf16_and_fp32_at_batch_1_and_8(capsys):
+    from attnres_quant.cli import main
+
+    rc = main(["bench", "overhead", "--hidden-size", "64", "--layers", "2", "--block-size", "2",
+               "--seq-len", "8", "--device", "cpu", "--vocab-size", str(VOCAB), "--num-heads", "4",
+               "--decode-tokens", "2", "--warmup", "0", "--repeats", "1", "--variants", "block", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [(r["dtype"], r["batch_size"]) for r in out["summary"]] == [
+        ("bfloat16", 1), ("bfloat16", 8), ("float32", 1), ("float32", 8)]
+    for run, row in zip(out["runs"], out["summary"]):
+        assert run["config"]["dtype"] == row["dtype"] and run["config"]["batch_size"] == row["batch_size"]
+        assert set(row["ratios"]) == {"block_prefill", "block_decode"}
+        assert "block" in run and "block_naive" not in run
+        assert row["ratios"]["block_prefill"] == pytest.approx(run["block"]["prefill_ms"] / run["standard"]["prefill_ms"])
+    assert out["machine"]["torch"] == torch.__version__
+    # the table form prints every run and the summary
+    assert main(["bench", "overhead", "--hidden-size", "64", "--layers", "2", "--block-size", "2",
+                 "--seq-len", "8", "--batch-size", "1,2", "--dtype", "float32", "--vocab-size", str(VOCAB),
+                 "--num-heads", "4", "--decode-tokens", "1", "--warmup", "0", "--repeats", "1"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("AttnRes overhead:") == 2 and "summary" in text

@@ -36,13 +36,40 @@ def device_arg(text: str) -> str:
     return text
 
 
-def _common(p: argparse.ArgumentParser, *, hidden: int, layers: int, seq: int, dtype: str) -> None:
+def _int_list(text: str) -> list[int]:
+    """argparse type: comma-separated whole numbers, each in [1, 65536]."""
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    if not out or min(out) < 1 or max(out) > 1 << 16:
+        raise argparse.ArgumentTypeError(f"expected whole numbers between 1 and 65536, got {text!r}")
+    return out
+
+
+def _dtype_list(text: str) -> str:
+    """argparse type: one dtype or a comma-separated list of them (DTYPES)."""
+    names = [d.strip() for d in text.split(",") if d.strip()]
+    bad = [d for d in names if d not in DTYPES]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"{text!r}: each dtype must be one of {', '.join(DTYPES)}")
+    return ",".join(names)
+
+
+def _common(p: argparse.ArgumentParser, *, hidden: int, layers: int, seq: int, dtype: str,
+            multi: bool = False) -> None:
     p.add_argument("--hidden-size", type=int_in(1, 65536), default=hidden)
     p.add_argument("--layers", type=int_in(1, 1024), default=layers)
     p.add_argument("--seq-len", type=int_in(1, 1 << 20), default=seq, help="prompt length of the prefill")
-    p.add_argument("--batch-size", type=int_in(1, 1 << 16), default=1)
+    if multi:
+        p.add_argument("--batch-size", type=_int_list, default=[1, 8],
+                       help="batch size(s), comma-separated (default 1,8: one run per batch size and dtype)")
+        p.add_argument("--dtype", type=_dtype_list, default=dtype,
+                       help="float32 / bfloat16 / float16, comma-separated for several runs")
+    else:
+        p.add_argument("--batch-size", type=int_in(1, 1 << 16), default=1)
+        p.add_argument("--dtype", choices=DTYPES, default=dtype, help="float32 / bfloat16 / float16")
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--dtype", choices=DTYPES, default=dtype, help="float32 / bfloat16 / float16")
     p.add_argument("--vocab-size", type=int_in(2, 1 << 24), default=32000)
     p.add_argument("--num-heads", type=int_in(1, 4096), default=None, help="default: hidden_size // 64")
     p.add_argument("--decode-tokens", type=int_in(1, 1 << 20), default=16,
@@ -60,9 +87,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="bench_verb", metavar="{overhead,kernels}")
     sub.required = True
     o = sub.add_parser("overhead", help="AttnRes latency overhead vs a standard-residual model of equal size")
-    _common(o, hidden=1024, layers=16, seq=512, dtype="float32")
+    _common(o, hidden=1024, layers=16, seq=512, dtype="bfloat16,float32", multi=True)
     o.add_argument("--block-size", type=int_in(1, 4096), default=4,
                    help="Block AttnRes block size S (sub-layers): 1 or even")
+    o.add_argument("--variants", default=None,
+                   help="comma-separated models to time besides standard (default: block,block_naive,full)")
     o.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="CPU only: wall time, or process CPU time (robust to other jobs; use --threads 1)")
     k = sub.add_parser("kernels", help="real-kernel quantized variants (torchao, bitsandbytes) vs bf16")
@@ -131,6 +160,15 @@ def _emit(result: dict, args: argparse.Namespace, table) -> None:
 
 
 def _overhead_table(r: dict) -> str:
+    if "runs" in r:
+        parts = [_overhead_table(run) for run in r["runs"]]
+        keys = sorted({k for row in r["summary"] for k in row["ratios"]})
+        lines = ["summary (median / standard median): " + ", ".join(keys),
+                 f"{'dtype':<9} {'batch':>5} " + " ".join(f"{k:>20}" for k in keys)]
+        for row in r["summary"]:
+            lines.append(f"{row['dtype']:<9} {row['batch_size']:>5} "
+                         + " ".join(f"{row['ratios'].get(k, float('nan')):>20.3f}" for k in keys))
+        return "\n\n".join(parts + ["\n".join(lines)])
     c = r["config"]
     lines = [f"AttnRes overhead: hidden {c['hidden_size']}, {c['layers']} layers, block size {c['block_size']}, "
              f"seq {c['seq_len']}, batch {c['batch_size']}, {c['dtype']} on {c['device']} "
@@ -150,13 +188,17 @@ def _overhead_table(r: dict) -> str:
 def main(args: argparse.Namespace) -> int:
     validate(args)
     if args.bench_verb == "overhead":
-        from .overhead import run_overhead
+        from .overhead import VARIANTS, run_overhead_matrix
 
-        result = run_overhead(hidden_size=args.hidden_size, layers=args.layers, block_size=args.block_size,
-                              seq_len=args.seq_len, batch_size=args.batch_size, device=args.device,
-                              dtype=args.dtype, vocab_size=args.vocab_size, num_heads=args.num_heads,
-                              decode_tokens=args.decode_tokens, warmup=args.warmup, repeats=args.repeats,
-                              threads=args.threads, seed=args.seed, clock=args.clock)
+        variants = VARIANTS
+        if args.variants:
+            variants = ("standard", *[v.strip() for v in args.variants.split(",") if v.strip() and v != "standard"])
+        result = run_overhead_matrix(
+            dtypes=[d.strip() for d in args.dtype.split(",") if d.strip()], batch_sizes=args.batch_size,
+            hidden_size=args.hidden_size, layers=args.layers, block_size=args.block_size,
+            seq_len=args.seq_len, device=args.device, vocab_size=args.vocab_size, num_heads=args.num_heads,
+            decode_tokens=args.decode_tokens, warmup=args.warmup, repeats=args.repeats,
+            threads=args.threads, seed=args.seed, clock=args.clock, variants=variants)
         _emit(result, args, _overhead_table)
         return 0
     if args.bench_verb == "kernels":

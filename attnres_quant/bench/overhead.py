@@ -137,3 +137,28 @@ def run_overhead(*, hidden_size: int = 1024, layers: int = 16, block_size: int =
             ratios[f"{key}_decode"] = res[name]["decode_ms_per_token"] / std["decode_ms_per_token"]
     out["ratios"] = ratios
     return out
+
+
+def run_overhead_matrix(*, dtypes: list[str] | tuple[str, ...] = ("bfloat16", "float32"),
+                        batch_sizes: list[int] | tuple[int, ...] = (1, 8), **kwargs) -> dict:
+    """:func:`run_overhead` for every (dtype, batch size), bf16 and fp32 at batch 1 and 8 by default.
+
+    One configuration returns :func:`run_overhead`'s dict unchanged; several return
+    ``{"runs": [...], "summary": [{"dtype", "batch_size", "ratios"}], "machine": ...}``.
+    """
+    from ..errors import UserError
+
+    variants = kwargs.get("variants", VARIANTS)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise UserError(f"unknown overhead variant(s) {', '.join(unknown)}", "--variants",
+                        f"use a subset of {', '.join(VARIANTS[1:])}")
+    for d in dtypes:
+        parse_dtype(d)  # fail before the first (long) run
+    runs = [run_overhead(dtype=d, batch_size=b, **kwargs) for d in dtypes for b in batch_sizes]
+    if len(runs) == 1:
+        return runs[0]
+    return {"runs": runs,
+            "summary": [{"dtype": r["config"]["dtype"], "batch_size": r["config"]["batch_size"],
+                         "ratios": r["ratios"]} for r in runs],
+            "machine": runs[-1]["machine"]}

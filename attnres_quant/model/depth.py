@@ -20,14 +20,16 @@ The quantization engine sets these attributes; the model never changes.
 
 Two equivalent computations are provided:
 
-* :func:`naive_mix` stacks all sources and takes a softmax (reference,
-  training, and the path that returns depth weights);
+* :func:`naive_mix` stacks all sources and takes a softmax (reference and
+  training);
 * :func:`phase1` + :meth:`DepthMixer.merge` are the paper's two-phase
   inference: at a block start all pseudo-queries of the block are scored
   against the completed sources in one batched product, then each sub-layer
   merges its single partial-sum logit with online-softmax algebra.  The
-  key-norm weight is folded into the query (w * g) and the inverse RMS of each
-  completed source is computed once, when it is stored.
+  key-norm weight is folded into the query (w * g) and each completed source
+  is scored once, when it is stored.  Both return the depth weights: the
+  two-phase ones are the phase-1 probabilities times the merge's per-token
+  factor, and the merge's partial-sum weight (``merge(..., with_weights=True)``).
 
 Low-precision softmax semantics (``softmax_dtype`` bf16 / fp16), defined once
 and implemented identically by both paths -- a flash-attention style kernel
@@ -84,6 +86,10 @@ class Phase1State:
     # sigmoid and one fused multiply-add (see DepthMixer.merge).
     lse: torch.Tensor | None = None  # [B, T, 1] fp32
     inv_sum: torch.Tensor | None = None  # [B, T, 1] fp32
+    # Tile-1 probabilities p_s (exp(l_s - max), rounded under a low-precision softmax) of the
+    # completed sources, [B, T, n] fp32 (a strided view): the depth weights of the completed
+    # sources up to the merge's per-token factor (DepthMixer.merge(..., with_weights=True)).
+    probs: torch.Tensor | None = None
 
 
 class DepthMixer(nn.Module):
@@ -131,26 +137,40 @@ class DepthMixer(nn.Module):
         return p.to(self.softmax_dtype).float()
 
     def merge(self, state: Phase1State, partial: torch.Tensor | None, query: torch.Tensor,
-              ) -> torch.Tensor:
-        """Phase 2: fold the partial-sum logit into the phase-1 state -> mix (fp32)."""
+              with_weights: bool = False):
+        """Phase 2: fold the partial-sum logit into the phase-1 state -> mix (fp32).
+
+        ``with_weights``: return (mix, weights) with the effective depth weights [B, T, n (+1)]
+        (fp32; the completed sources first, then the partial sum), the same numbers as
+        :func:`naive_mix` returns.
+        """
         if partial is None:
             if state.inv_sum is not None:
-                return state.acc * state.inv_sum
-            return state.acc / state.sum_exp.unsqueeze(-1)
+                mix = state.acc * state.inv_sum
+                return (mix, state.probs * state.inv_sum) if with_weights else mix
+            total = state.sum_exp.unsqueeze(-1)
+            mix = state.acc / total
+            return (mix, state.probs / total) if with_weights else mix
         pf = partial.float()
         if query.dim() == 1:
             query = query.unsqueeze(-1)
-        # w . RMSNorm(partial; g) with g folded into the query: [B, T, 1].
+        # w . RMSNorm(partial; g) with g folded into the query: [B, T, 1].  (Written as
+        # inverse_rms(partial) * (partial @ w g) it would skip a [B, T, D] temporary, but it rounds
+        # differently: fp32 logits moved by up to 1e-5 relative; kept bit-identical instead.)
         logit = self.prepare_logits(F.rms_norm(pf, (pf.shape[-1],), eps=self.eps) @ query)
         if state.lse is not None:
-            # Perf (default precision): the softmax over [completed..., partial]
-            # is  mix = (acc / sum_exp) * (1 - p) + partial * p  with
-            # p = sigmoid(logit - lse) the partial sum's weight -- the same
-            # online-softmax merge in fewer ops (decode) and two full-size
-            # passes (prefill); 1 - p is taken as sigmoid(lse - logit) for accuracy.
+            # Perf: the softmax over [completed..., partial] is
+            #   mix = (acc / sum_exp) * (1 - p) + partial * p,  p = sigmoid(logit - lse)
+            # the partial sum's weight: the same online-softmax merge in a handful of per-token
+            # ops and two full-size passes (one multiply, one fused multiply-add); 1 - p is taken
+            # as sigmoid(lse - logit) for accuracy.
             d = logit - state.lse
-            mix = pf * torch.sigmoid(d)
-            return mix.addcmul_(state.acc, torch.sigmoid(d.neg_()) * state.inv_sum)
+            p_partial = torch.sigmoid(d)
+            coef = torch.sigmoid(d.neg_()) * state.inv_sum
+            mix = torch.mul(pf, p_partial).addcmul_(state.acc, coef)
+            if not with_weights:
+                return mix
+            return mix, torch.cat([state.probs * coef, p_partial], dim=-1)
         # Tile 2 of the low-precision semantics (module docstring), same expressions as
         # naive_mix's _tiled_weights.
         logit = logit.squeeze(-1)
@@ -158,8 +178,11 @@ class DepthMixer(nn.Module):
         # Perf: (acc * a + pf * b) / den as two passes over [B, T, D] (one
         # multiply, one fused multiply-add) with the 1/den folded into the
         # per-token coefficients, instead of four full-size temporaries.
-        mix = pf * (b / den).unsqueeze(-1)
-        return mix.addcmul_(state.acc, (a / den).unsqueeze(-1))
+        coef_p, coef_c = (b / den).unsqueeze(-1), (a / den).unsqueeze(-1)
+        mix = (pf * coef_p).addcmul_(state.acc, coef_c)
+        if not with_weights:
+            return mix
+        return mix, torch.cat([state.probs * coef_c, coef_p], dim=-1)
 
 
 def _tile1(mixer: DepthMixer, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -249,6 +272,7 @@ def phase1(mixers: list[DepthMixer], logits: torch.Tensor, sources: torch.Tensor
             ws.append(p)
         w = torch.stack(ws, dim=-1).permute(1, 2, 3, 0)
     acc = torch.bmm(w.reshape(b * t, q, n), sources.reshape(b * t, n, d)).view(b, t, q, d).unbind(2)
+    probs = w.unbind(2)  # q x [B, T, n]
     return [Phase1State(maxes[i], sums[i], acc[i],
-                        None if lse is None else lse[i], None if inv_sum is None else inv_sum[i])
+                        None if lse is None else lse[i], None if inv_sum is None else inv_sum[i], probs[i])
             for i in range(q)]

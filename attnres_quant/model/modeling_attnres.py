@@ -297,7 +297,9 @@ class AttnResModel(AttnResPreTrainedModel):
         S = cfg.attnres_block_size
         n_sub = cfg.num_sublayers
         dtype = e.dtype
-        two_phase = (cfg.attnres_two_phase and not output_depth_attentions and not self.training
+        # Depth weights come from either path (two-phase: phase-1 probabilities and the merge's
+        # partial-sum weight; the same numbers as the naive softmax).
+        two_phase = (cfg.attnres_two_phase and not self.training
                      and all(s.mixer.supports_two_phase for s in subs))
         boundaries = [j for j in range(1, n_sub) if j % S == 0]
 
@@ -331,14 +333,20 @@ class AttnResModel(AttnResPreTrainedModel):
                 logit_buf = e.new_empty((n_max, *e.shape[:-1], queries_t.shape[1]), dtype=torch.float32)
 
             def close_source(k: int, source: torch.Tensor) -> None:
-                sf = source.float()
-                # w . RMSNorm(v; g) for every query at once (g folded into w).
+                if functional:
+                    sf = source.float()
+                    src_list.append(sf)
+                else:
+                    # Perf: the fp32 copy is written once, straight into the buffer (a casting
+                    # copy in a bf16 model: no full-size fp32 temporary), and scored from there.
+                    sf = src_buf[:, :, k]
+                    sf.copy_(source)
+                # w . RMSNorm(v; g) for every query at once (g folded into w).  (A GEMM with
+                # out=logit_buf[k] takes another kernel path and moves the fp32 logits by an ulp.)
                 logits = F.rms_norm(sf, (d_model,), eps=eps) @ queries_t
                 if functional:
-                    src_list.append(sf)
                     logit_list.append(logits)
                 else:
-                    src_buf[:, :, k].copy_(sf)
                     logit_buf[k].copy_(logits)
 
             def phase1_inputs(n: int, j: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -370,7 +378,11 @@ class AttnResModel(AttnResPreTrainedModel):
                     st = phase1([s.mixer for s in block], *phase1_inputs(n, j, end))
                     states = {s.index: state for s, state in zip(block, st)}
                 if two_phase:
-                    mix = sub.mixer.merge(states.pop(j), partial, q_cols[j])
+                    if output_depth_attentions:
+                        mix, w = sub.mixer.merge(states.pop(j), partial, q_cols[j], with_weights=True)
+                        weights.append(w)
+                    else:
+                        mix = sub.mixer.merge(states.pop(j), partial, q_cols[j])
                 else:
                     sources = completed + ([partial] if partial is not None else [])
                     mix, w = naive_mix(sub.mixer, sources, sub.proj.weight, sub.key_norm.weight,
