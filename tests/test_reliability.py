@@ -454,7 +454,8 @@ def test_bench_output_write_failure_prints_the_numbers_first(tmp_path, capsys, m
 
     monkeypatch.setattr(overhead, "run_overhead", lambda **k: {"fake": 1})
     monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EROFS, "Read-only")))
-    rc = cli_main(["bench", "overhead", "--json", "--output", str(tmp_path / "b.json"), "--layers", "1"])
+    rc = cli_main(["bench", "overhead", "--json", "--output", str(tmp_path / "b.json"), "--layers", "1",
+                   "--dtype", "float32", "--batch-size", "1"])  # one run: its JSON is run_overhead's own
     out = capsys.readouterr()
     assert rc == 2 and '"fake": 1' in out.out and "read-only" in out.err and "Traceback" not in out.err
     assert bench_cli  # imported for the patch target's module
