@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 
+from attnres_quant.architectures.kimi_testing import randomize
 from attnres_quant.architectures.kimi import COMPONENTS, FAMILY, kimi_component, kimi_parts, load_kimi
 from attnres_quant.architectures.kimi_modeling import KimiAttnResConfig, KimiAttnResForCausalLM
 from attnres_quant.architectures.kimi_torch_ops import patch_moonshot_reference
@@ -45,19 +46,8 @@ K3_VISION = dict(vt_num_attention_heads=2, vt_num_hidden_layers=1, vt_hidden_siz
 TIE_MARGIN = 1e-3
 
 
-def _randomize(model, seed: int) -> None:
-    """Deterministic random weights (Moonshot's _init_weights is a no-op, leaving torch.empty values)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            elif name.endswith("A_log"):
-                p.copy_(torch.log(torch.empty(p.shape).uniform_(1, 16, generator=g)))
-            elif p.dim() == 1:
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
+# Deterministic random weights (Moonshot's _init_weights is a no-op, leaving torch.empty values).
+_randomize = randomize
 
 
 def _moonshot(mk, cfg: dict, seed: int = 1):

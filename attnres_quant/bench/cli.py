@@ -9,25 +9,11 @@ import re
 import sys
 from pathlib import Path
 
+from ..argtypes import int_in
 from ..errors import UserError
 
 DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 _DEVICE_RE = re.compile(r"(cpu|auto|cuda(:\d+)?)")
-
-
-def int_in(low: int, high: int | None = None):
-    """argparse type: a whole number in [low, high] (``high`` None: no upper bound)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < low or (high is not None and value > high):
-            bound = f"at least {low}" if high is None else f"between {low} and {high}"
-            raise argparse.ArgumentTypeError(f"{value} is out of range (must be {bound})")
-        return value
-    parse.__name__ = "integer"
-    return parse
 
 
 def device_arg(text: str) -> str:

@@ -24,6 +24,7 @@ import time
 import traceback
 from pathlib import Path
 
+from ..argtypes import int_in
 from ..errors import UserError
 from .config import StudyConfig, load_config
 from .lock import StudyLock
@@ -39,24 +40,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tasks", type=_task_list, default=None, metavar="T1,T2",
                         help="comma-separated tasks to run instead of the config's (like lm-eval's --tasks); "
                              "a task the config lists keeps its own settings")
-    parser.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--limit", type=int_in(1), default=None, metavar="N",
                         help="at most N samples per task, overriding every per-task limit (like lm-eval's --limit)")
     parser.add_argument("--resume", action="store_true", help="skip cells already in results.json")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
                         help="override the config's device")
     parser.add_argument("--out", default="reports", help="output folder (default: reports/)")
 
-
-def _positive_int(text: str) -> int:
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not positive")
-    return value
 
 
 def _task_list(text: str) -> list[str]:

@@ -24,6 +24,7 @@ import os
 import pathlib
 import time
 
+from ..argtypes import int_in
 from ..errors import UserError
 
 DEFAULTS = {
@@ -52,26 +53,17 @@ DEFAULTS = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="training config YAML (configs/train/tiny_block.yaml)")
     parser.add_argument("--out", help="output directory (default: the config's output_dir)")
-    parser.add_argument("--steps", type=_positive_int, help="override train.steps (smoke tests)")
-    parser.add_argument("--threads", type=_positive_int, help="override train.threads (torch CPU threads)")
+    parser.add_argument("--steps", type=int_in(1), help="override train.steps (smoke tests)")
+    parser.add_argument("--threads", type=int_in(1), help="override train.threads (torch CPU threads)")
     parser.add_argument("--prepare-only", action="store_true",
                         help="build the tokenizer and token cache, then exit")
     parser.add_argument("--no-eval", action="store_true", help="skip proxy-task scoring in the card")
-    parser.add_argument("--eval-n", type=_positive_int, help="override the number of items per proxy family")
+    parser.add_argument("--eval-n", type=int_in(1), help="override the number of items per proxy family")
     parser.add_argument("--init-from", help="start from the weights of a checkpoint directory (continued "
                         "training; its training card is carried into the new card)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.lr=0.0015 (repeatable)")
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not positive")
-    return value
 
 
 # Keys whose value may be a mapping although the default is a number (see data.corpus.build_corpus).
