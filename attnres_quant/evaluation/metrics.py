@@ -8,8 +8,11 @@ tokenizer has no BOS), so every text token is predicted exactly once.
 * ``nll``/``ppl``: mean negative log-likelihood (nats) of the text tokens and its exponential;
 * ``bpb``: bits per UTF-8 byte = total NLL in bits / total bytes of the text;
 * ``kl_*``: KL(baseline || variant) of the next-token distributions, per token (nats):
-  mean, p50, p90, p99, max;
-* ``top1_agreement``: fraction of positions where both models' argmax token is the same;
+  mean (+ stderr), median/p50, p90, p95, p99, p99.9, max, ...; with delta-p statistics, perplexity
+  ratio and its uncertainty, as ``llama-perplexity --kl-divergence`` prints them -- computed chunk
+  by chunk over positions and vocabulary by :mod:`attnres_quant.evaluation.kl` (whose docstring
+  lists every key), optionally against a saved top-k baseline;
+* ``top1_agreement`` (= ``same_top_p``): fraction of positions where both argmax tokens agree;
 * ``depth_js``: for AttnRes models, the Jensen-Shannon divergence (bits, in [0, 1]) between
   baseline and variant depth-softmax weights, one value per sub-layer (2L + 1: sub-layers
   0..2L-1 then the final mix), averaged over all positions.
@@ -162,53 +165,91 @@ def _group(wins: list[tuple[list[int], int]]):
         yield torch.tensor(ws, dtype=torch.long), c
 
 
+def _predicted(windows, batch_size: int):
+    """(window batch, context positions, offset of its first predicted token) in text order."""
+    offset = 0
+    for i in range(0, len(windows), batch_size):
+        for w, c in _group(windows[i:i + batch_size]):
+            yield w, c, offset
+            offset += w[:, c:].numel()
+
+
+@torch.no_grad()
+def save_baseline_topk(baseline_model, tokenizer, text_ids=None, path=None, *, k: int = 64, text: str | None = None,
+                       seq_len: int | None = None, batch_size: int = 4, max_tokens: int | None = None):
+    """Run the baseline once over the quality text and save its top-k log-probs (``kl.BaselineTopK``) at ``path``.
+
+    Same text, windows and arguments as :func:`quality`, which then takes ``base_topk=path`` instead of
+    the baseline model.
+    """
+    from .kl import BaselineTopK
+
+    ids, _ = _prepare(tokenizer, text_ids, text, max_tokens)
+    wins = _windows(ids, _seq_len([baseline_model], seq_len), _prefix_token(tokenizer))
+    n_tokens = sum(len(w) - c for w, c in wins)
+    writer = None
+    for w, c, offset in _predicted(wins, batch_size):
+        logits, _ = _forward(baseline_model, w, False)
+        if writer is None:
+            writer = BaselineTopK.create(path, n_tokens, k, logits.shape[-1])
+        for r in range(w.shape[0]):
+            n = w.shape[1] - c
+            writer.write(offset + r * n, w[r, c:], logits[r, c - 1:-1])
+    writer.close()
+    return BaselineTopK.open(path)
+
+
 @torch.no_grad()
 def quality(baseline_model, variant_model, tokenizer, text_ids=None, *, text: str | None = None,
             seq_len: int | None = None, batch_size: int = 4, max_tokens: int | None = None,
-            depth: bool = True) -> dict:
+            depth: bool = True, base_topk=None) -> dict:
     """Variant-vs-baseline quality on identical tokens (see module docstring); JSON-ready dict.
 
     ``text_ids``: token ids (list or tensor) or a string; default: the HumanEval fixed text.
+    ``base_topk``: a saved baseline (``kl.BaselineTopK`` or its folder, from :func:`save_baseline_topk`):
+    KL etc. come from it (top-k approximation of KL, see ``kl``), and ``baseline_model`` is only run for
+    the depth JS (pass None to skip it).
     """
+    from .kl import BaselineTopK, KLAccumulator
+
     ids, n_bytes = _prepare(tokenizer, text_ids, text, max_tokens)
-    wins = _windows(ids, _seq_len([baseline_model, variant_model], seq_len), _prefix_token(tokenizer))
-    use_depth = depth and has_depth(baseline_model) and has_depth(variant_model)
-    nll_b = nll_v = 0.0
-    count = agree = 0
-    kls: list[torch.Tensor] = []
+    models = [m for m in (baseline_model, variant_model) if m is not None]
+    wins = _windows(ids, _seq_len(models, seq_len), _prefix_token(tokenizer))
+    if base_topk is not None and not isinstance(base_topk, BaselineTopK):
+        base_topk = BaselineTopK.open(base_topk)
+    if base_topk is not None:
+        base_topk.check_tokens([t for w, c in wins for t in w[c:]], "quality(base_topk=...)")
+    use_depth = depth and baseline_model is not None and has_depth(baseline_model) and has_depth(variant_model)
+    acc = KLAccumulator()
     js_sum: list[float] | None = None
     js_count = 0
-    for i in range(0, len(wins), batch_size):
-        for w, c in _group(wins[i:i + batch_size]):
-            lb_logits, db = _forward(baseline_model, w, use_depth)
-            lv_logits, dv = _forward(variant_model, w, use_depth)
-            tgt = w[:, c:]
-            for r in range(w.shape[0]):  # row by row: [T, V] fp32 at a time
-                lb = F.log_softmax(lb_logits[r, c - 1:-1].float().cpu(), -1)
-                lv = F.log_softmax(lv_logits[r, c - 1:-1].float().cpu(), -1)
-                t = tgt[r].unsqueeze(-1)
-                nll_b += -lb.gather(-1, t).sum().item()
-                nll_v += -lv.gather(-1, t).sum().item()
-                kls.append((lb.exp() * (lb - lv)).sum(-1).clamp_min(0.0))
-                agree += int((lb.argmax(-1) == lv.argmax(-1)).sum())
-            count += tgt.numel()
-            if use_depth and db is not None and dv is not None:
-                if js_sum is None:
-                    js_sum = [0.0] * len(db)
-                for j, (p, q) in enumerate(zip(db, dv)):
-                    js_sum[j] += js_divergence(p.float().cpu(), q.float().cpu()).sum().item()
-                js_count += w.shape[0] * w.shape[1]
-    kl = torch.cat(kls).double()
-    q = torch.quantile(kl, torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64)).tolist() if kl.numel() <= 16_000_000 \
-        else [float(x) for x in torch.sort(kl).values[[int(f * (kl.numel() - 1)) for f in (0.5, 0.9, 0.99)]]]
+    for w, c, offset in _predicted(wins, batch_size):
+        lv_logits, dv = _forward(variant_model, w, use_depth)
+        lb_logits, db = _forward(baseline_model, w, use_depth) if (base_topk is None or use_depth) else (None, None)
+        n = w.shape[1] - c
+        for r in range(w.shape[0]):  # row by row; the accumulator chunks positions and vocabulary
+            targets = w[r, c:]
+            if base_topk is None:
+                acc.add(targets, lv_logits[r, c - 1:-1], base_logits=lb_logits[r, c - 1:-1])
+            else:
+                start = offset + r * n
+                acc.add(targets, lv_logits[r, c - 1:-1], base=base_topk.chunk(start, start + n))
+        if use_depth and db is not None and dv is not None:
+            if js_sum is None:
+                js_sum = [0.0] * len(db)
+            for j, (p, q) in enumerate(zip(db, dv)):
+                js_sum[j] += js_divergence(p.float().cpu(), q.float().cpu()).sum().item()
+            js_count += w.shape[0] * w.shape[1]
+    stats = acc.result()
+    count = stats["n_tokens"]
+    nll_v, nll_b = stats["nll"] * count, stats["base_nll"] * count
     js = [s / js_count for s in js_sum] if js_sum is not None and js_count else None
     return {
+        **stats,
         "tokens": count, "bytes": n_bytes,
-        "nll": nll_v / count, "ppl": math.exp(nll_v / count), "bpb": bits_per_byte(nll_v, n_bytes),
-        "base_nll": nll_b / count, "base_ppl": math.exp(nll_b / count), "base_bpb": bits_per_byte(nll_b, n_bytes),
+        "bpb": bits_per_byte(nll_v, n_bytes), "base_bpb": bits_per_byte(nll_b, n_bytes),
         "bpb_delta": bits_per_byte(nll_v - nll_b, n_bytes),
-        "kl_mean": float(kl.mean()), "kl_p50": q[0], "kl_p90": q[1], "kl_p99": q[2], "kl_max": float(kl.max()),
-        "top1_agreement": agree / count,
+        "kl_source": "exact" if base_topk is None else f"top-{base_topk.meta['k']} of the saved baseline",
         "depth_js": js, "depth_js_mean": (sum(js) / len(js)) if js else None,
         "depth_js_max": max(js) if js else None,
     }
