@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .. import safe_yaml
+from ..data.sources import DataSource
 from ..errors import UserError
 
 
@@ -97,8 +98,12 @@ class EvalSettings(Strict):
 class QualitySettings(Strict):
     enabled: bool = True
     text: Literal["humaneval"] = "humaneval"
+    source: DataSource | None = Field(default=None, description="the quality text (default: `text`, HumanEval); "
+                                      "docs/evaluation.md 'Data sources'")
     max_tokens: int = Field(default=4096, ge=16, description="tokens of fixed text for bpb/KL/JS")
     seq_len: int = Field(default=512, ge=16)
+    kl_top_k: int | None = Field(default=None, ge=1, description="save the baseline's top-k log-probs once and "
+                                 "compute every variant's KL against them (top-k approximation; None = exact)")
 
 
 class BenchSettings(Strict):
@@ -114,6 +119,8 @@ class BenchSettings(Strict):
 class CalibrationSettings(Strict):
     samples: int = Field(default=16, ge=1)
     seq_len: int = Field(default=256, ge=8)
+    source: DataSource | None = Field(default=None, description="calibration text (default: the zoo models' "
+                                      "training mix); docs/evaluation.md 'Data sources'")
 
 
 class BaselineSpec(Strict):

@@ -141,6 +141,7 @@ def preflight(config: StudyConfig, variants, source: str, device: str) -> None:
 
     settings = eval_settings(config)
     eval_preflight([t.name for t in config.tasks], settings)
+    preflight_sources(config)
     for spec in config.models:
         src = preflight_model(spec.path, allow_pickle=spec.allow_pickle, trust_remote_code=spec.trust_remote_code,
                               **_tokenizer_kw(spec))
@@ -154,6 +155,23 @@ def preflight(config: StudyConfig, variants, source: str, device: str) -> None:
             plan = resolve_plan(skeleton, variant, source=f"{source} (model {spec.label})")
             # Each method says whether it can run this plan on the device, before any weights load.
             check_can_run(plan, device, f"{source} (model {spec.label}), variant {variant.name!r}")
+
+
+def preflight_sources(config: StudyConfig) -> None:
+    """The user's calibration / quality data: files exist, the column is there, some text is non-empty."""
+    from ..data.sources import open_source
+
+    from ..data.sources import check_distinct_files
+
+    calibration = quality = None
+    if config.calibration.source is not None:
+        calibration = open_source(config.calibration.source, "calibration")
+        calibration.check_has_text()
+    if config.quality.enabled and config.quality.source is not None:
+        quality = open_source(config.quality.source, "quality")
+        quality.check_has_text()
+    if calibration is not None and quality is not None:
+        check_distinct_files(calibration, quality)
 
 
 def _tokenizer_kw(spec) -> dict:
@@ -252,14 +270,36 @@ def run_quality(store, label, vname, baseline, model, tokenizer, config, text_id
     if not store.done(label, vname, CELL_QUALITY):
         _log(f"  {label} / {vname}: quality metrics")
         t0 = time.perf_counter()
-        q = quality(baseline, model, tokenizer, text_ids.flatten().tolist(), seq_len=config.quality.seq_len)
+        base_topk = None if is_baseline else baseline_topk(store, label, baseline, tokenizer, config, text_ids)
+        q = quality(baseline, model, tokenizer, text_ids.flatten().tolist(), seq_len=config.quality.seq_len,
+                    base_topk=base_topk)
         if not math.isfinite(q.get("bpb", float("nan"))):
             raise VariantFailed(f"bits-per-byte is not finite ({q.get('bpb')})")
         if is_baseline:
-            q = {k: v for k, v in q.items() if k in ("bpb", "ppl", "nll", "tokens", "bytes")}
+            q = {k: v for k, v in q.items() if k in ("bpb", "ppl", "ppl_stderr", "nll", "tokens", "bytes")}
         store.put(label, vname, CELL_QUALITY, q, wall_s=round(time.perf_counter() - t0, 2))
     if not store.done(label, vname, CELL_DEPTH):
         store.put(label, vname, CELL_DEPTH, mean_depth_weights(model, text_ids[:, : config.quality.seq_len]))
+
+
+def baseline_topk(store, label, baseline, tokenizer, config, text_ids):
+    """The saved top-k baseline of this model (written once, on first use) when `quality.kl_top_k` is set."""
+    from ..evaluation.kl import BaselineTopK
+    from ..evaluation.metrics import save_baseline_topk
+
+    k = config.quality.kl_top_k
+    if not k:
+        return None
+    path = Path(store.path).parent / "baseline_topk" / label
+    try:
+        saved = BaselineTopK.open(path)
+        if saved.meta.get("k") == min(k, saved.meta.get("vocab_size", k)):
+            return saved
+    except UserError:
+        pass
+    _log(f"  {label}: saving the baseline's top-{k} log-probs to {path}")
+    return save_baseline_topk(baseline, tokenizer, text_ids.flatten().tolist(), path, k=k,
+                              seq_len=config.quality.seq_len)
 
 
 def run_latency(store, label, vname, model, config, simulated, kernel) -> None:
@@ -292,6 +332,61 @@ def quality_text_ids(tokenizer, max_tokens: int):
     from ..evaluation.metrics import encode, fixed_text
 
     return torch.tensor([encode(tokenizer, fixed_text(), max_tokens)], dtype=torch.long)
+
+
+def record_data(store, label: str, role: str, record: dict) -> None:
+    """What text a model's calibration / quality used (results.json ``meta.data.<model>.<role>``)."""
+    store.meta.setdefault("data", {}).setdefault(label, {})[role] = record
+    store.save()
+
+
+def quality_text(store, label: str, tokenizer, config: StudyConfig):
+    """Quality token ids [1, N]: the configured source's first `max_tokens` tokens, else HumanEval's text."""
+    import torch
+
+    from ..data.sources import quality_windows, token_hash
+
+    q = config.quality
+    if q.source is None:
+        ids = quality_text_ids(tokenizer, q.max_tokens)
+        record = {"path": "builtin:humaneval", "tokens": ids.shape[1], "tokens_sha256": token_hash(ids[0].tolist())}
+    else:
+        windows = quality_windows(q.source, tokenizer, q.max_tokens, q.seq_len, config.seed)
+        ids, record = torch.tensor([windows.ids], dtype=torch.long), windows.record
+    if q.enabled:
+        record_data(store, label, "quality", record)
+    return ids
+
+
+def calibration_rows(store, label: str, tokenizer, config: StudyConfig):
+    """Calibration token ids [samples, seq_len] from `calibration.source`, else the built-in training mix."""
+    from ..data.sources import calibration_windows, token_hash
+    from ..quant import calibration_batches
+
+    c = config.calibration
+    if c.source is None:
+        rows = calibration_batches(tokenizer, c.samples, c.seq_len, config.seed)
+        record = {"path": "builtin:stdlib+proxy-train", "samples": c.samples, "seq_len": c.seq_len,
+                  "seed": config.seed, "tokens": rows.numel(), "tokens_sha256": token_hash(rows.flatten().tolist())}
+    else:
+        windows = calibration_windows(c.source, tokenizer, c.samples, c.seq_len, config.seed)
+        rows, record = windows.as_rows(c.seq_len), windows.record
+    record_data(store, label, "calibration", record)
+    return rows
+
+
+def checked_calibration(store, label, tokenizer, config: StudyConfig, text_ids, pending, source: str):
+    """With a user data source on either side, build the calibration now and check it does not overlap the
+    quality text (None when no pending variant calibrates or both sides are the built-in defaults)."""
+    from ..data.sources import check_no_overlap
+
+    user_data = config.calibration.source is not None or config.quality.source is not None
+    if not user_data or not any(v.needs_calibration() for v in pending):
+        return None
+    rows = calibration_rows(store, label, tokenizer, config)
+    if config.quality.enabled:
+        check_no_overlap(rows, text_ids.flatten().tolist(), tokenizer, where=source)
+    return rows
 
 
 def describe_rules(variant) -> str:
@@ -385,7 +480,7 @@ def run_variant(store: ResultStore, label: str, variant, config: StudyConfig, ba
     """All cells of one variant; a crash or NaN/Inf marks it failed. Returns the calibration batches."""
     import torch
 
-    from ..quant import calibration_batches, quantize
+    from ..quant import quantize
 
     vname = variant.name
     _log(f"{label}: variant {vname} ({variant.method})")
@@ -393,8 +488,7 @@ def run_variant(store: ResultStore, label: str, variant, config: StudyConfig, ba
     quantized = None
     try:
         if calibration is None and variant.needs_calibration():
-            calibration = calibration_batches(tokenizer, config.calibration.samples,
-                                              config.calibration.seq_len, config.seed)
+            calibration = calibration_rows(store, label, tokenizer, config)
         torch.manual_seed(config.seed)
         quantized = quantize(baseline, variant, calibration=calibration, source=source)
         qmodel = quantized.model.eval()
@@ -437,12 +531,12 @@ def run_model(store: ResultStore, spec, config: StudyConfig, variants, device: s
 
     _log(f"{label}: loading {spec.path} ({config.dtype}, {device})")
     baseline, tokenizer = load_baseline(spec, config, device)
-    text_ids = quality_text_ids(tokenizer, config.quality.max_tokens)
+    text_ids = quality_text(store, label, tokenizer, config)
+    calibration = checked_calibration(store, label, tokenizer, config, text_ids, pending, source)
     if not store.done(label, base_name, "model"):
         store.put(label, base_name, "model", describe(spec, baseline))
     if base_pending and not run_baseline(store, label, spec, config, baseline, tokenizer, text_ids, pending):
         return
-    calibration = None
     for variant in pending:
         calibration = run_variant(store, label, variant, config, baseline, tokenizer, text_ids, calibration, source)
 
