@@ -1,10 +1,10 @@
 """KL divergence and token-probability statistics at scale, as ``llama-perplexity --kl-divergence`` prints them.
 
 Memory does not grow with the vocabulary: logits are processed ``pos_chunk`` positions by
-``vocab_chunk`` vocabulary entries at a time, in float64 (two passes over the vocabulary: the
-log-sum-exp and argmax, then the KL sum), so the pass itself holds about
-``8 * pos_chunk * vocab_chunk * 8`` bytes of temporaries (256 x 8192 -> ~134 MB) whatever the
-vocabulary (Kimi K3: 163,840). What grows with the text is six float64 numbers per token (~48
+``vocab_chunk`` vocabulary entries at a time, in float64 (one pass over the vocabulary with an
+online softmax: running maxima, sums and the KL numerator, rescaled as the maxima grow), so the
+pass itself holds about ``4 * pos_chunk * vocab_chunk * 8`` bytes of temporaries (256 x 8192 ->
+~67 MB) whatever the vocabulary (Kimi K3: 163,840). What grows with the text is six float64 numbers per token (~48
 bytes/token: 8k tokens = 0.4 MB, 1M tokens = 48 MB), kept for the exact percentiles.
 
 API (small on purpose; the sensitivity / search verbs call it):
@@ -97,14 +97,39 @@ def lse_and_argmax(logits: torch.Tensor, vocab_chunk: int = VOCAB_CHUNK) -> tupl
     return lse, idx
 
 
-def exact_kl(base_logits, var_logits, lse_base, lse_var, vocab_chunk: int = VOCAB_CHUNK) -> torch.Tensor:
-    """KL(base || var) per row, float64, with the log-sum-exps already known (second vocabulary pass)."""
-    kl = torch.zeros(base_logits.shape[0], dtype=torch.float64, device=base_logits.device)
+def exact_kl_one_pass(base_logits, var_logits, vocab_chunk: int = VOCAB_CHUNK):
+    """(KL(base || var), lse_base, argmax_base, lse_var, argmax_var) per row in one pass over the vocabulary.
+
+    Online softmax: running maxima m, sums s = sum exp(z - m) and t = sum exp(z_b - m_b) (z_b - z_v), rescaled
+    when a maximum grows; then KL = t / s_b - lse_b + lse_v (float64, so the difference loses nothing).
+    """
+    rows, dev = base_logits.shape[0], base_logits.device
+
+    def zeros():
+        return torch.zeros(rows, dtype=torch.float64, device=dev)
+
+    m_b = torch.full((rows,), -math.inf, dtype=torch.float64, device=dev)
+    m_v = m_b.clone()
+    s_b, s_v, t = zeros(), zeros(), zeros()
+    arg_b = torch.zeros(rows, dtype=torch.long, device=dev)
+    arg_v = arg_b.clone()
     for start in range(0, base_logits.shape[1], vocab_chunk):
-        lb = base_logits[:, start:start + vocab_chunk].double() - lse_base[:, None]
-        lv = var_logits[:, start:start + vocab_chunk].double() - lse_var[:, None]
-        kl += (lb.exp() * (lb - lv)).sum(dim=-1)
-    return kl.clamp_min(0.0)
+        zb = base_logits[:, start:start + vocab_chunk].double()
+        zv = var_logits[:, start:start + vocab_chunk].double()
+        cb, ib = zb.max(dim=-1)
+        cv, iv = zv.max(dim=-1)
+        arg_b = torch.where(cb > m_b, ib + start, arg_b)  # strict: the first maximum wins
+        arg_v = torch.where(cv > m_v, iv + start, arg_v)
+        new_b, new_v = torch.maximum(m_b, cb), torch.maximum(m_v, cv)
+        scale_b = torch.exp(m_b - new_b)
+        eb = torch.exp(zb - new_b[:, None])
+        s_b = s_b * scale_b + eb.sum(dim=-1)
+        t = t * scale_b + torch.linalg.vecdot(eb, zb.sub_(zv))
+        s_v = s_v * torch.exp(m_v - new_v) + torch.exp(zv - new_v[:, None]).sum(dim=-1)
+        m_b, m_v = new_b, new_v
+    lse_b, lse_v = m_b + s_b.log(), m_v + s_v.log()
+    kl = (t / s_b - lse_b + lse_v).clamp_min(0.0)
+    return kl, lse_b, arg_b, lse_v, arg_v
 
 
 def _logp_at(logits: torch.Tensor, index: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
@@ -165,18 +190,17 @@ class KLAccumulator:
             self._add_rows(targets[s:e], var_logits[s:e], None if base_logits is None else base_logits[s:e], piece)
 
     def _add_rows(self, targets, zv, zb, base) -> None:
-        lse_v, arg_v = lse_and_argmax(zv, self.vocab_chunk)
-        lp_v_target = _logp_at(zv, targets, lse_v)
         if zb is not None:
-            lse_b, arg_b = lse_and_argmax(zb, self.vocab_chunk)
-            kl = exact_kl(zb, zv, lse_b, lse_v, self.vocab_chunk)
+            kl, lse_b, arg_b, lse_v, arg_v = exact_kl_one_pass(zb, zv, self.vocab_chunk)
             lp_b_target = _logp_at(zb, targets, lse_b)
             lp_b_top = _logp_at(zb, arg_b, lse_b)
         else:
+            lse_v, arg_v = lse_and_argmax(zv, self.vocab_chunk)
             kl = topk_kl(base, zv, lse_v)
             arg_b = base.ids[:, 0].to(zv.device).long()
             lp_b_target = base.target_logp.to(zv.device).double()
             lp_b_top = base.logp[:, 0].to(zv.device).double()
+        lp_v_target = _logp_at(zv, targets, lse_v)
         lp_v_top = _logp_at(zv, arg_b, lse_v)
         values = {"kl": kl, "nll_base": -lp_b_target, "nll_var": -lp_v_target,
                   "dp": lp_v_target.exp() - lp_b_target.exp(), "top_dp": lp_v_top.exp() - lp_b_top.exp(),
