@@ -184,8 +184,11 @@ def save_baseline_topk(baseline_model, tokenizer, text_ids=None, path=None, *, k
     """
     from .kl import BaselineTopK
 
+    from .kl import tokens_sha256
+
     ids, _ = _prepare(tokenizer, text_ids, text, max_tokens)
-    wins = _windows(ids, _seq_len([baseline_model], seq_len), _prefix_token(tokenizer))
+    window = _seq_len([baseline_model], seq_len)
+    wins = _windows(ids, window, _prefix_token(tokenizer))
     n_tokens = sum(len(w) - c for w, c in wins)
     writer = None
     for w, c, offset in _predicted(wins, batch_size):
@@ -195,6 +198,7 @@ def save_baseline_topk(baseline_model, tokenizer, text_ids=None, path=None, *, k
         for r in range(w.shape[0]):
             n = w.shape[1] - c
             writer.write(offset + r * n, w[r, c:], logits[r, c - 1:-1])
+    writer.meta.update(text_ids_sha256=tokens_sha256(ids), seq_len=window)  # what `baseline_topk` reuse checks
     writer.close()
     return BaselineTopK.open(path)
 

@@ -284,22 +284,24 @@ def run_quality(store, label, vname, baseline, model, tokenizer, config, text_id
 
 def baseline_topk(store, label, baseline, tokenizer, config, text_ids):
     """The saved top-k baseline of this model (written once, on first use) when `quality.kl_top_k` is set."""
-    from ..evaluation.kl import BaselineTopK
+    from ..evaluation.kl import BaselineTopK, tokens_sha256
     from ..evaluation.metrics import save_baseline_topk
 
     k = config.quality.kl_top_k
     if not k:
         return None
     path = Path(store.path).parent / "baseline_topk" / label
-    try:
+    ids = text_ids.flatten().tolist()
+    try:  # reuse only a file of this text, window length and k (a new run into the same folder may differ)
         saved = BaselineTopK.open(path)
-        if saved.meta.get("k") == min(k, saved.meta.get("vocab_size", k)):
+        meta = saved.meta
+        if (meta.get("k") == min(k, meta.get("vocab_size", k)) and meta.get("text_ids_sha256") == tokens_sha256(ids)
+                and meta.get("seq_len") == min(config.quality.seq_len, meta.get("seq_len", -1))):
             return saved
     except UserError:
         pass
     _log(f"  {label}: saving the baseline's top-{k} log-probs to {path}")
-    return save_baseline_topk(baseline, tokenizer, text_ids.flatten().tolist(), path, k=k,
-                              seq_len=config.quality.seq_len)
+    return save_baseline_topk(baseline, tokenizer, ids, path, k=k, seq_len=config.quality.seq_len)
 
 
 def run_latency(store, label, vname, model, config, simulated, kernel) -> None:
