@@ -139,6 +139,11 @@ def _seq_len(models, seq_len: int | None) -> int:
     return max(1, min(seq_len or 512, limit - 1))
 
 
+def effective_seq_len(models, seq_len: int | None) -> int:
+    """The window length `quality` uses: ``seq_len`` (default 512) capped below every model's context."""
+    return _seq_len([m for m in models if m is not None], seq_len)
+
+
 @torch.no_grad()
 def perplexity(model, tokenizer, text_ids=None, *, text: str | None = None, seq_len: int | None = None,
                batch_size: int = 4, max_tokens: int | None = None) -> dict:

@@ -285,7 +285,7 @@ def run_quality(store, label, vname, baseline, model, tokenizer, config, text_id
 def baseline_topk(store, label, baseline, tokenizer, config, text_ids):
     """The saved top-k baseline of this model (written once, on first use) when `quality.kl_top_k` is set."""
     from ..evaluation.kl import BaselineTopK, tokens_sha256
-    from ..evaluation.metrics import save_baseline_topk
+    from ..evaluation.metrics import effective_seq_len, save_baseline_topk
 
     k = config.quality.kl_top_k
     if not k:
@@ -296,7 +296,7 @@ def baseline_topk(store, label, baseline, tokenizer, config, text_ids):
         saved = BaselineTopK.open(path)
         meta = saved.meta
         if (meta.get("k") == min(k, meta.get("vocab_size", k)) and meta.get("text_ids_sha256") == tokens_sha256(ids)
-                and meta.get("seq_len") == min(config.quality.seq_len, meta.get("seq_len", -1))):
+                and meta.get("seq_len") == effective_seq_len([baseline], config.quality.seq_len)):
             return saved
     except UserError:
         pass
