@@ -146,3 +146,14 @@ def test_quality_against_a_saved_baseline_matches_the_live_baseline(tmp_path):
         assert saved[key] == pytest.approx(live[key], rel=1e-5, abs=1e-7), key
     assert saved["depth_js"] is None and live["depth_js"] is not None
     assert live["kl_source"] == "exact" and saved["kl_source"].startswith("top-")
+
+
+def test_memory_benchmark_prints_json(capsys):
+    import json
+
+    from attnres_quant.bench import kl_memory
+
+    assert kl_memory.main(["--tokens", "96", "--vocab-size", "3000", "--seq-len", "40", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tokens"] == 96 and out["peak_added_bytes"] >= 0 and out["full_logits_bytes"] == 2 * 96 * 3000 * 4
+    assert 0 < out["same_top_p"] <= 1 and out["machine"]["date_utc"]
