@@ -139,22 +139,32 @@ def test_c4_json_gz_shards(tmp_path, tok):
 
 def test_ultrachat_rendered_with_chat_template_or_fallback(tmp_path, tok):
     root = ultrachat(tmp_path / "ultrachat")
-    src = DataSource(path=str(root), split="train_sft")
-    plain = calibration_windows(src.model_copy(update={"shuffle": False}), tok, samples=2, seq_len=20, seed=0)
-    first = f"<|user|>\n{sentence(0)}\n<|assistant|>\n{sentence(1)}\n"
+    src = DataSource(path=str(root), split="train_sft", shuffle=False)
+    conversations = [[sentence(i), sentence(i + 1)] for i in range(20)]
+    plain = calibration_windows(src, tok, samples=2, seq_len=20, seed=0)
     assert plain.record["chat_template"] == "fallback" and plain.record["column"] == "messages"
-    assert plain.ids == enc(tok, first)[:40] or plain.ids[:len(enc(tok, first)) - 1] == enc(tok, first)[:-1][:40]
+    fallback = "".join(f"<|user|>\n{u}\n<|assistant|>\n{a}\n" for u, a in conversations)
+    assert plain.ids == enc(tok, fallback)[:40] and plain.record["separator"] == ""
     import copy
 
     templated = copy.deepcopy(tok)
     templated.chat_template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
-    t = calibration_windows(src.model_copy(update={"shuffle": False}), templated, 2, 20, seed=0)
+    t = calibration_windows(src, templated, 2, 20, seed=0)
     assert t.record["chat_template"] == "model"
-    assert t.ids == enc(tok, f"[user] {sentence(0)}\n[assistant] {sentence(1)}\n" + "\n"
-                        + f"[user] {sentence(1)}\n[assistant] {sentence(2)}\n")[:40] or \
-        t.ids[:10] == enc(tok, f"[user] {sentence(0)}")[:10]
+    assert t.ids == enc(tok, "".join(f"[user] {u}\n[assistant] {a}\n" for u, a in conversations))[:40]
     with pytest.raises(UserError, match=r"no 'test' split .*splits found: \['test_sft', 'train_sft'\]"):
         quality_windows(DataSource(path=str(root)), tok, 100, 20, 0)
+
+
+def test_arrow_save_to_disk_layout(tmp_path, tok):
+    import datasets
+
+    docs = {"train": [sentence(i) for i in range(20)], "test": [sentence(i) for i in range(900, 920)]}
+    datasets.DatasetDict({k: datasets.Dataset.from_dict({"text": v}) for k, v in docs.items()}).save_to_disk(
+        str(tmp_path / "saved"))
+    q = quality_windows(DataSource(path=str(tmp_path / "saved")), tok, max_tokens=60, seq_len=20, seed=0)
+    assert q.record["format"] == "arrow" and q.record["split"] == "test"
+    assert q.ids == enc(tok, "\n\n".join(docs["test"]))[:60]
 
 
 # --------------------------------------------------------------------------- errors

@@ -50,6 +50,7 @@ TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ".raw", ".tokens"}
 KNOWN_SPLIT = re.compile(r"(^|_)(train|test|validation|valid|dev|eval)(_|$)")
 _SHARD = re.compile(r"[-.]\d{3,}(-of-\d{3,})?.*$")
 DEFAULT_SPLIT = {"calibration": "train", "quality": "test"}
+METADATA_FILES = {"dataset_info.json", "state.json", "dataset_dict.json", "dataset_infos.json"}  # not data
 FIX_PATH = "point `{key}.source.path` at an existing file or folder (docs/evaluation.md, 'Data sources')"
 
 
@@ -96,6 +97,7 @@ def _files_of(source: DataSource, role: str, key: str) -> tuple[list[Path], str]
         fmt = source.format if source.format != "auto" else DATA_SUFFIXES.get(_suffix(root), "text")
         return [root], fmt
     data = sorted(p for p in root.rglob("*") if p.is_file() and _suffix(p) in DATA_SUFFIXES
+                  and p.name not in METADATA_FILES
                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
     if source.format not in ("auto", "text"):
         data = [p for p in data if DATA_SUFFIXES[_suffix(p)] == source.format]

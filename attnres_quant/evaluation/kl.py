@@ -171,7 +171,8 @@ class KLAccumulator:
     @torch.no_grad()
     def add(self, targets, var_logits: torch.Tensor, *, base_logits: torch.Tensor | None = None,
             base: TopKChunk | None = None) -> None:
-        """Add positions: ``var_logits`` [T, V] (or [1, T, V]), ``targets`` [T]; the baseline as logits or a top-k chunk."""
+        """Add positions: ``var_logits`` [T, V] (or [1, T, V]), ``targets`` [T]; the baseline as logits
+        ``[T, V]`` or as a saved top-k chunk."""
         if (base_logits is None) == (base is None):
             raise ValueError("give exactly one of base_logits (exact) or base (a saved top-k chunk)")
         var_logits = var_logits.reshape(-1, var_logits.shape[-1])
