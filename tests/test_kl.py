@@ -157,3 +157,27 @@ def test_memory_benchmark_prints_json(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["tokens"] == 96 and out["peak_added_bytes"] >= 0 and out["full_logits_bytes"] == 2 * 96 * 3000 * 4
     assert 0 < out["same_top_p"] <= 1 and out["machine"]["date_utc"]
+
+
+def test_study_reuses_the_saved_baseline_only_for_the_same_text(tmp_path):
+    from types import SimpleNamespace
+
+    from attnres_quant.evaluation.testing import tiny_tokenizer
+    from attnres_quant.model import AttnResConfig, AttnResForCausalLM
+    from attnres_quant.pipeline.runner import baseline_topk
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = AttnResForCausalLM(AttnResConfig(hidden_size=16, num_hidden_layers=1, num_heads=2, vocab_size=len(tok),
+                                             attnres_block_size=2, max_position_embeddings=64)).eval()
+    store = SimpleNamespace(path=tmp_path / "results.json")
+    config = SimpleNamespace(quality=SimpleNamespace(kl_top_k=8, seq_len=16))
+    ids = torch.arange(5, 45).view(1, -1)
+    first = baseline_topk(store, "m", model, tok, config, ids)
+    stamp = (first.path / "meta.json").stat().st_mtime_ns
+    assert baseline_topk(store, "m", model, tok, config, ids).meta == first.meta  # reused
+    assert (first.path / "meta.json").stat().st_mtime_ns == stamp
+    other = baseline_topk(store, "m", model, tok, config, ids + 1)  # other text: written again
+    assert other.meta["text_ids_sha256"] != first.meta["text_ids_sha256"]
+    config.quality.kl_top_k = 4
+    assert baseline_topk(store, "m", model, tok, config, ids + 1).meta["k"] == 4
