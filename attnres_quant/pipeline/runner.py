@@ -46,6 +46,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
                         help="override the config's device")
     parser.add_argument("--out", default="reports", help="output folder (default: reports/)")
+    from .executors import add_arguments as add_executor_arguments
+
+    add_executor_arguments(parser)
 
 
 
@@ -526,6 +529,9 @@ def main(args) -> int:
     config, raw = load_config(args.config, args.set, tasks=getattr(args, "tasks", None),
                               limit=getattr(args, "limit", None))
     device = resolve_device(args.device or config.device)
+    from .executors import make_executor
+
+    executor = make_executor(args)  # before any work: a Ray request without Ray fails here
     variants = validate_variants(config, source)
     _log(f"study {config.name}: {len(config.models)} model(s), baseline + {len(variants)} variant(s), "
          f"{len(config.tasks)} task(s), device {device}")
@@ -549,8 +555,8 @@ def main(args) -> int:
             if config.bench.threads:
                 torch.set_num_threads(config.bench.threads)
             t0 = time.perf_counter()
-            for spec in config.models:
-                run_model(store, spec, config, variants, device, source)
+            # The executor runs the (model, variant) units; this process alone writes results.json.
+            executor.run(store, config, variants, device, source)
             store.meta["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
             store.meta["wall_s_last_run"] = round(time.perf_counter() - t0, 1)
             store.save()
