@@ -141,6 +141,7 @@ def preflight(config: StudyConfig, variants, source: str, device: str) -> None:
     from ..loading import preflight_model, structure_model
     from ..quant import resolve_plan
     from ..quant.methods import check_can_run
+    from .. import vllm_backend
 
     settings = eval_settings(config)
     eval_preflight([t.name for t in config.tasks], settings)
@@ -157,6 +158,10 @@ def preflight(config: StudyConfig, variants, source: str, device: str) -> None:
             plan = resolve_plan(skeleton, variant, source=f"{source} (model {spec.label})")
             # Each method says whether it can run this plan on the device, before any weights load.
             check_can_run(plan, device, f"{source} (model {spec.label}), variant {variant.name!r}")
+            if vllm_backend.backend_of(config, variant) == "vllm":
+                vllm_backend.check_variant(variant, device, f"{source} (model {spec.label})")
+        if vllm_backend.backend_of(config) == "vllm":
+            vllm_backend.serve_baseline(spec, config)  # checks its architecture
 
 
 def _tokenizer_kw(spec) -> dict:
@@ -198,7 +203,7 @@ def task_settings_for(task, settings):
     return settings.model_copy(update=update) if update else settings
 
 
-def run_tasks(store, label, vname, model, tokenizer, config, settings) -> None:
+def run_tasks(store, label, vname, model, tokenizer, config, settings, served=None) -> None:
     from ..evaluation import evaluate
 
     for task in config.tasks:
@@ -209,8 +214,8 @@ def run_tasks(store, label, vname, model, tokenizer, config, settings) -> None:
         _log(f"  {label} / {vname}: task {task.name}")
         t0 = time.perf_counter()
         results = evaluate(model, tokenizer, [task.name], task_settings,
-                           samples_dir=samples_dir(store, label, vname))
-        value = {name: r.to_dict() for name, r in results.items()}
+                           samples_dir=samples_dir(store, label, vname), lm=served.lm() if served else None)
+        value = {name: {**r.to_dict(), **(served.label() if served else {})} for name, r in results.items()}
         record_samples_paths(store, value)
         for name, r in value.items():
             if not (isinstance(r.get("value"), (int, float)) and math.isfinite(r["value"])):
@@ -265,13 +270,16 @@ def run_quality(store, label, vname, baseline, model, tokenizer, config, text_id
         store.put(label, vname, CELL_DEPTH, mean_depth_weights(model, text_ids[:, : config.quality.seq_len]))
 
 
-def run_latency(store, label, vname, model, config, simulated, kernel) -> None:
+def run_latency(store, label, vname, model, config, simulated, kernel, served=None) -> None:
     from ..bench import measure_latency
 
     if not config.bench.enabled or store.done(label, vname, CELL_LATENCY):
         return
     _log(f"  {label} / {vname}: latency and memory")
     b = config.bench
+    if served is not None:  # vLLM's kernels on the exported checkpoint: real, not simulated
+        store.put(label, vname, CELL_LATENCY, served.latency(b))
+        return
     lat = measure_latency(model, prompt_len=b.prompt_len, batch_size=b.batch_size, decode_tokens=b.decode_tokens,
                           warmup=b.warmup, repeats=b.repeats, simulated=simulated, kernel=kernel,
                           threads=b.threads)
@@ -352,6 +360,20 @@ def _pickle_files(path: str) -> str:
     return f"the .bin files of {path}"
 
 
+def served_checkpoint(config, store, label, *, spec=None, variant=None, baseline=None, tokenizer=None,
+                      calibration=None):
+    """The checkpoint vLLM serves for this (model, variant) -- the exported variant, or the baseline's own
+    checkpoint -- or None when the unit runs in-process (``backend: hf``, the default)."""
+    from .. import vllm_backend
+
+    if vllm_backend.backend_of(config, variant) != "vllm":
+        return None
+    if variant is None:
+        return vllm_backend.serve_baseline(spec, config)
+    return vllm_backend.serve_variant(baseline, variant, tokenizer, config, Path(store.path).parent, label,
+                                      calibration)
+
+
 def _failure_value(exc: BaseException) -> dict:
     return {"reason": f"{type(exc).__name__}: {exc}"[:2000], "traceback": traceback.format_exc(limit=6)}
 
@@ -365,10 +387,12 @@ def run_baseline(store: ResultStore, label: str, spec, config: StudyConfig, base
         check_finite(baseline, text_ids)
         if not store.done(label, base_name, CELL_PLAN):
             store.put(label, base_name, CELL_PLAN, baseline_plan(baseline, base_name))
-        run_tasks(store, label, base_name, baseline, tokenizer, config, eval_settings(config))
+        served = served_checkpoint(config, store, label, spec=spec)
+        run_tasks(store, label, base_name, baseline, tokenizer, config, eval_settings(config), served)
         if config.quality.enabled:
             run_quality(store, label, base_name, baseline, baseline, tokenizer, config, text_ids, is_baseline=True)
-        run_latency(store, label, base_name, baseline, config, simulated=False, kernel=f"dense-{config.dtype}")
+        run_latency(store, label, base_name, baseline, config, simulated=False, kernel=f"dense-{config.dtype}",
+                    served=served)
         return True
     except (UserError, KeyboardInterrupt):
         raise
@@ -404,10 +428,13 @@ def run_variant(store: ResultStore, label: str, variant, config: StudyConfig, ba
         check_finite(qmodel, text_ids)
         if not store.done(label, vname, CELL_PLAN):
             store.put(label, vname, CELL_PLAN, plan_summary(quantized))
-        run_tasks(store, label, vname, qmodel, tokenizer, config, eval_settings(config))
+        served = served_checkpoint(config, store, label, variant=variant, baseline=baseline, tokenizer=tokenizer,
+                                   calibration=calibration)
+        run_tasks(store, label, vname, qmodel, tokenizer, config, eval_settings(config), served)
         if config.quality.enabled:
             run_quality(store, label, vname, baseline, qmodel, tokenizer, config, text_ids, is_baseline=False)
-        run_latency(store, label, vname, qmodel, config, simulated=quantized.simulated, kernel=quantized.kernel)
+        run_latency(store, label, vname, qmodel, config, simulated=quantized.simulated, kernel=quantized.kernel,
+                    served=served)
         store.put(label, vname, CELL_STATUS, {"wall_s": round(time.perf_counter() - t0, 2)})
     except (UserError, KeyboardInterrupt):
         raise
