@@ -24,7 +24,9 @@ KILLED_UNIT = "killtest/tiny-block/int4_all"   # the test hook kills this unit's
 # The default study's models and variants (RTN W8A8 / int4 / hybrid and GPTQ), at tiny limits.
 DEFAULT_STUDY_FAST = ["--tasks", "proxy_mc", "--limit", "2", "--set", "bench.enabled=false",
                       "--set", "quality.max_tokens=64", "--set", "quality.seq_len=32",
-                      "--set", "calibration.samples=2", "--set", "calibration.seq_len=32", "--set", "device=cpu"]
+                      "--set", "calibration.samples=2", "--set", "calibration.seq_len=32", "--set", "device=cpu",
+                      # one torch thread in both runs: a reduction over 1 or 2 threads rounds differently
+                      "--set", "bench.threads=1"]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,7 @@ def mini_study(tmp_path: Path, name: str = "mini") -> Path:
                         {"name": "int4_hybrid", "method": "rtn", "default": {"weight": "int4", "group_size": 32},
                          "rules": [{"select": "depth.*", "weight": "bf16"}]}],
            "tasks": ["proxy_mc"], "eval": {"batch_size": 8, "limit": 3},
-           "quality": {"max_tokens": 128, "seq_len": 64}, "bench": {"enabled": False}}
+           "quality": {"max_tokens": 128, "seq_len": 64}, "bench": {"enabled": False, "threads": 1}}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -240,7 +240,11 @@ class RayExecutor:
 
         store.meta["executor"] = self.describe()
         cells = variant_cells(config)
-        sink = CellSink.remote()
+        # The relay lives on the driver's node: if that node goes, so does the driver (and --resume continues).
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        sink = CellSink.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            node_id=ray.get_runtime_context().get_node_id(), soft=False)).remote()
         running: dict[Any, Unit] = {}
         waiting: dict[str, list[Unit]] = {}   # model label -> variants waiting for its baseline
         options: dict[str, dict] = {}
