@@ -137,11 +137,11 @@ def validate_variants(config: StudyConfig, source: str):
 
 def preflight(config: StudyConfig, variants, source: str, device: str) -> None:
     """Everything that can fail cheaply, before any weights are loaded."""
+    from .. import vllm_backend
     from ..evaluation import preflight as eval_preflight
     from ..loading import preflight_model, structure_model
     from ..quant import resolve_plan
     from ..quant.methods import check_can_run
-    from .. import vllm_backend
 
     settings = eval_settings(config)
     eval_preflight([t.name for t in config.tasks], settings)
