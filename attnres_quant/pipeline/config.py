@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .. import safe_yaml
 from ..data.sources import DataSource
 from ..errors import UserError
+from ..vllm_backend import VllmSettings
 
 
 class Strict(BaseModel):
@@ -93,6 +94,10 @@ class EvalSettings(Strict):
     allow_code_execution: bool = False
     code_timeout_s: float = Field(default=3.0, gt=0, description="time limit of one executed program "
                                   "(lm-eval 0.4.13 humaneval: 3 s)")
+    backend: Literal["hf", "vllm"] = Field(default="hf", description="hf: the in-process model through lm-eval's "
+                                           "HFLM; vllm: the exported checkpoint through lm-eval's vllm model and "
+                                           "vLLM's latency benchmark (CUDA only; a variant's own `backend:` wins)")
+    vllm: VllmSettings = Field(default_factory=VllmSettings)
 
 
 class QualitySettings(Strict):

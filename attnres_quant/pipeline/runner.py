@@ -46,6 +46,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
                         help="override the config's device")
     parser.add_argument("--out", default="reports", help="output folder (default: reports/)")
+    from .executors import add_arguments as add_executor_arguments
+
+    add_executor_arguments(parser)
 
 
 
@@ -134,6 +137,7 @@ def validate_variants(config: StudyConfig, source: str):
 
 def preflight(config: StudyConfig, variants, source: str, device: str) -> None:
     """Everything that can fail cheaply, before any weights are loaded."""
+    from .. import vllm_backend
     from ..evaluation import preflight as eval_preflight
     from ..loading import preflight_model, structure_model
     from ..quant import resolve_plan
@@ -155,6 +159,10 @@ def preflight(config: StudyConfig, variants, source: str, device: str) -> None:
             plan = resolve_plan(skeleton, variant, source=f"{source} (model {spec.label})")
             # Each method says whether it can run this plan on the device, before any weights load.
             check_can_run(plan, device, f"{source} (model {spec.label}), variant {variant.name!r}")
+            if vllm_backend.backend_of(config, variant) == "vllm":
+                vllm_backend.check_variant(variant, device, f"{source} (model {spec.label})")
+        if vllm_backend.backend_of(config) == "vllm":
+            vllm_backend.serve_baseline(spec, config)  # checks its architecture
 
 
 def preflight_sources(config: StudyConfig) -> None:
@@ -213,7 +221,7 @@ def task_settings_for(task, settings):
     return settings.model_copy(update=update) if update else settings
 
 
-def run_tasks(store, label, vname, model, tokenizer, config, settings) -> None:
+def run_tasks(store, label, vname, model, tokenizer, config, settings, served=None) -> None:
     from ..evaluation import evaluate
 
     for task in config.tasks:
@@ -224,8 +232,8 @@ def run_tasks(store, label, vname, model, tokenizer, config, settings) -> None:
         _log(f"  {label} / {vname}: task {task.name}")
         t0 = time.perf_counter()
         results = evaluate(model, tokenizer, [task.name], task_settings,
-                           samples_dir=samples_dir(store, label, vname))
-        value = {name: r.to_dict() for name, r in results.items()}
+                           samples_dir=samples_dir(store, label, vname), lm=served.lm() if served else None)
+        value = {name: {**r.to_dict(), **(served.label() if served else {})} for name, r in results.items()}
         record_samples_paths(store, value)
         for name, r in value.items():
             if not (isinstance(r.get("value"), (int, float)) and math.isfinite(r["value"])):
@@ -304,13 +312,16 @@ def baseline_topk(store, label, baseline, tokenizer, config, text_ids):
     return save_baseline_topk(baseline, tokenizer, ids, path, k=k, seq_len=config.quality.seq_len)
 
 
-def run_latency(store, label, vname, model, config, simulated, kernel) -> None:
+def run_latency(store, label, vname, model, config, simulated, kernel, served=None) -> None:
     from ..bench import measure_latency
 
     if not config.bench.enabled or store.done(label, vname, CELL_LATENCY):
         return
     _log(f"  {label} / {vname}: latency and memory")
     b = config.bench
+    if served is not None:  # vLLM's kernels on the exported checkpoint: real, not simulated
+        store.put(label, vname, CELL_LATENCY, served.latency(b))
+        return
     lat = measure_latency(model, prompt_len=b.prompt_len, batch_size=b.batch_size, decode_tokens=b.decode_tokens,
                           warmup=b.warmup, repeats=b.repeats, simulated=simulated, kernel=kernel,
                           threads=b.threads)
@@ -446,6 +457,20 @@ def _pickle_files(path: str) -> str:
     return f"the .bin files of {path}"
 
 
+def served_checkpoint(config, store, label, *, spec=None, variant=None, baseline=None, tokenizer=None,
+                      calibration=None):
+    """The checkpoint vLLM serves for this (model, variant) -- the exported variant, or the baseline's own
+    checkpoint -- or None when the unit runs in-process (``backend: hf``, the default)."""
+    from .. import vllm_backend
+
+    if vllm_backend.backend_of(config, variant) != "vllm":
+        return None
+    if variant is None:
+        return vllm_backend.serve_baseline(spec, config)
+    return vllm_backend.serve_variant(baseline, variant, tokenizer, config, Path(store.path).parent, label,
+                                      calibration)
+
+
 def _failure_value(exc: BaseException) -> dict:
     return {"reason": f"{type(exc).__name__}: {exc}"[:2000], "traceback": traceback.format_exc(limit=6)}
 
@@ -459,10 +484,12 @@ def run_baseline(store: ResultStore, label: str, spec, config: StudyConfig, base
         check_finite(baseline, text_ids)
         if not store.done(label, base_name, CELL_PLAN):
             store.put(label, base_name, CELL_PLAN, baseline_plan(baseline, base_name))
-        run_tasks(store, label, base_name, baseline, tokenizer, config, eval_settings(config))
+        served = served_checkpoint(config, store, label, spec=spec)
+        run_tasks(store, label, base_name, baseline, tokenizer, config, eval_settings(config), served)
         if config.quality.enabled:
             run_quality(store, label, base_name, baseline, baseline, tokenizer, config, text_ids, is_baseline=True)
-        run_latency(store, label, base_name, baseline, config, simulated=False, kernel=f"dense-{config.dtype}")
+        run_latency(store, label, base_name, baseline, config, simulated=False, kernel=f"dense-{config.dtype}",
+                    served=served)
         return True
     except (UserError, KeyboardInterrupt):
         raise
@@ -497,10 +524,13 @@ def run_variant(store: ResultStore, label: str, variant, config: StudyConfig, ba
         check_finite(qmodel, text_ids)
         if not store.done(label, vname, CELL_PLAN):
             store.put(label, vname, CELL_PLAN, plan_summary(quantized))
-        run_tasks(store, label, vname, qmodel, tokenizer, config, eval_settings(config))
+        served = served_checkpoint(config, store, label, variant=variant, baseline=baseline, tokenizer=tokenizer,
+                                   calibration=calibration)
+        run_tasks(store, label, vname, qmodel, tokenizer, config, eval_settings(config), served)
         if config.quality.enabled:
             run_quality(store, label, vname, baseline, qmodel, tokenizer, config, text_ids, is_baseline=False)
-        run_latency(store, label, vname, qmodel, config, simulated=quantized.simulated, kernel=quantized.kernel)
+        run_latency(store, label, vname, qmodel, config, simulated=quantized.simulated, kernel=quantized.kernel,
+                    served=served)
         store.put(label, vname, CELL_STATUS, {"wall_s": round(time.perf_counter() - t0, 2)})
     except (UserError, KeyboardInterrupt):
         raise
@@ -622,6 +652,9 @@ def main(args) -> int:
     config, raw = load_config(args.config, args.set, tasks=getattr(args, "tasks", None),
                               limit=getattr(args, "limit", None))
     device = resolve_device(args.device or config.device)
+    from .executors import make_executor
+
+    executor = make_executor(args)  # before any work: a Ray request without Ray fails here
     variants = validate_variants(config, source)
     _log(f"study {config.name}: {len(config.models)} model(s), baseline + {len(variants)} variant(s), "
          f"{len(config.tasks)} task(s), device {device}")
@@ -645,8 +678,8 @@ def main(args) -> int:
             if config.bench.threads:
                 torch.set_num_threads(config.bench.threads)
             t0 = time.perf_counter()
-            for spec in config.models:
-                run_model(store, spec, config, variants, device, source)
+            # The executor runs the (model, variant) units; this process alone writes results.json.
+            executor.run(store, config, variants, device, source)
             store.meta["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
             store.meta["wall_s_last_run"] = round(time.perf_counter() - t0, 1)
             store.save()

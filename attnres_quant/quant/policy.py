@@ -150,6 +150,9 @@ class Variant(BaseModel):
     # dampening / actorder, bnb threshold, AWQ duo_scaling / n_grid / measure, gguf preset (e.g. q4_k_m),
     # kv_granularity (attn.kv_cache, every method).
     options: dict[str, Any] = Field(default_factory=dict)
+    # Evaluation backend of this variant (None: the study's eval.backend): hf in-process, or vllm on the
+    # exported compressed-tensors checkpoint (attnres_quant.evaluation.vllm_backend).
+    backend: Literal["hf", "vllm"] | None = None
 
     def needs_calibration(self) -> bool:
         """GPTQ, AWQ and static activation scales need calibration data."""
