@@ -86,6 +86,7 @@ class Family:
     awq_mappings: Callable = _no_mappings
     hooks: dict | None = None
     kv_cache_bytes: Callable | None = None
+    awq_note: str | None = None  # the plan's note on where AWQ folds its scales (None: the reference wording)
     fallback: bool = False
 
     def handles_config(self, config: dict) -> bool:

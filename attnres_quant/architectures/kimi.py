@@ -607,6 +607,10 @@ FAMILY = Family(
     structure=_structure, load=_load, describe=describe, parts=kimi_parts, component=kimi_component,
     default_keep=DEFAULT_KEEP, method_problem=method_problem, calibration_context=calibrate_all_experts,
     awq_components=AWQ_COMPONENTS, awq_mappings=awq_mappings, kv_cache_bytes=_kv_cache_bytes,
+    awq_note=("awq folds its smoothing scales into every layer's input_layernorm / post_attention_layernorm gains "
+              "and multiplies the balanced input columns (attention input projections; MoE router, shared and "
+              "routed experts' gate/up): the routers say keep but change exactly in fp32 (rounded once to the "
+              "model dtype), so routing is unchanged; the depth path (depth.query/key_norm) is never rescaled"),
 )
 
 __all__ = ["FAMILY", "Family", "is_kimi_model", "MODEL_TYPES", "COMPONENTS", "WEIGHT_COMPONENTS",

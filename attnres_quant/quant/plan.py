@@ -438,7 +438,10 @@ def resolve_plan(model: nn.Module, variant: Variant, source: str = "config") -> 
                             f"asks for several ({desc})", where0,
                             "give every int attn.*/mlp.* projection the same weight/group_size/symmetric in an awq "
                             "variant (keep others at bf16), or use rtn/gptq for mixed precisions")
-        if any(r.method == "awq" for r in rows):
+        family_note = fam.awq_note
+        if any(r.method == "awq" for r in rows) and family_note:
+            notes.append(family_note)
+        elif any(r.method == "awq" for r in rows):
             notes.append("awq folds its smoothing scales into attn_norm/mlp_norm gains and, where o_proj/down_proj "
                          "are balanced, into v_proj/up_proj rows: those rows say keep/awq but change exactly in "
                          "fp32 (rounded once to the model dtype); the depth path (depth.query/key_norm) is never "
