@@ -36,10 +36,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from .architectures.reference import MODEL_TYPES as ATTNRES_TYPES  # the reference family's model types
 from .errors import UserError
 
-LLAMA_TYPES = ("llama", "qwen2", "mistral")
-ATTNRES_TYPES = ("attnres", "transformer")
+LLAMA_TYPES = ("llama", "qwen2", "mistral")  # the Llama-family types this converter maps (not qwen3: QK-norm)
 VERIFY_AUTO_MAX_PARAMS = 1_000_000_000
 
 # Llama name -> FLA name (per layer; N is the layer index).

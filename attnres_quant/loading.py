@@ -20,17 +20,21 @@ before any weight is read.
 
 Families
 --------
-* ``model_type: attnres`` (ours) and ``model_type: transformer``
-  (flash-linear-attention's ``TransformerConfig``, same field and parameter
-  names) load into the reference implementation ``attnres_quant.model``.
-* Llama-family causal LMs (``llama``, ``qwen2``, ``qwen3``, ``mistral``) load
-  through transformers as standard-residual comparators.
-* Families of the architecture registry (``attnres_quant.architectures``): Kimi-Linear /
-  Kimi K3 (``model_type`` ``kimi_linear`` / ``kimi_k3``) load into attnres_quant's own Kimi
-  model (never the checkpoint's remote code); their tokenizer comes from a ``tokenizer``
+Everything model-specific comes from the architecture registry (``attnres_quant.architectures``,
+one module per family): the family whose ``model_types`` hold the config's ``model_type`` checks
+the config, says whether a tokenizer will load, builds the meta-device structure, loads the
+weights and describes the model.
+
+* ``reference``: ``model_type: attnres`` (ours) and ``model_type: transformer``
+  (flash-linear-attention's ``TransformerConfig``, same field and parameter names) load into
+  the reference implementation ``attnres_quant.model``.
+* ``kimi``: Kimi-Linear / Kimi K3 (``kimi_linear`` / ``kimi_k3``) load into attnres_quant's own
+  Kimi model (never the checkpoint's remote code); their tokenizer comes from a ``tokenizer``
   directory, the checkpoint's own files, or Moonshot's tiktoken tokenizer with
-  ``trust_remote_code`` (``architectures.kimi.tokenizer_status``).
-* Any other causal LM that transformers knows loads with a warning (untested).
+  ``trust_remote_code``.
+* ``llama`` (the fallback): Llama-family causal LMs (``llama``, ``qwen2``, ``qwen3``,
+  ``mistral``) load through transformers as standard-residual comparators; any other causal LM
+  that transformers knows loads with a warning (untested).
 """
 
 from __future__ import annotations
@@ -48,9 +52,6 @@ from .errors import UserError
 ZOO_DIR = Path(__file__).resolve().parent / "zoo"
 ZOO_PREFIX = "zoo:"
 
-ATTNRES_MODEL_TYPES = ("attnres", "transformer")
-LLAMA_FAMILY = ("llama", "qwen2", "qwen3", "mistral")
-
 SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
@@ -64,8 +65,6 @@ DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp1
           "half": "float16", "float32": "float32", "fp32": "float32", "float": "float32", "auto": "auto"}
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
-# Keys transformers may report as unexpected that carry no weights (old Llama checkpoints).
-_BENIGN_UNEXPECTED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
 
 class LoadingWarning(UserWarning):
@@ -94,7 +93,7 @@ class ModelSource:
 
     @property
     def is_attnres_reference(self) -> bool:
-        return self.model_type in ATTNRES_MODEL_TYPES
+        return _registry_family(self.config).name == "reference"
 
 
 # --------------------------------------------------------------------------- zoo
@@ -213,76 +212,15 @@ def _weights(files: set[str], where: str, allow_pickle: bool) -> tuple[str, list
 
 
 def _registry_family(config: dict):
-    """The architecture-registry family of a config.json dict (Kimi ...), or None."""
+    """The architecture-registry family of a config.json dict (reference, Kimi, the Llama fallback ...)."""
     from .architectures import family_for_config
 
     return family_for_config(config)
 
 
 def _check_config(config: dict, where: str, trust_remote_code: bool) -> tuple[str, str, int | None, list[str]]:
-    """(model_type, family, block size, warnings) from a config.json dict."""
-    fam = _registry_family(config)
-    if fam is not None:  # our own modelling code: the checkpoint's auto_map is never run
-        return fam.check_config(config, where)
-    notes: list[str] = []
-    if config.get("auto_map"):
-        if not trust_remote_code:
-            raise UserError(
-                "The checkpoint ships its own modelling code (`auto_map` in config.json); running remote code "
-                "is refused by default",
-                where=where,
-                fix="set `trust_remote_code: true` on the model's entry (`model:` or `models:`) in the study config "
-                    "(load_model(..., trust_remote_code=True)) only if you trust the code in that checkpoint")
-        notes.append(f"{where}: running the checkpoint's own modelling code because trust_remote_code is set")
-    model_type = config.get("model_type")
-    if not model_type:
-        raise UserError("config.json has no `model_type`", where=where,
-                        fix="use a transformers-format checkpoint (config.json with model_type)")
-    block = None
-    if model_type in ATTNRES_MODEL_TYPES:
-        block = config.get("attnres_block_size")
-        if block is not None and (not isinstance(block, int) or isinstance(block, bool)
-                                  or not (block == 1 or (block >= 2 and block % 2 == 0))):
-            raise UserError(f"attnres_block_size must be null, 1 or an even integer; got {block!r}",
-                            where=f"{where} (config.json)", fix="fix attnres_block_size in config.json")
-        unsupported = []
-        if config.get("qk_norm"):
-            unsupported.append("qk_norm=true (query/key RMSNorm)")
-        if config.get("window_size") is not None:
-            unsupported.append(f"window_size={config['window_size']} (sliding-window attention)")
-        if config.get("elementwise_affine") is False:
-            unsupported.append("elementwise_affine=false (weightless norms)")
-        if "rope_theta" in config and config["rope_theta"] is None:
-            unsupported.append("rope_theta=null (attention without RoPE)")
-        if config.get("hidden_act", "swish") not in ("swish", "silu"):
-            unsupported.append(f"hidden_act={config['hidden_act']!r}")
-        if unsupported:
-            raise UserError(
-                "The reference AttnRes model does not implement " + ", ".join(unsupported),
-                where=f"{where} (config.json)",
-                fix="use a checkpoint without these options, or run it with flash-linear-attention itself")
-        family = "standard" if block is None else ("attnres-full" if block == 1 else "attnres-block")
-        return model_type, family, block, notes
-    if not config.get("auto_map"):
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-        if model_type not in CONFIG_MAPPING_NAMES:
-            raise UserError(f"Unknown model_type {model_type!r}", where=f"{where} (config.json)",
-                            fix="use an AttnRes/FLA checkpoint (model_type attnres or transformer) or a "
-                                "transformers causal LM such as llama, qwen2, qwen3 or mistral")
-        if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-            raise UserError(f"model_type {model_type!r} is not a causal language model", where=f"{where}",
-                            fix="use a decoder-only causal LM checkpoint")
-        if model_type not in LLAMA_FAMILY:
-            notes.append(f"{where}: model_type {model_type!r} is not one of the tested families "
-                         f"({', '.join(ATTNRES_MODEL_TYPES + LLAMA_FAMILY)}); loading it through transformers "
-                         "as a standard-residual model, and precision-policy components may not all resolve")
-    return model_type, model_type, None, notes
-
-
-def _has_tokenizer(files: set[str]) -> bool:
-    return any(f in files for f in TOKENIZER_FILES)
+    """(model_type, family, block size, warnings) from a config.json dict: the family's own check."""
+    return _registry_family(config).check_config(config, where, trust_remote_code)
 
 
 def _hub_snapshot(repo_id: str, patterns: list[str] | None, where: str) -> Path:
@@ -387,27 +325,10 @@ def preflight_model(path: str, *, dtype: Any = "bfloat16", device: Any = "cpu", 
                             "--local-dir DIR`) and point the model path at DIR, or unset HF_HUB_OFFLINE")
     fmt, weight_files, wnotes = _weights(files, where, allow_pickle)
     notes += wnotes
-    has_tok = _has_tokenizer(files)
-    fam = _registry_family(config)
-    if fam is not None:
-        has_tok, tok_note = fam.tokenizer_status(directory, tokenizer, trust_remote_code)
-        if tok_note:
-            notes.append(tok_note)
-    elif tokenizer:  # an explicit tokenizer directory replaces the checkpoint's files
-        if not Path(os.path.expanduser(tokenizer)).is_dir():
-            raise UserError(f"tokenizer directory {tokenizer!r} does not exist", where=where,
-                            fix="point `tokenizer:` at a directory saved with transformers' save_pretrained")
-        has_tok = True
-    elif has_tok:
-        tok_cfg = directory / "tokenizer_config.json"
-        if tok_cfg.is_file() and _read_json(tok_cfg, where).get("auto_map") and not trust_remote_code:
-            raise UserError("The checkpoint's tokenizer ships its own code (`auto_map` in tokenizer_config.json); "
-                            "running remote code is refused by default", where=where,
-                            fix="set `trust_remote_code: true` on the model's entry (`model:` or `models:`) in the "
-                                "study config only if you trust that code")
-    else:
-        notes.append(f"{where}: no tokenizer files (tokenizer.json / tokenizer_config.json); the tokenizer is None "
-                     "and evaluation tasks that need text cannot run")
+    has_tok, tok_note = _registry_family(config).tokenizer_status(directory, files, tokenizer, trust_remote_code,
+                                                                   where)
+    if tok_note:
+        notes.append(tok_note)
     return ModelSource(spec=spec, kind=kind, directory=directory, model_type=model_type, family=family,
                        block_size=block, weights_format=fmt, weight_files=weight_files, has_tokenizer=has_tok,
                        dtype=dtype_name, device=device_name, config=config, warnings=notes, hub_id=hub_id,
@@ -421,11 +342,6 @@ def structure_model(path: str, *, trust_remote_code: bool = False, dtype: Any = 
     ``preflight_model`` (remote code refused without ``trust_remote_code``).  Extra keyword
     arguments (``allow_pickle``, ``device``) are accepted and ignored: no weight file is opened.
     """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from . import model as _registers_attnres  # noqa: F401
-
     spec = str(path).strip()
     dtype_name = _normalise_dtype(dtype)
     _kind, directory, where, _hub = _resolve(spec)
@@ -434,16 +350,7 @@ def structure_model(path: str, *, trust_remote_code: bool = False, dtype: Any = 
                         fix="point at a transformers-format checkpoint directory (config.json + weights)")
     raw = _read_json(directory / "config.json", where)
     _check_config(raw, where, trust_remote_code)
-    fam = _registry_family(raw)
-    if fam is not None:
-        return fam.structure(raw, dtype_name)
-    config = AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code, local_files_only=True)
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        skeleton = AutoModelForCausalLM.from_config(
-            config, trust_remote_code=trust_remote_code,
-            dtype=None if dtype_name == "auto" else getattr(torch, dtype_name))
-    return skeleton.eval()
+    return _registry_family(raw).structure(directory, raw, dtype_name, trust_remote_code)
 
 
 # --------------------------------------------------------------------------- load
@@ -465,81 +372,14 @@ def load_model(path: str, *, dtype: Any = "bfloat16", device: Any = "cpu", allow
     The model is in eval mode on ``device`` in ``dtype``.  Missing or mismatched weights are an error
     (a partly random model must never enter a study); so are unexpected weights for AttnRes checkpoints.
     """
-    import torch
-    from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM
-
-    from . import model as _registers_attnres  # noqa: F401  (AutoConfig/AutoModel registration)
-
     src = preflight_model(path, dtype=dtype, device=device, allow_pickle=allow_pickle,
                           trust_remote_code=trust_remote_code, tokenizer=tokenizer)
     for note in src.warnings:
         warnings.warn(note, LoadingWarning, stacklevel=2)
     directory = checkpoint_dir(src, trust_remote_code=trust_remote_code)
-    where = f"model path {src.spec!r}"
-    fam = _registry_family(src.config)
-    if fam is not None:
-        return _load_family(fam, src, directory, trust_remote_code)
-    torch_dtype = "auto" if src.dtype == "auto" else getattr(torch, src.dtype)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*weights_only.*")
-            model, info = AutoModelForCausalLM.from_pretrained(
-                str(directory), dtype=torch_dtype, use_safetensors=src.weights_format == "safetensors",
-                trust_remote_code=trust_remote_code, local_files_only=True, output_loading_info=True,
-                ignore_mismatched_sizes=True)  # reported below as a UserError naming the tensors
-    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "no detail"
-        raise UserError(f"The checkpoint could not be loaded ({type(exc).__name__}: {detail[:400]})", where=where,
-                        fix="check that the weights are complete and belong to config.json "
-                            "(see docs/checkpoints.md)") from exc
-    _check_loading_info(info, src, where)
-    model = model.to(src.device).eval()
-    tokenizer = None
-    if src.has_tokenizer:
-        from transformers import AutoTokenizer
-
-        try:
-            tok_dir = os.path.expanduser(src.tokenizer) if src.tokenizer else str(directory)
-            tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=trust_remote_code,
-                                                      local_files_only=True)
-        except Exception as exc:  # noqa: BLE001
-            raise UserError(f"The checkpoint's tokenizer files could not be loaded ({type(exc).__name__}: {exc})",
-                            where=where, fix="repair the tokenizer files or re-save them with transformers") \
-                from None
+    model, tok = _registry_family(src.config).load(src, directory, trust_remote_code)
     model._attnres_source = src  # provenance for describe_model / reports
-    return model, tokenizer
-
-
-def _load_family(fam, src: ModelSource, directory: Path, trust_remote_code: bool):
-    """Load a registry family's checkpoint (Kimi ...) with its own loader and tokenizer rule."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the loader's notes are kept on the model instead
-        model, notes = fam.load(directory, dtype=src.dtype, device=src.device)
-    tokenizer = fam.load_tokenizer(directory, src.tokenizer, trust_remote_code)
-    model._attnres_source = src
-    model._load_notes = list(notes)
-    return model.eval(), tokenizer
-
-
-def _check_loading_info(info: dict, src: ModelSource, where: str) -> None:
-    missing = sorted(info.get("missing_keys") or [])
-    unexpected = sorted(k for k in (info.get("unexpected_keys") or []) if not _BENIGN_UNEXPECTED.search(k))
-    mismatched = list(info.get("mismatched_keys") or [])
-    problems = []
-    if missing:
-        problems.append(f"missing weights {_short(missing)}")
-    if mismatched:
-        names = [m[0] if isinstance(m, tuple) else m for m in mismatched]
-        problems.append(f"weights of the wrong shape {_short(names)}")
-    if unexpected and src.is_attnres_reference:
-        problems.append(f"unexpected weights {_short(unexpected)} (parts the reference model does not implement)")
-    if problems:
-        raise UserError("The checkpoint does not match its config: " + "; ".join(problems), where=where,
-                        fix="check that config.json belongs to these weights (FLA names: model.embeddings, "
-                            "model.layers.N.attn.*, ...; see docs/checkpoints.md)")
-    if unexpected:
-        warnings.warn(f"{where}: ignored unexpected weights {_short(unexpected)}", LoadingWarning, stacklevel=3)
+    return model, tok
 
 
 def _short(keys: list[str], n: int = 5) -> str:
@@ -552,24 +392,9 @@ def describe_model(model) -> dict:
     from .architectures import family_for_model
 
     cfg = model.config
-    model_type = getattr(cfg, "model_type", None) or type(model).__name__
-    fam = family_for_model(model)
-    block = getattr(cfg, "attnres_block_size", None) if model_type in ATTNRES_MODEL_TYPES or fam else None
-    extra: dict = {}
-    if fam is not None:  # Kimi: block size in sub-layers here, in decoder layers as attn_res_block_size
-        src0 = getattr(model, "_attnres_source", None)
-        model_type = src0.model_type if src0 is not None else model_type
-        family = model_type + ("-attnres" if block else "")
-        extra = {"attnres_block_size": block,  # in sub-layers (FLA's name; what the report reads)
-                 "attn_res_block_size": getattr(cfg, "attn_res_block_size", None),
-                 "num_experts": getattr(cfg, "num_experts", None),
-                 "kda_layers": sum(1 for i in range(cfg.num_hidden_layers) if cfg.is_kda_layer(i)),
-                 "load_notes": list(getattr(model, "_load_notes", [])),
-                 "as_shipped": dict(getattr(model, "_kimi_as_shipped", {}))}
-    elif model_type in ATTNRES_MODEL_TYPES:
-        family = "standard" if block is None else ("attnres-full" if block == 1 else "attnres-block")
-    else:
-        family = model_type
+    info = dict(family_for_model(model).describe(model))
+    family, model_type, block = info.pop("family"), info.pop("model_type"), info.pop("block_size")
+    extra = info  # a family's own fields (Kimi: experts, KDA layers, load notes, as-shipped formats)
     params = {id(p): p for p in model.parameters()}  # tied weights once
     n_params = sum(p.numel() for p in params.values())
     first = next(iter(params.values()), None)

@@ -199,3 +199,31 @@ def test_overhead_cli_defaults_to_bf16_and_fp32_at_batch_1_and_8(capsys):
                  "--num-heads", "4", "--decode-tokens", "1", "--warmup", "0", "--repeats", "1"]) == 0
     text = capsys.readouterr().out
     assert text.count("AttnRes overhead:") == 2 and "summary" in text
+
+
+def test_kimi_bench_cli_prints_json_with_required_keys(capsys, tmp_path):
+    """`bench kimi --size tiny`: our Block-AttnRes Kimi model, the same model with the standard residual and
+    transformers' native kimi_linear, timed on one thread; the JSON has the figures docs/benchmarks.md quotes."""
+    from attnres_quant.cli import main
+
+    out_file = tmp_path / "kimi.json"
+    rc = main(["bench", "kimi", "--size", "tiny", "--seq-len", "8", "--decode-tokens", "2", "--warmup", "0",
+               "--repeats", "1", "--json", "--output", str(out_file)])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert json.loads(out_file.read_text()) == out
+    for key in ("config", "machine", "attnres", "standard", "kimi_linear", "ratios"):
+        assert key in out
+    for name in ("attnres", "standard", "kimi_linear"):
+        r = out[name]
+        assert r["prefill_ms"] > 0 and r["decode_ms_per_token"] > 0
+        assert r["prefill_tokens_per_s"] == pytest.approx(8 * 1e3 / r["prefill_ms"])
+        assert r["decode_tokens_per_s"] == pytest.approx(1e3 / r["decode_ms_per_token"])
+    assert out["ratios"]["attnres_vs_kimi_linear_decode"] == pytest.approx(
+        out["attnres"]["decode_ms_per_token"] / out["kimi_linear"]["decode_ms_per_token"])
+    assert {"attnres_vs_standard_prefill", "attnres_vs_kimi_linear_prefill"} <= set(out["ratios"])
+    c = out["config"]
+    assert c["threads"] == 1 and c["clock"] == "process_cpu_time" and c["seq_len"] == 8
+    # attnres and standard share every sub-layer weight; the native model has no depth parameters
+    assert c["params"]["attnres"] > c["params"]["standard"] > 0 and c["params"]["kimi_linear"] > 0
+    assert "load_avg_1m" in out["machine"]

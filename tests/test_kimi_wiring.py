@@ -172,9 +172,9 @@ def test_experts_selector_errors():
         resolve_plan(tiny_attnres(), _variant(rules=[{"select": "mlp.*", "experts": [0], "weight": "int4"}]))
 
 
-@pytest.mark.parametrize("method,options", [("awq", {}), ("torchao", {}), ("gguf", {"preset": "q4_k_m"})])
+@pytest.mark.parametrize("method,options", [("torchao", {}), ("gguf", {"preset": "q4_k_m"})])
 def test_methods_not_wired_for_kimi_are_refused_at_plan_time(method, options):
-    default = {"weight": {"gguf": "q4_0", "torchao": "int8"}.get(method, "int4")}
+    default = {"weight": {"gguf": "q4_0", "torchao": "int8"}[method]}
     with pytest.raises(UserError, match="cannot run on the kimi family"):
         resolve_plan(tiny_kimi(), _variant(method=method, default=default, options=options))
 

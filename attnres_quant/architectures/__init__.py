@@ -1,50 +1,85 @@
-"""Model families beyond the reference AttnRes model (SPEC section 1, "Model families").
+"""The architecture registry: one module per model family (SPEC section 1, "Model families").
 
-One module per family: ``kimi`` (Kimi-Linear / Kimi K3: loading, component names) with its
-modelling code ``kimi_modeling`` and the exact PyTorch versions of FLA's kernels
-``kimi_torch_ops``.
+Registered families, in lookup order:
 
-A small registry (:func:`family_for_config`, :func:`family_for_model`) is consulted by
-``loading`` (preflight / structure / load / describe) and ``quant.components`` / ``quant.plan``.
-Only the Kimi family is registered; the reference model and the Llama comparators are still
-handled by the rule tables in ``loading.py`` and ``quant/components.py`` (moving them here is
-the remaining part of the registry refactor, issue 16 item 1).
+* ``reference`` -- our AttnRes model (``model_type`` ``attnres``) and flash-linear-attention
+  ``transformer`` checkpoints (:mod:`.reference`);
+* ``kimi`` -- Kimi-Linear / Kimi K3 (KDA + MLA + MoE + Block AttnRes) on attnres_quant's own model
+  (:mod:`.kimi`, with :mod:`.kimi_modeling`, the exact torch kernels :mod:`.kimi_torch_ops` and the
+  compressed-tensors reader :mod:`.compressed`);
+* ``llama`` -- the Llama-family comparators (llama, qwen2, qwen3, mistral) and, as the *fallback*, any
+  other transformers causal LM (:mod:`.llama`; both transformers-loaded families share :mod:`.hf`).
+
+Each family module ends with ``FAMILY = Family(...)`` (:class:`.base.Family`: model types, config
+check, loading, meta-device structure, describe, component rules and parts, default-keep components,
+method limits, calibration mode, AWQ mappings, precision-hook setters).  ``loading`` (preflight /
+structure / load / describe), ``quant.components`` / ``quant.plan`` (parts, rules, method limits),
+``quant.apply`` / ``quant.awq`` (calibration, AWQ mappings, hooks) and hence the pipeline runner only
+consult :func:`family_for_config` / :func:`family_for_model`.
+
+Adding a family (docs/ARCHITECTURE.md, "Adding a model family"): write ``architectures/<name>.py``
+ending in ``FAMILY = Family(...)`` and add ``"<name>"`` to :data:`FAMILY_MODULES` before the fallback.
+:func:`register` adds a ``Family`` at run time (tests use it to prove the plug-in point).
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-_FAMILY_MODULES = ("kimi",)
+from .base import ComponentRef, Family, FamilyPart
+
+# Lookup order: the first family whose model_types (config) / handles_model (model) match wins;
+# the fallback family (llama: any transformers causal LM) comes last.
+FAMILY_MODULES = ("reference", "kimi", "llama")
+
+_extra: list[Family] = []  # families registered at run time (register / unregister)
 
 
-def families() -> list[Any]:
-    """Every registered family (``Family`` records), imported lazily."""
-    import importlib
+def families() -> list[Family]:
+    """Every registered family, run-time registrations first, the fallback last."""
+    found = list(_extra) + [importlib.import_module(f"{__name__}.{name}").FAMILY for name in FAMILY_MODULES]
+    return [f for f in found if not f.fallback] + [f for f in found if f.fallback]
 
-    return [importlib.import_module(f"{__name__}.{name}").FAMILY for name in _FAMILY_MODULES]
 
-
-def family_for_config(config: dict) -> Any | None:
-    """The registered family that loads a config.json dict (by ``model_type``), or None."""
-    model_type = config.get("model_type") if isinstance(config, dict) else None
-    if model_type is None:
-        return None
+def family(name: str) -> Family:
+    """The registered family called ``name`` (KeyError when there is none)."""
     for fam in families():
-        if fam.handles_config(config):
+        if fam.name == name:
             return fam
-    return None
+    raise KeyError(name)
 
 
-def family_for_model(model) -> Any | None:
-    """The registered family a loaded (or meta-device) model belongs to, or None."""
-    cls = type(model).__name__
-    if not cls.startswith("Kimi"):  # cheap: no family import for the reference / HF models
+def register(fam: Family) -> Family:
+    """Register a family at run time (looked up before the built-in ones); returns it."""
+    unregister(fam.name)
+    _extra.insert(0, fam)
+    return fam
+
+
+def unregister(name: str) -> None:
+    _extra[:] = [f for f in _extra if f.name != name]
+
+
+def family_for_config(config: dict) -> Family | None:
+    """The family that loads a config.json dict (by ``model_type``), else the fallback family (which
+    checks that transformers knows the type); None only for a non-dict."""
+    if not isinstance(config, dict):
         return None
+    fams = families()
+    for fam in fams:
+        if not fam.fallback and fam.handles_config(config):
+            return fam
+    return next((f for f in fams if f.fallback), None)
+
+
+def family_for_model(model) -> Family | None:
+    """The family a loaded (or meta-device) model belongs to; the fallback family claims the rest."""
     for fam in families():
         if fam.handles_model(model):
             return fam
     return None
 
 
-__all__ = ["families", "family_for_config", "family_for_model"]
+__all__ = ["Family", "FamilyPart", "ComponentRef", "FAMILY_MODULES", "families", "family", "register",
+           "unregister", "family_for_config", "family_for_model"]

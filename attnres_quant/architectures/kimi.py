@@ -21,11 +21,11 @@ import contextlib
 import json
 import re
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import UserError
+from .base import ComponentRef, Family, FamilyPart
 from .compressed import ACTIVATION_FIELDS, WEIGHT_FIELDS, check_quantization_config, decompress_module, module_group
 
 MODEL_TYPES = ("kimi_linear", "kimi_k3")
@@ -47,13 +47,6 @@ COMPONENTS = WEIGHT_COMPONENTS + COMPUTE_COMPONENTS
 # Components a method's default never quantizes unless a rule asks for them (the K3 ignore lesson:
 # llm-compressor's patch_kimi_k3_ignore keeps *_res_proj out of quantization by hand).
 DEFAULT_KEEP = ("depth.query", "depth.key_norm", "moe.router", "attn.decay", "norm")
-
-
-@dataclass(frozen=True)
-class ComponentRef:
-    component: str
-    layer: int | None  # decoder layer; num_hidden_layers for the final norm / output mix; None for embed, lm_head
-    expert: int | None = None  # routed expert index (moe.experts.*)
 
 
 _L = r"model\.layers\.(?P<layer>\d+)\."
@@ -116,14 +109,7 @@ def kimi_component(name: str, num_layers: int | None = None) -> ComponentRef | N
     return None
 
 
-@dataclass
-class KimiPart:
-    """A weight tensor (kind "weight", name = parameter name) or a computation (kind "compute",
-    name = module name holding the precision hook)."""
-
-    name: str
-    ref: ComponentRef
-    kind: str
+KimiPart = FamilyPart  # (the registry's part record; the old name stays importable)
 
 
 def kimi_parts(model) -> Iterator[KimiPart]:
@@ -367,10 +353,8 @@ def is_kimi_model(model) -> bool:
 
 # --------------------------------------------------------------------------- wiring helpers
 # Methods the plan accepts on this family, and why the others are refused (at plan time).
-METHODS = ("none", "rtn", "gptq", "gguf", "bnb")
+METHODS = ("none", "rtn", "gptq", "awq", "gguf", "bnb")
 REFUSED_METHODS = {
-    "awq": "llm-compressor's AWQ mappings name Llama-style layers (input_layernorm -> q/k/v, post_attention_layernorm "
-           "-> gate/up); there are none for KDA/MLA/MoE layers here yet",
     "torchao": "torchao quantize_ on this family is untested (routed experts run on token subsets)",
 }
 
@@ -518,37 +502,116 @@ def kda_state_bytes(config, precision: str = "fp32") -> float:
     return n_kda * int(lac.get("num_heads", 0)) * int(lac.get("head_dim", 0)) ** 2 * bits / 8
 
 
-@dataclass(frozen=True)
-class Family:
-    """What the architecture registry needs from this family (``attnres_quant.architectures``)."""
+# --------------------------------------------------------------------------- AWQ
+def awq_mappings(model) -> list[tuple[str, tuple[str, ...]]]:
+    """llm-compressor AWQ smoothing mappings, one per norm and layer (exact names: KDA, MLA, dense and MoE
+    layers differ): ``input_layernorm`` -> the attention's input projections (KDA: q/k/v, the forget and
+    output gate down-projections, beta; MLA: q or q_a, kv_a, the output gate), ``post_attention_layernorm``
+    -> the MLP's gate/up, or the router, the shared expert's gate/up and every routed expert's w1/w3 (the
+    latent down-projection instead of the experts for a latent MoE).  The first balance layer sees every
+    token (AWQ reads the activation statistics there).  No mapping touches ``*_res_proj`` /
+    ``*_res_norm``: the depth mix happens before these norms, so the depth path is bit-identical."""
+    from .kimi_modeling import KimiDeltaAttention
 
-    name: str
-    model_types: tuple[str, ...]
-    components: tuple[str, ...]
-    compute_components: tuple[str, ...]
-    default_keep: tuple[str, ...]
-    load: Any  # (path, *, dtype, device) -> (model, notes)
-    component: Any  # (name, num_layers=None) -> ComponentRef | None
-    parts: Any  # (model) -> Iterator[KimiPart]
-    handles_model: Any  # (model) -> bool
-    check_config: Any = None  # (config dict, where) -> (model_type, family, block size in sub-layers, notes)
-    structure: Any = None  # (config dict, dtype) -> meta-device model
-    method_problem: Any = None  # (method) -> None | reason
-    tokenizer_status: Any = None  # (directory, tokenizer, trust_remote_code) -> (ok, note)
-    load_tokenizer: Any = None  # (directory, tokenizer, trust_remote_code) -> tokenizer | None
-    calibration_context: Any = None  # (model) -> context manager used while calibration data runs (GPTQ)
+    maps = []
+    for i, layer in enumerate(model.model.layers):
+        pre = f"model.layers.{i}."
+        attn = layer.self_attn
+        if isinstance(attn, KimiDeltaAttention):
+            names = ["q_proj", "k_proj", "v_proj", "f_a_proj", "b_proj",
+                     "g_proj" if attn.use_full_rank_gate else "g_a_proj"]
+        else:
+            names = ["q_a_proj" if attn.q_lora_rank is not None else "q_proj", "kv_a_proj_with_mqa"]
+            if hasattr(attn, "g_proj"):
+                names.append("g_proj")
+        maps.append((_exact(pre + "input_layernorm"), tuple(_exact(f"{pre}self_attn.{n}") for n in names)))
+        if hasattr(layer, "block_sparse_moe"):
+            moe = layer.block_sparse_moe
+            # The router reads the same normed input: it balances too (its columns times s, exact), so
+            # routing is unchanged; it is not quantized (DEFAULT_KEEP), and it sees every token.
+            bal = [f"{pre}block_sparse_moe.gate"]
+            if hasattr(moe, "shared_experts"):
+                bal += [f"{pre}block_sparse_moe.shared_experts.{n}_proj" for n in ("gate", "up")]
+            if moe.latent:
+                bal.append(f"{pre}block_sparse_moe.routed_expert_down_proj")
+            else:
+                bal += [f"{pre}block_sparse_moe.experts.{e}.{w}" for e in range(len(moe.experts)) for w in ("w1", "w3")]
+            maps.append((_exact(pre + "post_attention_layernorm"), tuple(_exact(n) for n in bal)))
+        else:
+            maps.append((_exact(pre + "post_attention_layernorm"),
+                         (_exact(pre + "mlp.gate_proj"), _exact(pre + "mlp.up_proj"))))
+    return maps
 
-    def handles_config(self, config: dict) -> bool:
-        return config.get("model_type") in self.model_types
 
-    def num_experts(self, model) -> int:
-        return int(getattr(model.config, "num_experts", None) or 0)
+def _exact(name: str) -> str:
+    return "re:^" + re.escape(name) + "$"
 
 
-FAMILY = Family("kimi", MODEL_TYPES, COMPONENTS, COMPUTE_COMPONENTS, DEFAULT_KEEP, load_kimi, kimi_component,
-                kimi_parts, is_kimi_model, check_config, structure, method_problem, tokenizer_status,
-                load_tokenizer, calibrate_all_experts)
+# Components whose Linears AWQ quantizes (llm-compressor's group quantizer; the smoothed ones get scales).
+AWQ_COMPONENTS = ("attn.q", "attn.k", "attn.v", "attn.o", "attn.gate", "attn.q_a", "attn.q_b", "attn.kv_a",
+                  "attn.kv_b", "mlp.gate", "mlp.up", "mlp.down", "moe.experts.gate", "moe.experts.up",
+                  "moe.experts.down", "moe.shared.gate", "moe.shared.up", "moe.shared.down", "moe.latent.down",
+                  "moe.latent.up")
 
+
+# --------------------------------------------------------------------------- registry adapters
+def _check_config(config: dict, where: str, trust_remote_code: bool):
+    return check_config(config, where)  # never runs remote code: trust_remote_code is irrelevant
+
+
+def _tokenizer_status(directory: Path, files: set[str], tokenizer: str | None, trust_remote_code: bool, where: str):
+    return tokenizer_status(directory, tokenizer, trust_remote_code)
+
+
+def _structure(directory: Path, config: dict, dtype: str, trust_remote_code: bool):
+    return structure(config, dtype)
+
+
+def _load(src, directory: Path, trust_remote_code: bool):
+    """``(model, tokenizer)``; the loader's notes are kept on the model (``describe`` reports them)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model, notes = load_kimi(directory, dtype=src.dtype, device=src.device)
+    model._load_notes = list(notes)
+    return model.eval(), load_tokenizer(directory, src.tokenizer, trust_remote_code)
+
+
+def describe(model) -> dict:
+    """Family label (``kimi_linear-attnres`` ...), block size in sub-layers and the Kimi extras."""
+    cfg = model.config
+    src = getattr(model, "_attnres_source", None)
+    model_type = src.model_type if src is not None else (getattr(cfg, "model_type", None) or type(model).__name__)
+    block = getattr(cfg, "attnres_block_size", None)
+    return {"model_type": model_type, "family": model_type + ("-attnres" if block else ""), "block_size": block,
+            "attnres_block_size": block,  # in sub-layers (FLA's name; what the report reads)
+            "attn_res_block_size": getattr(cfg, "attn_res_block_size", None),
+            "num_experts": getattr(cfg, "num_experts", None),
+            "kda_layers": sum(1 for i in range(cfg.num_hidden_layers) if cfg.is_kda_layer(i)),
+            "load_notes": list(getattr(model, "_load_notes", [])),
+            "as_shipped": dict(getattr(model, "_kimi_as_shipped", {}))}
+
+
+def _handles_model(model) -> bool:
+    if not type(model).__name__.startswith("Kimi"):  # cheap: no modelling import for other families' models
+        return False
+    return is_kimi_model(model)
+
+
+def _kv_cache_bytes(config, precision: str, granularity: str) -> float:
+    return latent_cache_bytes_per_token(config, precision, granularity)
+
+
+FAMILY = Family(
+    name="kimi", model_types=MODEL_TYPES, components=COMPONENTS, compute_components=COMPUTE_COMPONENTS,
+    handles_model=_handles_model, check_config=_check_config, tokenizer_status=_tokenizer_status,
+    structure=_structure, load=_load, describe=describe, parts=kimi_parts, component=kimi_component,
+    default_keep=DEFAULT_KEEP, method_problem=method_problem, calibration_context=calibrate_all_experts,
+    awq_components=AWQ_COMPONENTS, awq_mappings=awq_mappings, kv_cache_bytes=_kv_cache_bytes,
+    awq_note=("awq folds its smoothing scales into every layer's input_layernorm / post_attention_layernorm gains "
+              "and multiplies the balanced input columns (attention input projections; MoE router, shared and "
+              "routed experts' gate/up): the routers say keep but change exactly in fp32 (rounded once to the "
+              "model dtype), so routing is unchanged; the depth path (depth.query/key_norm) is never rescaled"),
+)
 
 __all__ = ["FAMILY", "Family", "is_kimi_model", "MODEL_TYPES", "COMPONENTS", "WEIGHT_COMPONENTS",
            "COMPUTE_COMPONENTS", "DEFAULT_KEEP", "ComponentRef", "KimiPart", "kimi_component", "kimi_parts",

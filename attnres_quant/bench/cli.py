@@ -1,4 +1,4 @@
-"""``python -m attnres_quant bench {overhead,kernels} ...``"""
+"""``python -m attnres_quant bench {overhead,kernels,kimi} ...``"""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def _common(p: argparse.ArgumentParser, *, hidden: int, layers: int, seq: int, d
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="bench_verb", metavar="{overhead,kernels}")
+    sub = parser.add_subparsers(dest="bench_verb", metavar="{overhead,kernels,kimi}")
     sub.required = True
     o = sub.add_parser("overhead", help="AttnRes latency overhead vs a standard-residual model of equal size")
     _common(o, hidden=1024, layers=16, seq=512, dtype="bfloat16,float32", multi=True)
@@ -88,6 +88,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="Block AttnRes block size of the bench model (0: standard residual)")
 
 
+    km = sub.add_parser("kimi", help="Kimi-architecture tokens/s on CPU: our Block-AttnRes Kimi model vs "
+                                     "transformers' native kimi_linear (same config, no AttnRes)")
+    km.add_argument("--size", choices=("30m", "tiny"), default="30m",
+                    help="model size: 30m (~31M parameters, the documented figure) or tiny (a smoke test)")
+    km.add_argument("--seq-len", type=int_in(1, 1 << 16), default=512, help="prompt length of the prefill")
+    km.add_argument("--decode-tokens", type=int_in(1, 1 << 16), default=16, help="cached decode steps per round")
+    km.add_argument("--attn-res-block-size", type=int_in(1, 1024), default=2,
+                    help="Block AttnRes block size in decoder layers (Moonshot's attn_res_block_size)")
+    km.add_argument("--dtype", choices=DTYPES, default="float32")
+    km.add_argument("--warmup", type=int_in(0, 10_000), default=1, help="discarded rounds")
+    km.add_argument("--repeats", type=int_in(1, 100_000), default=3, help="timed rounds (median and IQR)")
+    km.add_argument("--threads", type=int_in(1, 4096), default=1, help="CPU threads (default 1)")
+    km.add_argument("--clock", choices=("wall", "cpu"), default="cpu",
+                    help="process CPU time (default: robust to other jobs) or wall time")
+    km.add_argument("--seed", type=int_in(0, 2**63 - 1), default=0)
+    km.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    km.add_argument("--output", default=None, help="also write the JSON object to this file")
+
+
 def _kernel_variant_names() -> list[str]:
     # Kept in sync with kernels.VARIANTS (not imported here: torchao is slow to import).
     return ["bf16", "fp32", "torchao_int8_wo", "torchao_int8_dyn", "torchao_int4_wo", "bnb_int8", "bnb_nf4",
@@ -98,6 +117,9 @@ def validate(args: argparse.Namespace) -> None:
     """Cross-argument checks argparse cannot express; all before any model is built."""
     import torch
 
+    if args.bench_verb == "kimi":
+        _check_output(args)
+        return
     heads = args.num_heads or max(1, args.hidden_size // 64)
     if args.hidden_size % heads:
         raise UserError(f"--hidden-size {args.hidden_size} is not a multiple of the number of heads ({heads})",
@@ -120,6 +142,10 @@ def validate(args: argparse.Namespace) -> None:
         if index >= count:
             raise UserError(f"device {args.device!r} is not available (torch sees {count} CUDA device(s))",
                             "bench --device", "use --device cpu, or a CUDA device index that exists")
+    _check_output(args)
+
+
+def _check_output(args: argparse.Namespace) -> None:
     if args.output:
         out = Path(args.output)
         if out.is_dir():
@@ -198,6 +224,14 @@ def main(args: argparse.Namespace) -> int:
                              warmup=args.warmup, repeats=args.repeats, threads=args.threads,
                              seed=args.seed, variants=variants)
         _emit(result, args, kernels_table)
+        return 0
+    if args.bench_verb == "kimi":
+        from .kimi import kimi_table, run_kimi_bench
+
+        result = run_kimi_bench(size=args.size, seq_len=args.seq_len, decode_tokens=args.decode_tokens,
+                                warmup=args.warmup, repeats=args.repeats, threads=args.threads, clock=args.clock,
+                                block_size=args.attn_res_block_size, dtype=args.dtype, seed=args.seed)
+        _emit(result, args, kimi_table)
         return 0
     print(f"unknown bench verb {args.bench_verb!r}", file=sys.stderr)
     return 2

@@ -173,8 +173,9 @@ def quantize(model: nn.Module, variant: Variant, calibration=None, *, source: st
 
         r0 = next(r for r in base_weight_rows if r.method == "awq")
         opts = variant.options
+        targets = [n for n, _ in model.named_modules() if n in awq_names]  # (module order)
         res = apply_awq(model, batches, bits=r0.precision, group_size=r0.resolved.group_size,
-                        symmetric=bool(r0.resolved.symmetric), skip=lambda n: n not in awq_names,
+                        symmetric=bool(r0.resolved.symmetric), targets=targets,
                         duo_scaling=opts.get("duo_scaling", True), n_grid=int(opts.get("n_grid", 20)),
                         measure=bool(opts.get("measure", True)))
         qmodel = res.model
@@ -197,12 +198,19 @@ def quantize(model: nn.Module, variant: Variant, calibration=None, *, source: st
     _untie(qmodel, plan)
     kv_gran = kv_granularity(variant.options)
 
-    # 1. depth path and KV cache hooks (simulated; set first so calibration sees them).
+    # 1. depth path and KV cache hooks (simulated; set first so calibration sees them). A family may
+    # attach a computation differently (Family.hooks: component -> setter(module, resolved, model dtype,
+    # kv granularity)); the standard setters below serve DepthMixer / kv_quantizer / state_quantizer.
+    from ..architectures import family_for_model
+
+    family_hooks = family_for_model(qmodel).hooks or {}
     for row in plan.rows:
         if row.is_weight:
             continue
         res, module = row.resolved, row.part.module
-        if row.component == "depth.softmax":
+        if row.component in family_hooks:
+            family_hooks[row.component](module, res, mdtype, kv_gran)
+        elif row.component == "depth.softmax":
             set_softmax(module, res.compute)
         elif row.component == "depth.sources":
             set_sources(module, res.storage, mdtype)
@@ -337,9 +345,10 @@ def _kv_details(model: nn.Module, plan: Plan, granularity: str) -> dict:
     from .kv_cache import kv_cache_bytes_per_token
 
     cfg = model.config
-    if getattr(cfg, "kv_lora_rank", None):  # MLA (Kimi): the latent cache
-        from ..architectures.kimi import latent_cache_bytes_per_token as latent
+    from ..architectures import family_for_model
 
+    latent = family_for_model(model).kv_cache_bytes
+    if latent is not None:  # a family's own cache layout (Kimi: the MLA latent cache)
         n_mla = len(rows)
         return {"precisions": sorted({r.precision for r in rows}), "granularity": granularity, "cache": "mla latent",
                 "bytes_per_token": sum(latent(cfg, r.precision, granularity) / n_mla for r in rows),

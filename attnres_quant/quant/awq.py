@@ -37,8 +37,11 @@ precision. The depth mix happens *before* the pre-norm (x_j = sum_s alpha_s v_s,
 ``attn_norm(x_j)``), and the pseudo-queries score the sources through their own key norms
 (``attn_res_norm``/``mlp_res_norm``), so dividing ``attn_norm``/``mlp_norm`` by s leaves
 the depth path's pseudo-queries, key norms, logits and softmax untouched (tests check the
-depth parameters are bit-identical). Non-AttnRes (Llama-family) models use
-llm-compressor's own architecture mappings.
+depth parameters are bit-identical). The mappings come from the model's family in the
+architecture registry (``Family.awq_mappings``): the reference family's are :data:`ATTNRES_MAPPINGS`;
+the Kimi family's are per layer (``architectures.kimi.awq_mappings``); the Llama family uses
+llm-compressor's own architecture mappings. The family's ``calibration_context`` (Kimi: every routed
+expert sees every token) is active while the calibration data runs.
 """
 
 from __future__ import annotations
@@ -55,12 +58,7 @@ from torch import nn
 
 _TARGET_RE = re.compile(r"(^|\.)(q|k|v|o|gate|up|down)_proj$")
 
-ATTNRES_MAPPINGS = (
-    ("re:.*attn_norm$", ("re:.*attn\\.q_proj$", "re:.*attn\\.k_proj$", "re:.*attn\\.v_proj$")),
-    ("re:.*attn\\.v_proj$", ("re:.*attn\\.o_proj$",)),
-    ("re:.*mlp_norm$", ("re:.*mlp\\.gate_proj$", "re:.*mlp\\.up_proj$")),
-    ("re:.*mlp\\.up_proj$", ("re:.*mlp\\.down_proj$",)),
-)
+from ..architectures.reference import AWQ_MAPPINGS as ATTNRES_MAPPINGS  # noqa: E402  (the reference family's)
 
 
 @dataclass
@@ -102,10 +100,6 @@ def default_targets(model: nn.Module, skip: Callable[[str], bool] | None = None)
         if isinstance(module, nn.Linear) and _TARGET_RE.search(name) and not (skip and skip(name)):
             out.append(name)
     return out
-
-
-def _is_attnres(model: nn.Module) -> bool:
-    return any(n.endswith("attn_norm") for n, _ in model.named_modules())
 
 
 def _batches(calibration_batches) -> list[dict]:
@@ -217,7 +211,7 @@ def _basic_calibration(model: nn.Module, loader, session) -> None:
 
 def _run_llm_compressor(work: nn.Module, batches: list[dict], names: list[str], bits: int,
                         group_size: int | None, symmetric: bool, awq_kwargs: dict | None,
-                        mappings, quiet: bool, original: nn.Module | None = None
+                        mappings, quiet: bool, original: nn.Module | None = None, context=None
                         ) -> tuple[list[dict], list[str], dict[str, torch.Tensor]]:
     """Run [AWQModifier] + QuantizationModifier on ``work`` in place through the session
     lifecycle and the basic pipeline; then replace every targeted Linear's weight by its
@@ -252,7 +246,8 @@ def _run_llm_compressor(work: nn.Module, batches: list[dict], names: list[str], 
         session.reset()
         try:
             session.initialize(model=work, start=-1, recipe=recipe, calib_data=loader)
-            _basic_calibration(work, loader, session)
+            with context(work) if context is not None else contextlib.nullcontext():
+                _basic_calibration(work, loader, session)
             if awq is not None:
                 search = [dict(m) for m in awq._error_metrics]
                 smoothed = [m["layer_name"] for m in search]
@@ -349,7 +344,8 @@ def apply_awq(model: nn.Module, calibration_batches, *, bits: int | str = 4, gro
         duo_scaling, n_grid: llm-compressor's AWQ grid-search settings (s = mean|x|^a / mean|w|^(1-a)
             with duo scaling, s = mean|x|^a without; a on an n_grid-point grid over [0, 1]).
         mappings: (smooth_layer, [balance_layers]) pairs in llm-compressor syntax; default
-            :data:`ATTNRES_MAPPINGS` for AttnRes models, llm-compressor's own for others.
+            the model family's (``Family.awq_mappings``: :data:`ATTNRES_MAPPINGS` for AttnRes models,
+            per-layer ones for Kimi, llm-compressor's own for the Llama family).
         measure: compute per-layer output errors on the calibration batches.
 
     The search runs in float32 on a copy; the result is cast back to ``model``'s dtype (the
@@ -357,11 +353,14 @@ def apply_awq(model: nn.Module, calibration_batches, *, bits: int | str = 4, gro
     """
     bits, names, batches, orig_dtype, work = _prepare(model, calibration_batches, bits, group_size,
                                                       symmetric, skip, targets)
-    if mappings is None and _is_attnres(model):
-        mappings = ATTNRES_MAPPINGS
+    from ..architectures import family_for_model
+
+    fam = family_for_model(model)
+    if mappings is None:
+        mappings = fam.awq_mappings(model)
     search, smoothed, scales = _run_llm_compressor(work, batches, names, bits, group_size, symmetric,
                                                    {"duo_scaling": duo_scaling, "n_grid": n_grid}, mappings,
-                                                   quiet, original=model)
+                                                   quiet, original=model, context=fam.calibration_context)
     work = work.to(orig_dtype)
     out_scales = {n: s for n, s in scales.items() if n in names}
     layer_err, sub_err = (layer_output_errors(model, work, batches, names, output_scales=out_scales)

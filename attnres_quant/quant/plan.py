@@ -286,17 +286,14 @@ def resolve_plan(model: nn.Module, variant: Variant, source: str = "config") -> 
     from ..architectures import family_for_model
 
     fam = family_for_model(model)
-    keep: tuple[str, ...] = ()
-    n_experts = 0
-    if fam is not None:
-        problem = fam.method_problem(method, variant.options)
-        if problem:
-            raise UserError(f"method {method!r} cannot run on the {fam.name} family: {problem}", where0,
-                            "use `method: rtn`, `gptq`, `gguf` (plain types) or `bnb` (or `none` for depth/cache "
-                            "hooks only) on this model")
-        keep = tuple(fam.default_keep)
-        n_experts = fam.num_experts(model)
-    elif any(r.experts is not None for r in variant.rules):
+    problem = fam.method_problem(method, variant.options)
+    if problem:
+        raise UserError(f"method {method!r} cannot run on the {fam.name} family: {problem}", where0,
+                        "use `method: rtn`, `gptq`, `gguf` (plain types) or `bnb` (or `none` for depth/cache "
+                        "hooks only) on this model")
+    keep: tuple[str, ...] = tuple(fam.default_keep)
+    n_experts = fam.num_experts(model)
+    if not fam.has_experts and any(r.experts is not None for r in variant.rules):
         bad = next(i for i, r in enumerate(variant.rules) if r.experts is not None)
         raise UserError("`experts:` selects routed experts, and this model has none", f"{where0}, "
                         f"{variant.rules[bad].label(bad)}", "remove `experts:` or use it on a MoE model (Kimi)")
@@ -441,7 +438,10 @@ def resolve_plan(model: nn.Module, variant: Variant, source: str = "config") -> 
                             f"asks for several ({desc})", where0,
                             "give every int attn.*/mlp.* projection the same weight/group_size/symmetric in an awq "
                             "variant (keep others at bf16), or use rtn/gptq for mixed precisions")
-        if any(r.method == "awq" for r in rows):
+        family_note = fam.awq_note
+        if any(r.method == "awq" for r in rows) and family_note:
+            notes.append(family_note)
+        elif any(r.method == "awq" for r in rows):
             notes.append("awq folds its smoothing scales into attn_norm/mlp_norm gains and, where o_proj/down_proj "
                          "are balanced, into v_proj/up_proj rows: those rows say keep/awq but change exactly in "
                          "fp32 (rounded once to the model dtype); the depth path (depth.query/key_norm) is never "
@@ -501,7 +501,7 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def _method_for(method: str, part: Part, res: Resolved, baseline: str) -> str:
+def _method_for(method: str, part: Part, res: Resolved, baseline: str, awq_components: tuple[str, ...] = ()) -> str:
     if part.kind == "compute":
         return "hook"
     w = res.weight
@@ -511,8 +511,8 @@ def _method_for(method: str, part: Part, res: Resolved, baseline: str) -> str:
         return "cast"
     if method == "gptq":
         return "gptq" if part.is_linear else "rtn"
-    if method == "awq":  # AWQ's targets: attention / MLP projections; RTN for the rest
-        return "awq" if part.is_linear and part.component.startswith(("attn.", "mlp.")) else "rtn"
+    if method == "awq":  # AWQ's targets: the family's awq_components (attention / MLP projections); RTN for the rest
+        return "awq" if part.is_linear and part.component in awq_components else "rtn"
     if method == "gguf":
         return "gguf"
     if method in ("bnb", "torchao"):
@@ -525,6 +525,9 @@ def _rows(parts: list[Part], resolved: dict, variant: Variant, model: nn.Module)
     rows: list[PlanRow] = []
     seen: dict[int, tuple] = {}
     mdtype = dtype_name(_model_dtype(model))
+    from ..architectures import family_for_model
+
+    awq_components = tuple(family_for_model(model).awq_components)
     for p in parts:
         res = resolved[id(p)]
         rule = "; ".join(sorted(set(res.decided_by.values()), key=lambda s: (s != "default", s))) or "baseline"
@@ -555,7 +558,7 @@ def _rows(parts: list[Part], resolved: dict, variant: Variant, model: nn.Module)
             continue
         w = p.module.weight
         base = dtype_name(w.dtype)
-        m = _method_for(method, p, res, base)
+        m = _method_for(method, p, res, base, awq_components)
         prec = base if m == "keep" else res.weight
         fallback = None
         if m == "gguf":

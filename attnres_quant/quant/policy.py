@@ -29,7 +29,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import UserError
-from .components import COMPONENTS, COMPUTE_COMPONENTS, LINEAR_COMPONENTS
+from .components import COMPUTE_COMPONENTS, LINEAR_COMPONENTS, known_components
 
 FLOAT_WEIGHTS = ("bf16", "fp16", "fp32")
 # llama.cpp quant types (method gguf only); written lower-case in the plan, upper-case accepted.
@@ -198,7 +198,7 @@ def component_matches(pattern: str, component: str) -> bool:
 
 
 def known_pattern(pattern: str) -> bool:
-    return any(component_matches(pattern, c) for c in COMPONENTS)
+    return any(component_matches(pattern, c) for c in known_components())
 
 
 # ----------------------------------------------------------------- method capabilities
@@ -284,11 +284,11 @@ def check_variant(variant: Variant, source: str = "config") -> None:
         where = f"{where0}, {rule.label(i)}"
         if not known_pattern(rule.select):
             raise UserError(f"unknown component {rule.select!r}", where,
-                            "use one of " + ", ".join(COMPONENTS) + " or a glob such as `depth.*`")
+                            "use one of " + ", ".join(known_components()) + " or a glob such as `depth.*`")
         if not rule.set_fields():
             raise UserError("the rule sets no precision field", where,
                             "add e.g. `weight: bf16`, `activation: int8`, `compute: fp32` or `storage: int8`")
-        comps = [c for c in COMPONENTS if component_matches(rule.select, c)]
+        comps = [c for c in known_components() if component_matches(rule.select, c)]
         if rule.weight is not None:
             ok = [c for c in comps if rule.weight in weight_capability(variant.method, c)]
             weighty = [c for c in comps if c not in COMPUTE_COMPONENTS]
