@@ -106,6 +106,41 @@ class View:
         return bool(info.get("attnres_block_size")) or str(info.get("family", "")).startswith("attnres")
 
 
+def bits_breakdown(view: View, model: str, variant: str) -> dict | None:
+    """Bits of one variant's weights: ``avg`` over all weights (the plan's figure), ``x`` over the
+    weights it lowers below the baseline (what the accuracy plot's axis shows; the baseline's own
+    bits for the baseline and for a variant that lowers nothing) and ``share``, the fraction lowered.
+
+    Weights held in a precision the baseline also uses (bf16 embedding, norms, lm_head, a bf16 depth
+    path) count as kept; the plan's bits include scale and zero-point overhead."""
+    plan = view.cell(model, variant, "plan") or {}
+    base = view.cell(model, view.baseline, "plan") or {}
+    n, avg = plan.get("n_weights"), plan.get("avg_bits")
+    if not (_finite(n) and _finite(avg) and n > 0):
+        return None
+    base_bits = base.get("avg_bits") if _finite(base.get("avg_bits")) else avg
+    base_precisions = set(base.get("weights_by_precision") or {})
+    by_prec = plan.get("weights_by_precision") or {}
+    kept = sum(c for p, c in by_prec.items() if p in base_precisions) if by_prec and base_precisions else n
+    lowered = n - kept
+    if variant == view.baseline or lowered <= 0:
+        return {"avg": avg, "x": avg, "share": 0.0 if variant != view.baseline else 1.0}
+    return {"avg": avg, "x": (avg * n - kept * base_bits) / lowered, "share": lowered / n}
+
+
+def plotted_tasks(view: View, model: str) -> tuple[list[str], list[str]]:
+    """(tasks scored as a mean -- accuracies, pass rates -- with some non-zero score, tasks on which
+    every variant scored 0). Corpus metrics (perplexities) are not scores in %."""
+    keep, zero = [], []
+    for sub in view.subtasks(model):
+        results = [r for v in view.variants if (r := view.task_results(model, v).get(sub))]
+        values = [r.get("value") for r in results if _is_mean(r) and _finite(r.get("value"))]
+        if not values:
+            continue
+        (keep if any(v != 0 for v in values) else zero).append(sub)
+    return keep, zero
+
+
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
