@@ -183,9 +183,7 @@ def plot_depth_heatmaps(view, out_dir: Path) -> list[tuple[str, str]]:
 def _with_grey_gaps(name: str):
     """The colour map with cells that do not exist (a sub-layer sees only earlier sources) in light
     grey, so they are not read as "no change" on the white centre of a diverging scale."""
-    cmap = plt.get_cmap(name).copy()
-    cmap.set_bad("#d9d9d9")
-    return cmap
+    return plt.get_cmap(name).with_extremes(bad="#d9d9d9")
 
 
 def _difference(mat: np.ndarray, base: np.ndarray) -> np.ndarray:

@@ -1,0 +1,104 @@
+"""Issue 21 item 8: a quiet console by default, everything with --verbose.
+
+Each check runs the command in a subprocess and captures its stderr, as a user's terminal would
+see it: with the default console, stderr holds nothing (no third-party warning, info message or
+progress bar); with --verbose the same noise is there.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+       "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+# Every kind of noise the issue names, produced the way the libraries produce it.
+NOISE = textwrap.dedent("""
+    import logging, sys, warnings
+    from attnres_quant import console
+    console.configure(verbose="--verbose" in sys.argv)
+    import torchao                                           # "Failed to load .../_C_mxfp8...so" (CPU)
+    logging.getLogger("torch.utils._pytree").warning("X is an Enum subclass ... register_constant() is deprecated")
+    logging.getLogger("torchao").warning("Failed to load _C_mxfp8")
+    from loguru import logger
+    logger.warning("No accelerator available! Compressing model on CPU instead")   # llm-compressor
+    warnings.warn("MatMul8bitLt: inputs will be cast from torch.bfloat16 to float16 during quantization")
+    logging.getLogger("bitsandbytes.cextension").warning("kernel hub: no kernel for this device")
+    from transformers.utils import logging as hf_logging     # transformers' own handler
+    hf_logging.get_logger("transformers.tokenization_utils_base").warning(
+        "Token indices sequence length is longer than the specified maximum sequence length")
+    from tqdm import tqdm
+    list(tqdm(range(3), desc="Running loglikelihood requests"))   # a bar not created by attnres_quant
+    logging.getLogger("attnres_quant.x").warning("our own warning stays")
+    logging.getLogger("lm_eval").error("errors of libraries stay")
+""")
+
+
+def _run(code_or_args, *extra, timeout=600) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-c", code_or_args, *extra] if isinstance(code_or_args, str) \
+        else [sys.executable, "-m", "attnres_quant", *code_or_args]
+    return subprocess.run(args, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=timeout)
+
+
+def test_library_noise_is_hidden_and_verbose_shows_it():
+    quiet = _run(NOISE)
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    lines = [line for line in quiet.stderr.splitlines() if line.strip()]
+    assert lines == ["our own warning stays", "errors of libraries stay"], lines
+
+    loud = _run(NOISE, "--verbose")
+    assert loud.returncode == 0, loud.stderr[-3000:]
+    for noise in ("No accelerator available", "MatMul8bitLt", "register_constant", "Running loglikelihood requests",
+                  "kernel hub", "Token indices sequence length"):
+        assert noise in loud.stderr, f"--verbose should show {noise!r}"
+
+
+def _tiny_default_study(tmp_path: Path) -> Path:
+    """The default study (configs/int4_hybrid.yaml: both zoo models, every variant, GPTQ included,
+    every task, code execution), with tiny sample counts so it runs in a test."""
+    cfg = yaml.safe_load((ROOT / "configs" / "int4_hybrid.yaml").read_text())
+    cfg["tasks"] = [{"name": "proxy_mc", "limit": 2}, {"name": "proxy_math", "limit": 1, "max_gen_toks": 4},
+                    {"name": "humaneval", "limit": 1, "max_gen_toks": 4}]
+    cfg["quality"] = {"max_tokens": 96, "seq_len": 48}
+    cfg["bench"] = {"prompt_len": 8, "batch_size": 1, "decode_tokens": 2, "warmup": 0, "repeats": 1}
+    cfg["calibration"] = {"samples": 2, "seq_len": 32}
+    path = tmp_path / "int4_hybrid.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _tiny_llama(path: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=64)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def test_every_verb_on_the_default_study_prints_nothing_on_stderr(tmp_path):
+    config = _tiny_default_study(tmp_path)
+    out = tmp_path / "runs"
+    checks = {
+        "run": ["run", str(config), "--out", str(out)],
+        "plan": ["plan", str(config)],
+        "report": ["report", str(out / "int4_hybrid")],
+        "export": ["export", str(config), "--variant", "int4_hybrid", "--out", str(tmp_path / "exported")],
+        "bench": ["bench", "overhead", "--hidden-size", "64", "--layers", "2", "--prompt-lens", "8",
+                  "--batch-sizes", "1", "--decode-tokens", "2", "--warmup", "0", "--repeats", "1", "--json"],
+        "convert": ["convert", str(_tiny_llama(tmp_path / "llama")), str(tmp_path / "converted"), "--block-size", "2"],
+    }
+    for verb, args in checks.items():
+        proc = _run(args)
+        assert proc.returncode == 0, f"{verb}: {proc.stderr[-3000:]}"
+        noise = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert noise == [], f"`{verb}` printed on stderr:\n" + "\n".join(noise[:20])
+    assert (out / "int4_hybrid.html").is_file()
