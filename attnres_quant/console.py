@@ -129,6 +129,11 @@ def _hide_third_party_bars() -> None:
             caller = frame.f_globals.get("__name__", "") if frame is not None else ""
             if not caller.startswith("attnres_quant"):
                 kwargs["disable"] = True
+                # The library's own step ("(3/9): Calibrating", llm-compressor's per-layer GPTQ/AWQ
+                # pass) moves to the study's progress bar instead.
+                progress = _state.get("progress")
+                if progress is not None and kwargs.get("desc"):
+                    progress.detail(f"{caller.split('.')[0]}: {kwargs['desc']}")
         original(self, *args, **kwargs)
 
     __init__._attnres_quiet = True
@@ -147,11 +152,17 @@ class StudyProgress:
         self.done = 0
         self.t0 = time.monotonic()
         self.bar = None
+        _state["progress"] = self
         if sys.stderr.isatty() and self.total:
             from tqdm import tqdm
 
             self.bar = tqdm(total=self.total, unit="cell", dynamic_ncols=True, leave=False, file=sys.stderr,
-                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} cells [{elapsed}<{remaining}]")
+                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} cells [{elapsed}<{remaining}{postfix}]")
+
+    def detail(self, text: str) -> None:
+        """What a library is doing inside the current step (shown on the bar only)."""
+        if self.bar is not None:
+            self.bar.set_postfix_str(text[:60], refresh=True)
 
     def eta_text(self) -> str:
         if not self.done or self.done >= self.total:
@@ -162,6 +173,7 @@ class StudyProgress:
 
     def step(self, model: str, variant: str, what: str) -> None:
         if self.bar is not None:
+            self.bar.set_postfix_str("", refresh=False)
             self.bar.set_description_str(f"{model} / {variant}: {what}", refresh=True)
         log(f"[{self.done}/{self.total} cells{self.eta_text()}] {model} / {variant}: {what}")
 
@@ -178,6 +190,8 @@ class StudyProgress:
             self.bar.refresh()
 
     def close(self) -> None:
+        if _state.get("progress") is self:
+            _state["progress"] = None
         if self.bar is not None:
             self.bar.close()
             self.bar = None

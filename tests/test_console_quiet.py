@@ -102,3 +102,48 @@ def test_every_verb_on_the_default_study_prints_nothing_on_stderr(tmp_path):
         noise = [line for line in proc.stderr.splitlines() if line.strip()]
         assert noise == [], f"`{verb}` printed on stderr:\n" + "\n".join(noise[:20])
     assert (out / "int4_hybrid.html").is_file()
+
+
+class _Terminal:
+    """stderr as a terminal (so the progress bar is drawn), captured."""
+
+    def __init__(self):
+        import io
+
+        self.buffer = io.StringIO()
+
+    def isatty(self):
+        return True
+
+    def write(self, text):
+        return self.buffer.write(text)
+
+    def flush(self):
+        pass
+
+
+def test_study_progress_counts_cells_names_the_step_and_shows_library_steps(monkeypatch, capsys):
+    from attnres_quant import console
+
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setitem(console._state, "verbose", False)
+    console._hide_third_party_bars()
+    progress = console.StudyProgress(total=6)
+    progress.step("tiny-block", "bf16", "task proxy_mc")
+    progress.advance()
+    progress.advance()
+    progress.step("tiny-block", "gptq_int4_hybrid", "quantizing (gptq)")
+    # A library's bar (created outside attnres_quant) is hidden, its step shown on ours.
+    exec("from tqdm import tqdm\nfor _ in tqdm(range(2), desc='(3/9): Calibrating'): pass",
+         {"__name__": "llmcompressor.pipelines.sequential.pipeline"})
+    progress.drop(3)  # the variant failed: its remaining cells leave the total
+    progress.close()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("[0/6 cells] tiny-block / bf16: task proxy_mc")
+    assert "[2/6 cells, ETA " in out[1] and out[1].endswith("tiny-block / gptq_int4_hybrid: quantizing (gptq)")
+    drawn = terminal.buffer.getvalue()
+    assert "tiny-block / gptq_int4_hybrid: quantizing (gptq)" in drawn and "2/6 cells" in drawn
+    assert "llmcompressor: (3/9): Calibrating" in drawn
+    assert "2/3 cells" in drawn, "the total drops with the failed variant's cells"
+    assert "it/s" not in drawn.replace("cells", ""), "the library's own bar is not drawn"
