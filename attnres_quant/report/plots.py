@@ -22,8 +22,10 @@ def _save(fig, path: Path) -> None:
 _MARKERS = "osD^vP*Xh<>p"
 
 
-def _variant_style(i: int) -> dict:
-    return {"color": plt.get_cmap("tab10")(i % 10), "marker": _MARKERS[i % len(_MARKERS)]}
+def _variant_style(i: int, n: int = 10) -> dict:
+    """Colour and marker of the i-th of n variants (20 distinct colours past 10 variants)."""
+    palette = "tab10" if n <= 10 else "tab20"
+    return {"color": plt.get_cmap(palette)(i % (10 if n <= 10 else 20)), "marker": _MARKERS[i % len(_MARKERS)]}
 
 
 def _dodge(xs: list[float], span: float) -> list[float]:
@@ -69,7 +71,8 @@ def plot_accuracy_vs_bits(view, out_dir: Path) -> list[tuple[str, str]]:
             _score_panel(ax, view, model, sub, bits, span)
         for ax in list(axes.flat)[len(tasks):]:
             ax.set_visible(False)
-        handles = [plt.Line2D([], [], linestyle="none", markersize=7, label=v, **_variant_style(i))
+        handles = [plt.Line2D([], [], linestyle="none", markersize=7, label=v,
+                              **_variant_style(i, len(view.variants)))
                    for i, v in enumerate(view.variants) if v in bits]
         # The title rides on the legend: a separate suptitle would collide with it.
         fig.legend(handles=handles, loc="outside upper center", ncol=min(len(handles), 5), fontsize=8,
@@ -95,7 +98,7 @@ def _score_panel(ax, view, model, sub, bits, span) -> None:
         points.append((v, bits[v]["x"], 100 * r["value"], err))
     xs = _dodge([p[1] for p in points], span)
     for (v, _, y, err), x in zip(points, xs):
-        style = _variant_style(view.variants.index(v))
+        style = _variant_style(view.variants.index(v), len(view.variants))
         ax.errorbar([x], [y], yerr=[err], linestyle="none", capsize=3, markersize=6, elinewidth=1,
                     markeredgecolor="black", markeredgewidth=0.4, **style)
     base = next((p for p in points if p[0] == view.baseline), None)
@@ -109,14 +112,14 @@ def _score_panel(ax, view, model, sub, bits, span) -> None:
 
 
 def _bits_footnote(view, model, bits, all_zero, width: int) -> str:
-    kept = {v: b for v, b in bits.items() if v != view.baseline and b["share"] < 0.999}
-    parts = []
-    if kept:
-        share = min(b["share"] for b in kept.values())
-        avg = ", ".join(f"{v} {b['avg']:.1f}" for v, b in kept.items())
-        parts.append(f"Weights left at the baseline dtype (embedding, norms, lm_head unless a rule names them; "
-                     f"{100 * (1 - share):.0f} % of all weights or less) are not counted on the x axis. "
-                     f"Average bits over all weights: {avg}.")
+    lowered = {v: b for v, b in bits.items() if v != view.baseline}
+    parts = ["x: average bits (scales included) of the weights a variant lowers below the baseline dtype; the "
+             "weights it keeps (the embedding, norms and lm_head unless a rule names them) are not counted, "
+             "and a variant that lowers no weight (only computations or stored activations) sits at the "
+             "baseline's bits."]
+    if lowered:
+        parts.append("Average bits over all weights: " + ", ".join(f"{v} {b['avg']:.1f}" for v, b in lowered.items())
+                     + ".")
     parts.append("Points at the same x are spread apart slightly; dotted line: baseline score.")
     if all_zero:
         parts.append("Not plotted (every variant scores 0): " + ", ".join(all_zero) + ".")
@@ -138,7 +141,7 @@ def _depth_matrix(weights: list[list[float]]) -> np.ndarray:
 
 
 def plot_depth_heatmaps(view, out_dir: Path) -> list[tuple[str, str]]:
-    """Top row: the mean depth softmax of the baseline and each variant (0..1). Bottom row: each
+    """The mean depth softmax of the baseline and each variant (0..1), and below each variant the
     variant minus the baseline on one symmetric colour scale shared by all variants -- a change of
     1e-3 is invisible on the 0..1 scale but is what tells the variants apart."""
     out = []
@@ -152,25 +155,46 @@ def plot_depth_heatmaps(view, out_dir: Path) -> list[tuple[str, str]]:
         diffs = [(name, _difference(mat, panels[0][1])) for name, mat in panels[1:]]
         finite = [np.nanmax(np.abs(d)) for _, d in diffs if np.isfinite(d).any()]
         span = max(finite, default=0.0) or 1e-12
-        fig, axes = plt.subplots(2 if diffs else 1, len(panels), figsize=(2.6 * len(panels) + 1.2, 7.6 if diffs else 4),
-                                 squeeze=False, layout="constrained")
-        for ax, (name, mat) in zip(axes[0], panels):
+        # Up to 7 panels a row; each row of weights has its row of differences right below it.
+        ncols = min(7, len(panels))
+        chunks = -(-len(panels) // ncols)
+        rows_per_chunk = 2 if diffs else 1
+        fig, axes = plt.subplots(rows_per_chunk * chunks, ncols, figsize=(2.6 * ncols + 1.2,
+                                 (3.8 * rows_per_chunk) * chunks), squeeze=False, layout="constrained")
+        tops, bottoms = [], []
+        for k, (name, mat) in enumerate(panels):
+            chunk, col = divmod(k, ncols)
+            ax = axes[rows_per_chunk * chunk][col]
+            tops.append(ax)
             im = ax.imshow(mat, vmin=0, vmax=1, cmap=_with_grey_gaps("viridis"), aspect="auto")
             ax.set_title(name, fontsize=8)
             ax.set_xlabel("source (0 = embedding)", fontsize=7)
-        axes[0][0].set_ylabel("sub-layer (last row = final mix)")
-        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="mean depth weight")
+            if col == 0:
+                ax.set_ylabel("sub-layer (last row = final mix)", fontsize=8)
+            if not diffs:
+                continue
+            low = axes[rows_per_chunk * chunk + 1][col]
+            bottoms.append(low)
+            if k == 0:
+                low.axis("off")
+                low.text(0.5, 0.5, f"below each panel:\nvariant − {view.baseline}\nshared scale\n±{span:.1e}",
+                         ha="center", va="center", fontsize=8, transform=low.transAxes)
+                continue
+            dim = low.imshow(diffs[k - 1][1], vmin=-span, vmax=span, cmap=_with_grey_gaps("RdBu_r"), aspect="auto")
+            low.set_title(f"{name} − {view.baseline}", fontsize=8)
+            low.set_xlabel("source (0 = embedding)", fontsize=7)
         if diffs:
-            axes[1][0].axis("off")
-            axes[1][0].text(0.5, 0.5, f"bottom row:\nvariant − {view.baseline}\nshared scale\n±{span:.1e}",
-                            ha="center", va="center", fontsize=8, transform=axes[1][0].transAxes)
-            for ax, (name, diff) in zip(axes[1][1:], diffs):
-                dim = ax.imshow(diff, vmin=-span, vmax=span, cmap=_with_grey_gaps("RdBu_r"), aspect="auto")
-                ax.set_title(f"{name} − {view.baseline}", fontsize=8)
-                ax.set_xlabel("source (0 = embedding)", fontsize=7)
-            axes[1][1].set_ylabel("sub-layer (last row = final mix)")
-            fig.colorbar(dim, ax=axes[1].tolist(), shrink=0.8, label="difference in mean depth weight",
-                         format="%.0e")
+            for chunk in range(chunks):
+                for col in range(ncols):
+                    if chunk * ncols + col >= len(panels):
+                        axes[2 * chunk][col].axis("off")
+                        axes[2 * chunk + 1][col].axis("off")
+        for chunk in range(chunks):  # one colour bar beside each row, so bars of two rows never overlap
+            row = slice(chunk * ncols, (chunk + 1) * ncols)
+            fig.colorbar(im, ax=tops[row], shrink=0.85, label="mean depth weight")
+            with_images = [b for b in bottoms[row] if b.images]
+            if with_images:
+                fig.colorbar(dim, ax=with_images, shrink=0.85, label="variant − baseline", format="%.0e")
         fig.suptitle(f"{model}: depth softmax, mean over tokens")
         name = f"depth_heatmap_{model}.png"
         fig.savefig(out_dir / name, dpi=110, metadata={"Software": None})
