@@ -52,6 +52,8 @@ def configure(verbose: bool = False) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # llm-compressor re-adds its own loguru sink (on stdout, level INFO) when it is imported.
+    os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "ERROR")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet = _QuietFilter()
     for name in THIRD_PARTY_LOGGERS:
