@@ -528,11 +528,15 @@ def plan_notes_lines(view: View, model: str) -> list[str]:
             + [f"- {', '.join(f'`{v}`' for v in variants)}: {note}" for note, variants in by_note.items()] + [""])
 
 
+def _outcome_tasks(view: View, model: str, variant: str) -> dict:
+    return {sub: (r.get("value"), tuple(r.get("per_sample") or ())) for sub, r in
+            view.task_results(model, variant).items()}
+
+
 def _outcome(view: View, model: str, variant: str):
     """Everything measured about a variant's outputs (per-sample task values, quality metrics): equal
     outcomes mean the two variants computed the same model."""
-    tasks = {sub: (r.get("value"), tuple(r.get("per_sample") or ())) for sub, r in
-             view.task_results(model, variant).items()}
+    tasks = _outcome_tasks(view, model, variant)
     q = view.cell(model, variant, "quality") or {}
     quality = tuple(q.get(k) for k in ("kl_mean", "kl_p99", "bpb", "top1_agreement"))
     if not tasks and all(x is None for x in quality):
@@ -548,8 +552,15 @@ def identical_variants_lines(view: View, model: str) -> list[str]:
         key = _outcome(view, model, variant)
         if key is not None and not view.failure(model, variant):
             groups.setdefault(key, []).append(variant)
+    base_tasks = _outcome_tasks(view, model, view.baseline)
     lines = []
     for variants in groups.values():
+        q = view.cell(model, variants[0], "quality") or {}
+        if base_tasks and _outcome_tasks(view, model, variants[0]) == base_tasks and q.get("kl_mean") == 0:
+            names = ", ".join(f"`{v}`" for v in variants)
+            lines += [f"**{names} gave the baseline's results on `{model}`** (the same value on every sample, "
+                      "KL 0): nothing the variant lowers exists in this model (see the plan notes).", ""]
+            continue
         if len(variants) < 2:
             continue
         skipped = any("skipped" in str(n) for v in variants for n in (view.cell(model, v, "plan") or {})
