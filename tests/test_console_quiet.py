@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+# The tiny default study takes ~3 min on 2 idle cores (GPTQ dominates); leave room for a busy machine.
+pytestmark = pytest.mark.timeout(1500)
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
        "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
