@@ -60,7 +60,7 @@ def override_args(overrides: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def run_study(config: str | Path | Mapping[str, Any], *, out: str | Path = "reports", resume: bool = False,
+def run_study(config: str | Path | Mapping[str, Any], *, out: str | Path = "runs", resume: bool = False,
               device: str | None = None, tasks: list[str] | None = None, limit: int | None = None,
               set: list[str] | None = None, **overrides: Any) -> Study:  # noqa: A002 (the CLI's name)
     """Run a study and return it.

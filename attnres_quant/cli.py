@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
               "(python -m attnres_quant --help describes them).", file=sys.stderr)
         return 2
     module_name, help_ = VERBS[verb]
+    from . import console
+
+    # Before the verb's module is imported: most third-party noise is printed at import time.
+    console.configure(verbose=wants_verbose(rest))
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -68,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         raise
     parser = ArgumentParser(prog=f"python -m attnres_quant {verb}", description=help_)
     module.add_arguments(parser)
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show third-party libraries' warnings, info messages and progress bars "
+                             "(hidden by default)")
     try:
         args = parser.parse_args(rest)
     except SystemExit as exc:  # argparse: usage + one error line already printed (or --help)
@@ -89,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         sys.stdout.flush()
+
+
+def wants_verbose(args: list[str]) -> bool:
+    """``--verbose`` among a verb's options (not after a ``--``)."""
+    return "--verbose" in (args[: args.index("--")] if "--" in args else args)
 
 
 MAX_MESSAGE_CHARS = 1200

@@ -48,7 +48,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--variant", required=True, help="the variant to export")
     parser.add_argument("--model", default=None, help="model label or path (default: the config's first model)")
     parser.add_argument("--results", default=None,
-                        help="results.json of the study (default: reports/<config name>/results.json if present); "
+                        help="results.json of the study (default: runs/<config name>/results.json if present); "
                              "its KL / task deltas for this variant go in the model card")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (dotted), as for `run`")
@@ -71,7 +71,7 @@ def main(args) -> int:
     spec = models[0]
     results = args.results
     if results is None:
-        guess = Path("reports") / Path(args.config).stem / "results.json"
+        guess = Path("runs") / Path(args.config).stem / "results.json"
         results = str(guess) if guess.is_file() else None
     from .loading import load_model
 

@@ -30,6 +30,10 @@ from .config import StudyConfig, load_config
 from .lock import StudyLock
 from .results import ResultStore, backup_previous, ensure_dir
 
+# Where studies are written unless --out says otherwise: an untracked folder (.gitignore), so the
+# quickstart never modifies the committed sample reports (docs/sample_report/).
+DEFAULT_OUT = "runs"
+
 CELL_PLAN, CELL_QUALITY, CELL_LATENCY, CELL_DEPTH, CELL_STATUS = "plan", "quality", "latency", "depth", "status"
 
 
@@ -45,7 +49,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--resume", action="store_true", help="skip cells already in results.json")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
                         help="override the config's device")
-    parser.add_argument("--out", default="reports", help="output folder (default: reports/)")
+    parser.add_argument("--out", default=DEFAULT_OUT,
+                        help=f"output folder (default: {DEFAULT_OUT}/, ignored by git: a study never dirties the "
+                             "checkout; committed sample reports live in docs/sample_report/)")
     from .executors import add_arguments as add_executor_arguments
 
     add_executor_arguments(parser)
@@ -64,7 +70,21 @@ def _task_list(text: str) -> list[str]:
 
 
 def _log(msg: str) -> None:
-    print(f"[{_dt.datetime.now().strftime('%H:%M:%S')}] {msg}", flush=True)
+    from ..console import log
+
+    log(msg)
+
+
+_progress = {"current": None}  # the StudyProgress of the study being run (one per process)
+
+
+def _step(label: str, vname: str, what: str) -> None:
+    """Say which (model, variant, step) runs now: on the progress bar and as a log line."""
+    progress = _progress["current"]
+    if progress is not None:
+        progress.step(label, vname, what)
+    else:
+        _log(f"  {label} / {vname}: {what}")
 
 
 # --------------------------------------------------------------------------- environment
@@ -229,7 +249,7 @@ def run_tasks(store, label, vname, model, tokenizer, config, settings, served=No
         if store.done(label, vname, cell):
             continue
         task_settings = task_settings_for(task, settings)
-        _log(f"  {label} / {vname}: task {task.name}")
+        _step(label, vname, f"task {task.name}")
         t0 = time.perf_counter()
         results = evaluate(model, tokenizer, [task.name], task_settings,
                            samples_dir=samples_dir(store, label, vname), lm=served.lm() if served else None)
@@ -276,7 +296,7 @@ def run_quality(store, label, vname, baseline, model, tokenizer, config, text_id
     # Each cell is written once: after an interruption between the two (e.g. a full disk), resume
     # computes only the missing one, so a finished cell stays byte-identical.
     if not store.done(label, vname, CELL_QUALITY):
-        _log(f"  {label} / {vname}: quality metrics")
+        _step(label, vname, "quality metrics")
         t0 = time.perf_counter()
         base_topk = None if is_baseline else baseline_topk(store, label, baseline, tokenizer, config, text_ids)
         q = quality(baseline, model, tokenizer, text_ids.flatten().tolist(), seq_len=config.quality.seq_len,
@@ -317,15 +337,32 @@ def run_latency(store, label, vname, model, config, simulated, kernel, served=No
 
     if not config.bench.enabled or store.done(label, vname, CELL_LATENCY):
         return
-    _log(f"  {label} / {vname}: latency and memory")
+    _step(label, vname, "latency and memory")
     b = config.bench
     if served is not None:  # vLLM's kernels on the exported checkpoint: real, not simulated
         store.put(label, vname, CELL_LATENCY, served.latency(b))
         return
+    device = next(iter(model.parameters())).device
+    # On CPU every row (baseline included, so speedups compare like with like) is timed in process CPU
+    # time, as `bench overhead --clock cpu`: on a shared machine other jobs' load does not inflate it.
+    clock = "cpu" if device.type == "cpu" else "wall"
+    load_before = _load_average()
     lat = measure_latency(model, prompt_len=b.prompt_len, batch_size=b.batch_size, decode_tokens=b.decode_tokens,
                           warmup=b.warmup, repeats=b.repeats, simulated=simulated, kernel=kernel,
-                          threads=b.threads)
+                          threads=b.threads, clock=clock)
+    loads = [x for x in (load_before, _load_average()) if x is not None]
+    if loads:  # the report flags rows that ran while the machine was oversubscribed
+        lat["load_avg_1m"] = max(loads)
     store.put(label, vname, CELL_LATENCY, lat)
+
+
+def _load_average() -> float | None:
+    import os
+
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
 
 
 # --------------------------------------------------------------------------- main flow
@@ -512,7 +549,7 @@ def run_variant(store: ResultStore, label: str, variant, config: StudyConfig, ba
     from ..quant import quantize
 
     vname = variant.name
-    _log(f"{label}: variant {vname} ({variant.method})")
+    _step(label, vname, f"quantizing ({variant.method})")
     t0 = time.perf_counter()
     quantized = None
     try:
@@ -580,23 +617,40 @@ def describe(spec, model) -> dict:
 
 
 def quiet_libraries() -> None:
-    """Keep the console to our progress lines, progress bars and warnings."""
-    import logging
-    import warnings
+    """The console setup of the CLI for callers that run a study without it (the Python API): quiet
+    unless the CLI already chose (``--verbose``)."""
+    from .. import console
 
-    for name in ("transformers", "llmcompressor", "compressed_tensors", "accelerate", "datasets", "torchao",
-                 "bitsandbytes"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    # lm-eval warns on every in-memory model and CLI-style generation kwargs, which is how we call it.
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    try:
-        from loguru import logger as loguru_logger  # llm-compressor logs through loguru
+    if not console._state["configured"]:
+        console.configure(verbose=False)
 
-        loguru_logger.remove()
-        loguru_logger.add(sys.stderr, level="WARNING")
-    except ImportError:
-        pass
-    warnings.filterwarnings("ignore", message=".*pretrained.*model kwarg is not of type.*")
+
+def track_progress(store: ResultStore, config: StudyConfig, variants) -> "StudyProgress":
+    """A progress display over the cells this run still has to compute; ``store.put`` advances it,
+    and a variant marked failed drops its remaining cells from the total."""
+    from ..console import StudyProgress
+
+    cells = variant_cells(config)
+    names = [config.baseline.name] + [v.name for v in variants]
+    pending = {(spec.label, name): {c for c in cells if not store.done(spec.label, name, c)}
+               for spec in config.models for name in names
+               if not store.variant_failed(spec.label, name) and not store.variant_failed(spec.label, names[0])}
+    progress = StudyProgress(sum(len(c) for c in pending.values()))
+    put = store.put
+
+    def put_and_advance(label, vname, cell, value, *args, **kwargs):
+        result = put(label, vname, cell, value, *args, **kwargs)
+        left = pending.get((label, vname), set())
+        if cell in left:
+            left.discard(cell)
+            progress.advance()
+        elif cell == CELL_STATUS and kwargs.get("status") == "failed" and left:
+            progress.drop(len(left))
+            left.clear()
+        return result
+
+    store.put = put_and_advance
+    return progress
 
 
 def open_store(results_path: Path, resume: bool, fingerprint: str, provenance: dict, source: str) -> ResultStore:
@@ -678,8 +732,13 @@ def main(args) -> int:
             if config.bench.threads:
                 torch.set_num_threads(config.bench.threads)
             t0 = time.perf_counter()
-            # The executor runs the (model, variant) units; this process alone writes results.json.
-            executor.run(store, config, variants, device, source)
+            _progress["current"] = track_progress(store, config, variants)
+            try:
+                # The executor runs the (model, variant) units; this process alone writes results.json.
+                executor.run(store, config, variants, device, source)
+            finally:
+                _progress["current"].close()
+                _progress["current"] = None
             store.meta["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
             store.meta["wall_s_last_run"] = round(time.perf_counter() - t0, 1)
             store.save()

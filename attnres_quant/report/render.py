@@ -13,13 +13,14 @@ import pandas as pd
 
 from ..pipeline.config import model_label
 from ..pipeline.results import atomic_write_text, load_results, write_error
+from .html import Block, flips_block, markdown_text, render_html
 from .plots import plot_accuracy_vs_bits, plot_depth_heatmaps, plot_sensitivity
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("results", help="a study folder (reports/<name>) or a results file in it "
-                                        "(reports/<name>/results.json, a kept results.<time>.json)")
-    parser.add_argument("--out", default=None, help="markdown path (default: reports/<name>.md beside the folder)")
+    parser.add_argument("results", help="a study folder (runs/<name>) or a results file in it "
+                                        "(runs/<name>/results.json, a kept results.<time>.json)")
+    parser.add_argument("--out", default=None, help="markdown path (default: <name>.md beside the study folder; the HTML report is written beside it with the same name)")
 
 
 def main(args) -> int:
@@ -30,11 +31,11 @@ def main(args) -> int:
         folder, path = path, path / "results.json"
         if not path.is_file():
             raise UserError(f"study folder {str(folder)!r} has no results.json", str(folder),
-                            "pass a folder written by `python -m attnres_quant run` (reports/<config name>) "
+                            "pass a folder written by `python -m attnres_quant run` (runs/<config name>) "
                             "or the path of a results file (e.g. a kept results.<time>.json)")
     if not path.is_file():
         raise UserError(f"results file {str(path)!r} does not exist", str(path.parent),
-                        "pass reports/<config name> or reports/<config name>/results.json written by "
+                        "pass runs/<config name> or runs/<config name>/results.json written by "
                         "`python -m attnres_quant run`")
     out = Path(args.out) if args.out else default_report_path(path)
     print(render_report(path, out))
@@ -42,7 +43,7 @@ def main(args) -> int:
 
 
 def default_report_path(results_path: Path) -> Path:
-    """reports/<name>.md for reports/<name>/results.json; a kept earlier copy (results.<time>.json)
+    """<out>/<name>.md for <out>/<name>/results.json; a kept earlier copy (results.<time>.json)
     renders beside itself, so it never replaces the current report."""
     if results_path.name == "results.json":
         return results_path.parent.parent / f"{results_path.parent.name}.md"
@@ -104,6 +105,41 @@ class View:
     def is_attnres(self, model) -> bool:
         info = self.cell(model, self.baseline, "model") or {}
         return bool(info.get("attnres_block_size")) or str(info.get("family", "")).startswith("attnres")
+
+
+def bits_breakdown(view: View, model: str, variant: str) -> dict | None:
+    """Bits of one variant's weights: ``avg`` over all weights (the plan's figure), ``x`` over the
+    weights it lowers below the baseline (what the accuracy plot's axis shows; the baseline's own
+    bits for the baseline and for a variant that lowers nothing) and ``share``, the fraction lowered.
+
+    Weights held in a precision the baseline also uses (bf16 embedding, norms, lm_head, a bf16 depth
+    path) count as kept; the plan's bits include scale and zero-point overhead."""
+    plan = view.cell(model, variant, "plan") or {}
+    base = view.cell(model, view.baseline, "plan") or {}
+    n, avg = plan.get("n_weights"), plan.get("avg_bits")
+    if not (_finite(n) and _finite(avg) and n > 0):
+        return None
+    base_bits = base.get("avg_bits") if _finite(base.get("avg_bits")) else avg
+    base_precisions = set(base.get("weights_by_precision") or {})
+    by_prec = plan.get("weights_by_precision") or {}
+    kept = sum(c for p, c in by_prec.items() if p in base_precisions) if by_prec and base_precisions else n
+    lowered = n - kept
+    if variant == view.baseline or lowered <= 0:
+        return {"avg": avg, "x": avg, "share": 0.0 if variant != view.baseline else 1.0}
+    return {"avg": avg, "x": (avg * n - kept * base_bits) / lowered, "share": lowered / n}
+
+
+def plotted_tasks(view: View, model: str) -> tuple[list[str], list[str]]:
+    """(tasks scored as a mean -- accuracies, pass rates -- with some non-zero score, tasks on which
+    every variant scored 0). Corpus metrics (perplexities) are not scores in %."""
+    keep, zero = [], []
+    for sub in view.subtasks(model):
+        results = [r for v in view.variants if (r := view.task_results(model, v).get(sub))]
+        values = [r.get("value") for r in results if _is_mean(r) and _finite(r.get("value"))]
+        if not values:
+            continue
+        (keep if any(v != 0 for v in values) else zero).append(sub)
+    return keep, zero
 
 
 def _finite(x) -> bool:
@@ -176,6 +212,8 @@ def header(view: View) -> list[str]:
     lines = [
         f"# Quantization study: {m.get('config_name', '?')}",
         "",
+        *([f"> {description}", ""] if (description := str((m.get("config") or {}).get("description") or "")
+                                       .strip()) else []),
         f"- **Config**: `{m.get('config_path')}`" + (f" (overrides: {', '.join(map(str, m['overrides']))})"
                                                       if m.get("overrides") else ""),
         f"- **Models**: " + ", ".join(f"`{x['path']}`" for x in m.get("models") or []),
@@ -221,7 +259,8 @@ def provenance_lines(view: View) -> list[str]:
     return lines
 
 
-def task_section(view: View, model: str) -> list[str]:
+def task_scores_lines(view: View, model: str) -> list[str]:
+    """The task-score table of one model (scores ± s.e., Δ with CI, flip counts linked to the logs)."""
     from ..evaluation.stats import flips, paired_delta
 
     base = view.task_results(model, view.baseline)
@@ -251,8 +290,11 @@ def task_section(view: View, model: str) -> list[str]:
     limits = [f"{t} {view.task_limit(model, t)}" for t in view.task_names()]
     if any(not lim.endswith(" ?") for lim in limits):
         legend += "; sample limit per task: " + ", ".join(limits)
-    return ([f"### Task scores — {model}", "", _table(rows), "", f"_{legend}_", ""]
-            + code_execution_lines(view, model) + task_settings_section(view, model))
+    return [f"### Task scores — {model}", "", _table(rows), "", f"_{legend}_", ""]
+
+
+def task_section(view: View, model: str) -> list[str]:
+    return task_scores_lines(view, model) + code_execution_lines(view, model) + task_settings_section(view, model)
 
 
 # --------------------------------------------------------------------------- lm-eval details (issue 14)
@@ -370,32 +412,80 @@ def depth_js_section(view: View, model: str) -> list[str]:
             "`out` = the final mix before the last norm._", ""]
 
 
+NOISY_IQR_FRACTION = 0.10  # a timing whose IQR exceeds this share of its median is flagged
+
+
+def _latency_flags(lat: dict, machine: dict) -> list[str]:
+    """Why a latency row should be read with care: a spread (IQR) above 10 % of the median, or a load
+    average above the machine's CPU count while it ran (other jobs competed for the cores)."""
+    flags = []
+    for key, what in (("prefill_ms", "prefill"), ("decode_ms_per_token", "decode")):
+        med, iqr = lat.get(key), lat.get(f"{key}_iqr")
+        if _finite(med) and _finite(iqr) and med > 0 and iqr > NOISY_IQR_FRACTION * med:
+            flags.append(f"noisy {what} (IQR {100 * iqr / med:.0f} % of median)")
+    cpus = machine.get("logical_cpus")
+    load = lat.get("load_avg_1m")
+    if _finite(load) and _finite(cpus) and load > cpus:
+        flags.append(f"under load (load average {load:.1f} on {cpus} CPUs)")
+    return flags
+
+
+def _clock_text(clock: str | None) -> str:
+    return {"process_cpu_time": "process CPU time (all threads summed; other jobs on the machine do not "
+                                "count)", "cuda_events": "CUDA events", "wall": "wall clock"}.get(clock or "wall",
+                                                                                            str(clock))
+
+
 def latency_section(view: View, model: str) -> list[str]:
     rows = []
     base = view.cell(model, view.baseline, "latency") or {}
-    for variant in view.variants:
-        lat = view.cell(model, variant, "latency")
-        if lat is None:
-            continue
+    machine = view.meta.get("machine") or {}
+    lats = [(v, lat) for v in view.variants if (lat := view.cell(model, v, "latency")) is not None]
+    # On CPU the peak is RSS growth, which stays 0 B whenever the allocator reuses freed memory: not a
+    # measurement of anything, so the column is shown only where it is measured (CUDA allocator).
+    show_peak = any(lat.get("peak_mem_kind") == "cuda_max_allocated" for _, lat in lats)
+    for variant, lat in lats:
         sim = lat.get("simulated")
         speed = None
         if _finite(base.get("decode_ms_per_token")) and _finite(lat.get("decode_ms_per_token")) \
-                and base["decode_ms_per_token"] and lat["decode_ms_per_token"]:
+                and base["decode_ms_per_token"] and lat["decode_ms_per_token"] \
+                and base.get("clock", "wall") == lat.get("clock", "wall"):
             speed = base["decode_ms_per_token"] / lat["decode_ms_per_token"]
-        rows.append({
+        row = {
             "variant": variant, "kernels": ("simulated" if sim else "real") + f" ({lat.get('kernel')})",
             "prefill ms": _fmt(lat.get("prefill_ms"), 2), "prefill IQR": _fmt(lat.get("prefill_ms_iqr"), 2),
             "decode ms/tok": _fmt(lat.get("decode_ms_per_token"), 2),
             "tok/s": _fmt(lat.get("tokens_per_s"), 1),
             "decode speedup": "—" if speed is None else f"{speed:.2f}x" + (" (sim)" if sim else ""),
-            "peak mem": _bytes(lat.get("peak_mem_bytes")), "weight bytes": _bytes(lat.get("weight_bytes")),
-        })
-    cfg = next((view.cell(model, v, "latency") for v in view.variants if view.cell(model, v, "latency")), {})
-    note = (f"_Prompt {cfg.get('prompt_len')} tokens, batch {cfg.get('batch_size')}, {cfg.get('decode_tokens')} "
+        }
+        if show_peak:
+            row["peak mem"] = _bytes(lat.get("peak_mem_bytes")) if lat.get("peak_mem_kind") == "cuda_max_allocated" \
+                else "—"
+        row["weights in memory"] = _bytes(lat.get("weight_bytes"))
+        row["flags"] = "; ".join(_latency_flags(lat, machine)) or "—"
+        rows.append(row)
+    if not rows:
+        return [f"### Latency and memory — {model}", "", _table(rows), ""]
+    cfg = lats[0][1]
+    clocks = sorted({lat.get("clock", "wall") for _, lat in lats})
+    note = (f"Prompt {cfg.get('prompt_len')} tokens, batch {cfg.get('batch_size')}, {cfg.get('decode_tokens')} "
             f"decode tokens; median of {cfg.get('repeats')} repeats after {cfg.get('warmup')} warm-up; "
-            f"threads {cfg.get('threads')}. Simulated variants run dequantized weights, so their speed says "
-            "nothing about real low-bit kernels._") if cfg else ""
-    return [f"### Latency and memory — {model}", "", _table(rows), "", note, ""]
+            f"threads {cfg.get('threads')}; timed with {' / '.join(_clock_text(c) for c in clocks)}. "
+            "Simulated variants run dequantized weights, so their speed says nothing about real low-bit "
+            "kernels. *Weights in memory* is what the loaded model holds (a simulated variant keeps "
+            "dequantized weights, hence the baseline's size); the planned storage of a real deployment is "
+            "*stored weights* in the precision-plan table. ")
+    if not show_peak:
+        note += ("Peak memory is not shown: on CPU it could only be read as growth of the resident set, "
+                 "which is 0 whenever the allocator reuses freed memory. ")
+    note += (f"*flags*: spread (IQR) above {100 * NOISY_IQR_FRACTION:.0f} % of the median, or a 1-minute load "
+             "average above the CPU count while the row ran.")
+    load0 = machine.get("load_avg_1m")
+    if _finite(load0) and _finite(machine.get("logical_cpus")) and load0 > machine["logical_cpus"] \
+            and not any("load_avg_1m" in lat for _, lat in lats):
+        note += (f" The study started under load (load average {load0} on {machine['logical_cpus']} CPUs) "
+                 "and these rows did not record their own: read every timing with care.")
+    return [f"### Latency and memory — {model}", "", _table(rows), "", "_" + note.strip() + "_", ""]
 
 
 def plan_section(view: View, model: str) -> list[str]:
@@ -405,14 +495,91 @@ def plan_section(view: View, model: str) -> list[str]:
         failure = view.failure(model, variant)
         if plan is None:
             if failure:
-                rows.append({"variant": variant, "method": "—", "avg bits/weight": "—", "weight bytes": "—",
+                rows.append({"variant": variant, "method": "—", "avg bits/weight": "—",
+                             "bits/quantized weight": "—", "quantized share": "—", "stored weights": "—",
                              "precision policy": f"**failed**: {failure}"})
             continue
+        bits = bits_breakdown(view, model, variant) or {}
+        lowered = variant != view.baseline and bits.get("share", 0) > 0
         rows.append({"variant": variant, "method": plan.get("method"),
                      "avg bits/weight": _fmt(plan.get("avg_bits"), 2),
-                     "weight bytes": _bytes(plan.get("weight_bytes")),
+                     "bits/quantized weight": _fmt(bits.get("x"), 2) if lowered else "—",
+                     "quantized share": f"{100 * bits['share']:.1f} %" if lowered else "—",
+                     "stored weights": _bytes(plan.get("weight_bytes")),
                      "precision policy": plan.get("description", "")})
-    return [f"### Precision plans — {model}", "", _table(rows), ""]
+    return ([f"### Precision plans — {model}", "", _table(rows), "",
+             "_avg bits/weight: over every weight, scales included; bits/quantized weight: over the weights the "
+             "variant lowers below the baseline dtype (the accuracy plot's x axis), which are the *quantized "
+             "share* of all weights -- embedding, norms and lm_head stay at the baseline unless a rule names "
+             "them; stored weights: the planned size of all weights in the plan's formats._", ""]
+            + plan_notes_lines(view, model) + identical_variants_lines(view, model))
+
+
+def plan_notes_lines(view: View, model: str) -> list[str]:
+    """The plan's notes (rules skipped on this model, precisions raised to what a method supports),
+    one bullet per note with the variants it applies to."""
+    by_note: dict[str, list[str]] = {}
+    for variant in view.variants:
+        for note in (view.cell(model, variant, "plan") or {}).get("notes") or []:
+            by_note.setdefault(str(note), []).append(variant)
+    if not by_note:
+        return []
+    return ([f"**Plan notes — {model}**", ""]
+            + [f"- {', '.join(f'`{v}`' for v in variants)}: {note}" for note, variants in by_note.items()] + [""])
+
+
+def _outcome_tasks(view: View, model: str, variant: str) -> dict:
+    return {sub: (r.get("value"), tuple(r.get("per_sample") or ())) for sub, r in
+            view.task_results(model, variant).items()}
+
+
+def _outcome(view: View, model: str, variant: str):
+    """Everything measured about a variant's outputs (per-sample task values, quality metrics): equal
+    outcomes mean the two variants computed the same model."""
+    tasks = _outcome_tasks(view, model, variant)
+    q = view.cell(model, variant, "quality") or {}
+    quality = tuple(q.get(k) for k in ("kl_mean", "kl_p99", "bpb", "top1_agreement"))
+    if not tasks and all(x is None for x in quality):
+        return None
+    return repr((sorted(tasks.items()), quality))
+
+
+def identical_variants_lines(view: View, model: str) -> list[str]:
+    """Variants that produced identical results (every sample, every quality metric) on this model,
+    with the reason when the plan notes give one (rules that tell them apart were skipped)."""
+    groups: dict[str, list[str]] = {}
+    for variant in view.variants[1:]:
+        key = _outcome(view, model, variant)
+        if key is not None and not view.failure(model, variant):
+            groups.setdefault(key, []).append(variant)
+    base_tasks = _outcome_tasks(view, model, view.baseline)
+    lines = []
+    for variants in groups.values():
+        q = view.cell(model, variants[0], "quality") or {}
+        if base_tasks and _outcome_tasks(view, model, variants[0]) == base_tasks and q.get("kl_mean") == 0:
+            names = ", ".join(f"`{v}`" for v in variants)
+            lines += [f"**{names} gave the baseline's results on `{model}`** (the same value on every sample, "
+                      "KL 0): nothing the variant lowers exists in this model (see the plan notes).", ""]
+            continue
+        if len(variants) < 2:
+            continue
+        skipped = any("skipped" in str(n) for v in variants for n in (view.cell(model, v, "plan") or {})
+                      .get("notes") or [])
+        why = (" The rules that tell them apart do not apply to this model (see the plan notes: skipped "
+               "rules), so the same weights were quantized the same way." if skipped else "")
+        names = ", ".join(f"`{v}`" for v in variants)
+        lines.append(f"**{names} gave identical results on `{model}`** (the same value on every sample and the "
+                     f"same quality metrics).{why}")
+        lines.append("")
+    return lines
+
+
+def is_sensitivity_study(view: View) -> bool:
+    """A study that lowers one component (or group) at a time: no variant sets a `default` precision,
+    each quantizes only what its rules select (configs/sensitivity.yaml). Only there does a ranking
+    of variants rank components."""
+    variants = [v for v in (view.meta.get("config") or {}).get("variants") or [] if isinstance(v, dict)]
+    return len(variants) > 1 and all(not v.get("default") and v.get("rules") for v in variants)
 
 
 def sensitivity_rows(view: View, model: str) -> list[dict]:
@@ -451,33 +618,48 @@ def findings(view: View) -> list[str]:
     return lines
 
 
-def render_report(results_path: Path, out_path: Path) -> Path:
-    """Render ``out_path`` from a validated results file; a damaged file is a ``UserError`` and nothing is
-    written (the existing report stays)."""
-    results_path, out_path = Path(results_path), Path(out_path)
-    data = load_results(results_path)
-    plot_dir = results_path.parent
-    view = View(data)
-    view.link_prefix = (plot_dir.relative_to(out_path.parent).as_posix() + "/"
-                        if plot_dir.is_relative_to(out_path.parent) else plot_dir.as_posix() + "/")
-    lines = header(view) + findings(view)
+def report_blocks(view: View) -> list[Block]:
+    """The report as blocks of markdown lines (see :mod:`.html`): everything but the plots."""
+    blocks = [Block(header(view) + findings(view))]
     for model in view.models:
-        lines += [f"## Model `{model}`", ""]
+        lines = [f"## Model `{model}`", ""]
         base_failure = view.failure(model, view.baseline)
         if base_failure:
             lines += [f"**Baseline failed**: {base_failure}. This model's variants were not evaluated.", ""]
         info = view.cell(model, view.baseline, "model") or {}
         if info:
             lines += ["_" + ", ".join(f"{k}: {v}" for k, v in info.items()) + "_", ""]
-        lines += task_section(view, model) + quality_section(view, model) + depth_js_section(view, model)
-        lines += latency_section(view, model)
-        lines += plan_section(view, model)
-        sens = sensitivity_rows(view, model)
+        blocks.append(Block(lines + task_scores_lines(view, model) + code_execution_lines(view, model)))
+        settings = task_settings_section(view, model)
+        if settings:
+            blocks.append(Block(settings, summary=f"Task settings and per-sample logs — {model}"))
+        flips_detail = flips_block(view, model)
+        if flips_detail:
+            blocks.append(flips_detail)
+        blocks.append(Block(quality_section(view, model) + depth_js_section(view, model)
+                            + latency_section(view, model)))
+        blocks.append(Block(plan_section(view, model), summary=f"Precision plans and plan notes — {model}"))
+        sens = sensitivity_rows(view, model) if is_sensitivity_study(view) else []
         if len(sens) > 1:
-            lines += [f"### Component sensitivity ranking — {model}", "",
-                      _table([{"rank": i + 1, "variant": r["variant"], "KL mean": _fmt(r["kl_mean"], 5),
-                               "mean task Δ (pts)": "—" if r["mean_delta"] is None
-                               else f"{100 * r['mean_delta']:+.1f}"} for i, r in enumerate(sens)]), ""]
+            blocks.append(Block([f"### Component sensitivity ranking — {model}", "",
+                                 _table([{"rank": i + 1, "variant": r["variant"], "KL mean": _fmt(r["kl_mean"], 5),
+                                          "mean task Δ (pts)": "—" if r["mean_delta"] is None
+                                          else f"{100 * r['mean_delta']:+.1f}"} for i, r in enumerate(sens)]),
+                                 ""]))
+    return blocks
+
+
+def render_report(results_path: Path, out_path: Path) -> Path:
+    """Render ``out_path`` (markdown) and the self-contained HTML beside it (same name, ``.html``)
+    from a validated results file; a damaged file is a ``UserError`` and nothing is written (the
+    existing report stays)."""
+    results_path, out_path = Path(results_path), Path(out_path)
+    data = load_results(results_path)
+    plot_dir = results_path.parent
+    view = View(data)
+    view.link_prefix = (plot_dir.relative_to(out_path.parent).as_posix() + "/"
+                        if plot_dir.is_relative_to(out_path.parent) else plot_dir.as_posix() + "/")
+    blocks = report_blocks(view)
     plots = []
     try:
         plots += plot_accuracy_vs_bits(view, plot_dir)
@@ -487,11 +669,14 @@ def render_report(results_path: Path, out_path: Path) -> Path:
         raise write_error(Path(getattr(exc, "filename", None) or plot_dir), exc,
                           "the report was not written") from None
     if plots:
-        lines += ["## Plots", ""]
-        rel = plot_dir.relative_to(out_path.parent) if plot_dir.is_relative_to(out_path.parent) else plot_dir
+        lines = ["## Plots", ""]
         for title, name in plots:
-            lines += [f"**{title}**", "", f"![{title}]({rel.as_posix()}/{name})", ""]
-    atomic_write_text(out_path, "\n".join(lines).rstrip() + "\n")
+            lines += [f"**{title}**", "", f"![{title}]({view.link_prefix}{name})", ""]
+        blocks.append(Block(lines))
+    html_path = out_path.with_suffix(".html")
+    title = f"Quantization study: {view.meta.get('config_name', '?')}"
+    atomic_write_text(out_path, markdown_text(blocks))
+    atomic_write_text(html_path, render_html(blocks, title, plot_dir, view.link_prefix))
     return out_path
 
 
