@@ -219,13 +219,26 @@ def _registry_family(config: dict):
     return family_for_config(config)
 
 
+def _ships_our_code(config: dict) -> bool:
+    """A self-describing checkpoint of ours: its auto_map names the code this package ships
+    (``model.remote_code``); the package's own modelling code loads it, never the copy."""
+    from .model.remote_code import is_our_auto_map
+
+    return is_our_auto_map(config)
+
+
+def _remote_code_allowed(config: dict, trust_remote_code: bool) -> bool:
+    """trust_remote_code as handed to transformers: never for our own self-describing checkpoints."""
+    return trust_remote_code and not _ships_our_code(config)
+
+
 def _check_config(config: dict, where: str, trust_remote_code: bool) -> tuple[str, str, int | None, list[str]]:
     """(model_type, family, block size, warnings) from a config.json dict."""
     fam = _registry_family(config)
     if fam is not None:  # our own modelling code: the checkpoint's auto_map is never run
         return fam.check_config(config, where)
     notes: list[str] = []
-    if config.get("auto_map"):
+    if config.get("auto_map") and not _ships_our_code(config):
         if not trust_remote_code:
             raise UserError(
                 "The checkpoint ships its own modelling code (`auto_map` in config.json); running remote code "
@@ -437,6 +450,7 @@ def structure_model(path: str, *, trust_remote_code: bool = False, dtype: Any = 
     fam = _registry_family(raw)
     if fam is not None:
         return fam.structure(raw, dtype_name)
+    trust_remote_code = _remote_code_allowed(raw, trust_remote_code)
     config = AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code, local_files_only=True)
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -480,6 +494,7 @@ def load_model(path: str, *, dtype: Any = "bfloat16", device: Any = "cpu", allow
     fam = _registry_family(src.config)
     if fam is not None:
         return _load_family(fam, src, directory, trust_remote_code)
+    trust_remote_code = _remote_code_allowed(src.config, trust_remote_code)
     torch_dtype = "auto" if src.dtype == "auto" else getattr(torch, src.dtype)
     try:
         with warnings.catch_warnings():
