@@ -143,9 +143,12 @@ def compare_results(a: dict, b: dict, *, iters: int = 2000, seed: int = 0) -> tu
         row.update(A=x.value, B=y.value, n_A=x.n, n_B=y.n, correct_to_wrong=None, wrong_to_correct=None)
         row.update(_paired(x, y, iters, seed) or _unpaired(x, y))
         rows.append({c: row.get(c) for c in COLUMNS})
-    notes = [f"only in {side}: " + ", ".join("/".join(k) for k in sorted(keys)[:20])
-             + (f" and {len(keys) - 20} more" if len(keys) > 20 else "")
-             for side, keys in (("A", set(sa) - set(sb)), ("B", set(sb) - set(sa))) if keys]
+    notes = []
+    for side, keys in (("A", set(sa) - set(sb)), ("B", set(sb) - set(sa))):
+        tasks = sorted({"/".join(k[:3]) for k in keys})  # model/variant/task, each listed once
+        if tasks:
+            notes.append(f"only in {side} (some or all metrics): " + ", ".join(tasks[:20])
+                         + (f" and {len(tasks) - 20} more" if len(tasks) > 20 else ""))
     return rows, notes
 
 

@@ -78,7 +78,8 @@ def test_paired_rows_use_the_documents_and_unpaired_rows_say_why(two_studies):
     half = Z95 * math.sqrt(stats.mean_stderr(MATH_A) ** 2 + stats.mean_stderr(MATH_B) ** 2)
     assert (math_row["ci_lo"], math_row["ci_hi"]) == pytest.approx((-half, half))
     assert math_row["correct_to_wrong"] is None
-    assert notes == ["only in A: tiny/bf16/proxy_mc/acc", "only in B: tiny/w8/proxy_mc/acc"]
+    assert notes == ["only in A (some or all metrics): tiny/bf16/proxy_mc",
+                     "only in B (some or all metrics): tiny/w8/proxy_mc"]
 
 
 def test_compare_verb_accepts_folders_prints_and_writes_only_with_out(two_studies, capsys, monkeypatch):
@@ -88,7 +89,7 @@ def test_compare_verb_accepts_folders_prints_and_writes_only_with_out(two_studie
     assert cli_main(["compare", "a", "b/results.json"]) == 0
     printed = capsys.readouterr().out
     assert "| tiny | int4 | proxy_mc | acc |" in printed and "paired (40 docs)" in printed
-    assert "only in A: tiny/bf16/proxy_mc/acc" in printed
+    assert "only in A (some or all metrics): tiny/bf16/proxy_mc" in printed
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # print only: nothing written
     assert cli_main(["compare", "a", "b", "--out", "cmp"]) == 0
     md = (tmp_path / "cmp" / "compare.md").read_text()
