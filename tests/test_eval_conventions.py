@@ -176,3 +176,56 @@ def test_lm_eval_results_json_is_merged_per_task_in_lm_evals_format(tmp_path):
     assert data["results"]["proxy_mc"]["acc,none"] == 1.0
     assert data["configs"]["my_quiz"]["task"] == "my_quiz" and data["n-shot"]["proxy_mc"] == 0
     assert data["n-samples"]["my_quiz"]["effective"] == 3 and "samples" not in data
+
+
+def test_run_with_cache_include_path_and_fractional_limit(tmp_path, monkeypatch):
+    """`run`: --include-path adds a user task, --limit 0.05 takes 5% of each task, lm-eval's results JSON
+    lands per variant, and a second run with eval.use_cache answers every request from the cache."""
+    from lm_eval.models.huggingface import HFLM
+
+    from attnres_quant.cli import main as cli_main
+
+    ckpt = _tiny_ckpt(tmp_path)
+    folder = _user_task(tmp_path / "my_tasks")
+    path = tmp_path / "mini.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "mini", "device": "cpu", "dtype": "float32", "model": {"path": str(ckpt)},
+        "variants": [{"name": "w8", "method": "rtn", "default": {"weight": "int8"}}], "tasks": ["proxy_mc"],
+        "eval": {"batch_size": 8, "use_cache": True}, "quality": {"enabled": False}, "bench": {"enabled": False}}))
+    calls = []
+    real = HFLM._model_call
+    monkeypatch.setattr(HFLM, "_model_call", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    args = ["run", str(path), "--out", str(tmp_path / "out"), "--limit", "0.05", "--tasks", "proxy_mc,my_quiz",
+            "--include-path", str(folder)]
+    assert cli_main(args) == 0
+    first = len(calls)
+    study_dir = tmp_path / "out" / "mini"
+    cells = json.loads((study_dir / "results.json").read_text())["cells"]
+    assert cells["tiny-block/w8/task:proxy_mc"]["value"]["proxy_mc"]["n"] == 10  # 5% of 200
+    assert cells["tiny-block/w8/task:my_quiz"]["value"]["my_quiz"]["n"] == 10
+    for variant in ("bf16", "w8"):
+        data = json.loads((study_dir / "lm_eval" / "tiny-block" / variant / "results.json").read_text())
+        assert set(data["configs"]) == set(data["versions"]) == set(data["n-shot"]) == {"proxy_mc", "my_quiz"}
+    assert len(list((study_dir / "lm_eval_cache" / "tiny-block").glob("*_rank0.db"))) == 2
+    assert first > 0
+    assert cli_main(args) == 0  # a fresh run (no --resume): every request is in the cache
+    assert len(calls) == first
+    again = json.loads((study_dir / "results.json").read_text())["cells"]
+    assert again["tiny-block/w8/task:proxy_mc"]["value"]["proxy_mc"]["per_sample"] == \
+        cells["tiny-block/w8/task:proxy_mc"]["value"]["proxy_mc"]["per_sample"]
+
+
+def _tiny_ckpt(tmp_path):
+    import torch
+
+    from attnres_quant.model import AttnResConfig, AttnResForCausalLM
+
+    out = tmp_path / "tiny-block"
+    tok = T.tiny_tokenizer(vocab_size=320)
+    torch.manual_seed(0)
+    cfg = AttnResConfig(hidden_size=64, num_hidden_layers=2, num_heads=4, num_kv_heads=2, vocab_size=len(tok),
+                        intermediate_size=128, attnres_block_size=2, bos_token_id=tok.bos_token_id,
+                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    AttnResForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
