@@ -67,7 +67,8 @@ def test_transformers_loads_the_copy_without_the_package_and_our_loader_uses_the
         "assert type(m).__module__.startswith('transformers_modules.'), type(m).__module__\n"
         "ids = torch.tensor([[5, 17, 99, 3, 250]])\n"
         "torch.save(m(ids).logits, sys.argv[1])\n"
-        "try:\n    import attnres_quant\nexcept ImportError:\n    pass\nelse:\n    raise SystemExit('package importable')\n")
+        "try:\n    import attnres_quant\nexcept ImportError:\n    pass\n"
+        "else:\n    raise SystemExit('package importable')\n")
     out = tmp_path / "logits.pt"
     proc = subprocess.run([sys.executable, "-c", script, str(out)], env=_without_package_env(tmp_path),
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -126,7 +127,7 @@ def test_lm_eval_cli_scores_the_zoo_copy_without_the_package_as_our_pipeline_doe
     write_standalone_task("proxy_mc", task_dir)
     out_dir = tmp_path / "lm_eval_out"
     cmd = [sys.executable, "-m", "lm_eval", "run", "--model", "hf",
-           "--model_args", f"pretrained={ckpt},trust_remote_code=True,dtype=bfloat16",
+           "--model_args", f"pretrained={ckpt},trust_remote_code=True",  # dtype auto: the bf16 weights
            "--tasks", "proxy_mc", "--include_path", str(task_dir), "--limit", "20", "--batch_size", "8",
            "--device", "cpu", "--output_path", str(out_dir), "--log_samples"]
     proc = subprocess.run(cmd, env=_without_package_env(tmp_path), cwd=tmp_path, capture_output=True, text=True,

@@ -63,7 +63,8 @@ def shipped_files() -> dict[str, str]:
 def auto_map(model_type: str) -> dict[str, str]:
     """config.json's ``auto_map`` for a checkpoint of ``model_type`` (attnres or FLA's transformer)."""
     config_cls, model_cls = AUTO_CLASSES[model_type]
-    return {"AutoConfig": f"configuration_attnres.{config_cls}", "AutoModelForCausalLM": f"modeling_attnres.{model_cls}"}
+    return {"AutoConfig": f"configuration_attnres.{config_cls}",
+            "AutoModelForCausalLM": f"modeling_attnres.{model_cls}"}
 
 
 def is_our_auto_map(config: dict) -> bool:

@@ -204,6 +204,9 @@ def task_settings_for(task, settings):
 def run_tasks(store, label, vname, model, tokenizer, config, settings) -> None:
     from ..evaluation import evaluate
 
+    lm_eval_results = lm_eval_dir(store, label, vname) / "results.json"
+    if not any(store.done(label, vname, f"task:{t.name}") for t in config.tasks):
+        lm_eval_results.unlink(missing_ok=True)  # a fresh (model, variant): no tasks of an earlier run
     for task in config.tasks:
         cell = f"task:{task.name}"
         if store.done(label, vname, cell):
@@ -213,7 +216,7 @@ def run_tasks(store, label, vname, model, tokenizer, config, settings) -> None:
         t0 = time.perf_counter()
         results = evaluate(model, tokenizer, [task.name], task_settings,
                            samples_dir=samples_dir(store, label, vname),
-                           lm_eval_results=lm_eval_dir(store, label, vname) / "results.json",
+                           lm_eval_results=lm_eval_results,
                            use_cache=cache_path(store, label, vname, config) if config.eval.use_cache else None)
         value = {name: r.to_dict() for name, r in results.items()}
         record_samples_paths(store, value)
@@ -237,11 +240,13 @@ def lm_eval_dir(store, label: str, vname: str) -> Path:
 def cache_path(store, label: str, vname: str, config) -> str:
     """lm-eval's request-cache prefix (it appends ``_rank0.db``) of one (model, variant).
 
-    Keyed by what decides the model's answers -- the model entry, the variant's definition, dtype and
-    device -- so an edited variant never reads another definition's answers."""
+    Keyed by what decides the model's answers -- the model entry, the variant's definition, dtype,
+    device, seed and calibration settings -- so an edited variant never reads another definition's
+    answers."""
     model = next((m.model_dump() for m in config.models if m.label == label), {})
     variant = next((v for v in config.variants if v.get("name") == vname), {"name": vname})
-    key = json.dumps([model, variant, config.dtype, config.device], sort_keys=True, default=str)
+    key = json.dumps([model, variant, config.dtype, config.device, config.seed, config.calibration.model_dump()],
+                     sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     folder = Path(store.path).parent / "lm_eval_cache" / label
     folder.mkdir(parents=True, exist_ok=True)
