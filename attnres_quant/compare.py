@@ -106,7 +106,8 @@ def _paired(a: Score, b: Score, iters: int, seed: int) -> dict | None:
 
     if a.ids is None or b.ids is None or a.per_sample is None or b.per_sample is None:
         return None
-    if len(set(a.ids)) != len(a.ids) or set(a.ids) != set(b.ids):
+    if len(a.ids) != len(a.per_sample) or len(b.ids) != len(b.per_sample) or len(a.ids) != len(b.ids) \
+            or len(set(a.ids)) != len(a.ids) or set(a.ids) != set(b.ids):
         return None
     by_id = dict(zip(b.ids, b.per_sample))
     pairs = [(x, by_id[i]) for i, x in zip(a.ids, a.per_sample)]
