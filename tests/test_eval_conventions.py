@@ -69,7 +69,7 @@ def test_batch_size_auto_reaches_hflm(zoo_block, monkeypatch):
         return lm
 
     monkeypatch.setattr(harness, "make_lm", spy)
-    res = evaluate(model, tok, ["proxy_mc"], EvalSettings(batch_size="auto", limit=4, max_length=64))["proxy_mc"]
+    res = evaluate(model, tok, ["proxy_mc"], EvalSettings(batch_size="auto", limit=4, max_length=32))["proxy_mc"]
     assert res.n == 4 and seen["batch_size"] == "auto" and seen["auto"] == "auto"
 
 
