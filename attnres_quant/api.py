@@ -61,19 +61,27 @@ def override_args(overrides: Mapping[str, Any]) -> list[str]:
 
 
 def run_study(config: str | Path | Mapping[str, Any], *, out: str | Path = "runs", resume: bool = False,
-              device: str | None = None, tasks: list[str] | None = None, limit: int | None = None,
-              set: list[str] | None = None, **overrides: Any) -> Study:  # noqa: A002 (the CLI's name)
+              device: str | None = None, tasks: list[str] | None = None, limit: int | float | None = None,
+              include_path: list[str] | None = None, set: list[str] | None = None,  # noqa: A002 (the CLI's name)
+              **overrides: Any) -> Study:
     """Run a study and return it.
 
     ``config``: a study config path or the config as a mapping. ``out``, ``resume``, ``device``,
-    ``tasks``, ``limit`` and ``set`` (a list of ``"key=value"``) are the ``run`` flags of the same
+    ``tasks``, ``limit`` (N, or a fraction 0 < limit < 1), ``include_path`` (task folders) and ``set`` (a list
+    of ``"key=value"``) are the ``run`` flags of the same
     names; any other keyword overrides config keys (``model={"path": "/ckpt"}``, ``eval__limit=20``),
     applied after ``set``.
     """
     from .pipeline import runner
 
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise UserError(f"limit={limit!r} is not a positive whole number", "run_study", "pass e.g. limit=20")
+    from .pipeline.config import check_limit
+
+    try:
+        limit = check_limit(limit)
+    except ValueError as exc:
+        raise UserError(f"limit={limit!r}: {exc}", "run_study", "pass e.g. limit=20 or limit=0.1") from None
+    if isinstance(include_path, (str, Path)):
+        include_path = [str(include_path)]
     if tasks is not None:
         if isinstance(tasks, str):
             tasks = [tasks]
@@ -92,11 +100,11 @@ def run_study(config: str | Path | Mapping[str, Any], *, out: str | Path = "runs
         else:
             config_path = Path(config)
         args = argparse.Namespace(config=str(config_path), set=set_args, tasks=tasks, limit=limit, resume=resume,
-                                  device=device, out=str(out))
+                                  device=device, out=str(out), include_path=include_path)
         # the name the runner gives the study (the config's `name`, else the file's), for the paths below
         from .pipeline.config import load_config
 
-        study_config, _ = load_config(config_path, set_args, tasks=tasks, limit=limit)
+        study_config, _ = load_config(config_path, set_args, tasks=tasks, limit=limit, include_path=include_path)
         code = runner.main(args)
     if code != 0:
         raise RuntimeError(f"the study stopped (exit status {code}); rerun with resume=True to continue")

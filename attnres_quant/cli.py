@@ -22,6 +22,7 @@ VERBS = {
     "report": ("attnres_quant.report.render", "re-render a report from a study folder or its results.json"),
     "convert": ("attnres_quant.convert", "retrofit a Llama-style checkpoint into Block/Full AttnRes"),
     "export": ("attnres_quant.export", "write a variant as a compressed-tensors checkpoint (or .gguf) + model card"),
+    "compare": ("attnres_quant.compare", "Δ table (paired CIs where the documents align) between two studies"),
 }
 
 

@@ -390,6 +390,9 @@ def convert_checkpoint(src: str, out: str | os.PathLike, *, block_size: int, dty
         with open(tmp / "config.json", "w", encoding="utf-8") as fh:
             json.dump(out_cfg, fh, indent=2)
             fh.write("\n")
+        from .model.remote_code import write_remote_code
+
+        write_remote_code(tmp)  # self-describing: trust_remote_code loads it without attnres_quant
         copied = _copy_tokenizer(Path(info.directory), tmp)
         if src_dir != info.directory:
             copied += [c for c in _copy_tokenizer(Path(src_dir), tmp) if c not in copied]
@@ -441,7 +444,8 @@ def convert_checkpoint(src: str, out: str | os.PathLike, *, block_size: int, dty
 # What a checkpoint written by this verb consists of: the only files --overwrite may remove.
 _CHECKPOINT_PATTERNS = ("config.json", "conversion_card.json", "model.safetensors", "model-*-of-*.safetensors",
                         "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model-*-of-*.bin",
-                        "pytorch_model.bin.index.json") + _COPY_PATTERNS
+                        "pytorch_model.bin.index.json", "configuration_attnres.py", "modeling_attnres.py",
+                        "depth.py") + _COPY_PATTERNS
 
 
 def _is_checkpoint_file(p: Path) -> bool:

@@ -234,6 +234,10 @@ def export_variant(model: nn.Module, variant: Variant, out: str | Path, *, token
     out.mkdir(parents=True, exist_ok=True)
     exp.save_pretrained(out)
     compressor.update_config(str(out))
+    from .model.remote_code import AUTO_CLASSES, write_remote_code
+
+    if getattr(exp.config, "model_type", None) in AUTO_CLASSES:  # self-describing (trust_remote_code)
+        write_remote_code(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     cfg = json.loads((out / "config.json").read_text())

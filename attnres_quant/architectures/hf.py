@@ -15,9 +15,23 @@ from ..errors import UserError
 _BENIGN_UNEXPECTED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
 
+def ships_our_code(config: dict) -> bool:
+    """A self-describing checkpoint of ours: its auto_map names the code this package ships
+    (``model.remote_code``); the package's own modelling code loads it, never the copy."""
+    from ..model.remote_code import is_our_auto_map
+
+    return is_our_auto_map(config)
+
+
+def remote_code_allowed(config: dict, trust_remote_code: bool) -> bool:
+    """trust_remote_code as handed to transformers: never for our own self-describing checkpoints."""
+    return trust_remote_code and not ships_our_code(config)
+
+
 def check_remote_code(config: dict, where: str, trust_remote_code: bool) -> list[str]:
-    """Refuse a config naming its own modelling code (``auto_map``) unless ``trust_remote_code``."""
-    if not config.get("auto_map"):
+    """Refuse a config naming its own modelling code (``auto_map``) unless ``trust_remote_code``; our own
+    self-describing checkpoints (zoo, convert, export) are loaded by the package's classes instead."""
+    if not config.get("auto_map") or ships_our_code(config):
         return []
     if not trust_remote_code:
         raise UserError(
@@ -59,6 +73,7 @@ def structure(directory: Path, config: dict, dtype: str, trust_remote_code: bool
 
     from .. import model as _registers_attnres  # noqa: F401
 
+    trust_remote_code = remote_code_allowed(config, trust_remote_code)
     cfg = AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code, local_files_only=True)
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -77,6 +92,7 @@ def load(src, directory: Path, trust_remote_code: bool, *, strict_unexpected: bo
     from .. import model as _registers_attnres  # noqa: F401  (AutoConfig/AutoModel registration)
 
     where = f"model path {src.spec!r}"
+    trust_remote_code = remote_code_allowed(src.config, trust_remote_code)
     torch_dtype = "auto" if src.dtype == "auto" else getattr(torch, src.dtype)
     try:
         with warnings.catch_warnings():

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from attnres_quant.errors import UserError
 from attnres_quant.evaluation import datasets as local
@@ -46,8 +46,8 @@ class EvalSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    batch_size: int = Field(8, ge=1, description="lm-eval batch size")
-    limit: int | float | None = Field(None, description="max docs per (sub)task; <1 = fraction")
+    batch_size: int | str = Field(8, description="lm-eval batch size: N >= 1, auto or auto:N")
+    limit: int | float | None = Field(None, description="max docs per (sub)task; 0 < limit < 1 = fraction")
     num_fewshot: int | None = Field(None, ge=0, description="None = each task's default")
     seed: int = Field(1234, description="python/numpy/torch/few-shot seeds of lm-eval")
     gen_kwargs: dict[str, Any] = Field(default_factory=dict,
@@ -60,6 +60,24 @@ class EvalSettings(BaseModel):
     max_length: int | None = Field(None, ge=1, description="context length given to HFLM")
     proxy_sizes: dict[str, int] = Field(default_factory=dict,
                                         description="override the proxy test-set sizes (200/100/200)")
+    apply_chat_template: bool | str = Field(False, description="lm-eval's apply_chat_template")
+    fewshot_as_multiturn: bool | None = Field(None, description="lm-eval's fewshot_as_multiturn (None: its default)")
+    system_instruction: str | None = Field(None, description="lm-eval's system_instruction")
+    include_path: list[str] = Field(default_factory=list, description="user task folders added to ours")
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _lm_eval_batch_size(cls, value):
+        from attnres_quant.pipeline.config import check_batch_size
+
+        return check_batch_size(value)
+
+    @field_validator("limit", mode="before")
+    @classmethod
+    def _lm_eval_limit(cls, value):
+        from attnres_quant.pipeline.config import check_limit
+
+        return check_limit(value)
 
 
 @dataclass
@@ -140,7 +158,7 @@ def preflight(tasks: list[str], settings: Any, *, load_lm_eval_tasks: bool = Tru
     catalogue()  # the YAMLs are there (clear error otherwise)
     unknown = [n for n in names if not _ours(n)]
     if unknown:
-        tm = _task_manager(s, include_defaults=True)
+        tm = _task_manager(s, include_defaults=_needs_lm_eval_defaults(names, s))
         bad = [n for n in unknown if n not in tm.all_tasks]
         if bad:
             raise UserError(f"unknown evaluation task(s) {bad}", where="eval.tasks",
@@ -185,18 +203,42 @@ def preflight(tasks: list[str], settings: Any, *, load_lm_eval_tasks: bool = Tru
 _TM_CACHE: dict[str, Any] = {}
 
 
+def _include_paths(s: EvalSettings) -> list[str]:
+    """Our task folder, then the user's (``eval.include_path``), each checked to be a folder."""
+    paths = [str(EVAL_DIR)]
+    for p in s.include_path:
+        path = Path(os.path.expanduser(str(p)))
+        if not path.is_dir():
+            raise UserError(f"task include path {str(path)!r} is not a folder", where="eval.include_path / "
+                            "run --include-path", fix="give a folder holding lm-eval task YAMLs (they are added "
+                                                     "to the tool's own tasks)")
+        paths.append(str(path.resolve()))
+    return paths
+
+
 def _task_manager(s: EvalSettings, include_defaults: bool):
-    """lm-eval TaskManager over eval/ (+ lm-eval's own tasks when needed); indexing lm-eval's
-    ~15k task files takes seconds, so managers are kept per (defaults, metadata)."""
+    """lm-eval TaskManager over eval/ and the user's include paths (+ lm-eval's own tasks when needed);
+    indexing lm-eval's ~15k task files takes seconds, so managers are kept per (paths, defaults, metadata)."""
     import json
 
     from lm_eval.tasks import TaskManager
 
     meta = {"aq_datasets": dict(s.datasets), "aq_proxy_sizes": {**PROXY_SIZES, **s.proxy_sizes}}
-    key = json.dumps([include_defaults, str(EVAL_DIR), meta], sort_keys=True)
+    paths = _include_paths(s)
+    key = json.dumps([include_defaults, paths, meta], sort_keys=True)
     if key not in _TM_CACHE:
-        _TM_CACHE[key] = TaskManager(include_path=str(EVAL_DIR), include_defaults=include_defaults, metadata=meta)
+        _TM_CACHE[key] = TaskManager(include_path=paths if len(paths) > 1 else paths[0],
+                                     include_defaults=include_defaults, metadata=meta)
     return _TM_CACHE[key]
+
+
+def _needs_lm_eval_defaults(names: list[str], s: EvalSettings) -> bool:
+    """True when a task is neither ours nor in the user's include paths (lm-eval's registry is needed)."""
+    unknown = [n for n in names if not _ours(n)]
+    if unknown and s.include_path:
+        local_tasks = _task_manager(s, include_defaults=False).all_tasks
+        unknown = [n for n in unknown if n not in local_tasks]
+    return bool(unknown)
 
 
 def _load_tasks(tm, name: str, lm_eval_name: str, s: EvalSettings | None = None) -> dict:
@@ -298,22 +340,25 @@ def _no_env_probe():
 
 
 def evaluate(model, tokenizer, tasks: list[str], settings: Any = None, *, lm=None,
-             samples_dir: str | os.PathLike | None = None) -> dict[str, TaskResult]:
+             samples_dir: str | os.PathLike | None = None, lm_eval_results: str | os.PathLike | None = None,
+             use_cache: str | None = None) -> dict[str, TaskResult]:
     """Evaluate ``model`` on ``tasks`` through lm-eval; one :class:`TaskResult` per result name.
 
     ``tasks``: benchmark names (``mmlu``, ``gpqa``, ``humaneval``, ``math``, ``hendrycks_math``),
     proxy names (``proxy_mc``, ``proxy_code``, ``proxy_math``, group ``proxy_suite``) or lm-eval
     task names. ``lm``: an lm-eval ``LM`` to use instead of wrapping ``model`` (tests, custom
     backends). ``samples_dir``: write lm-eval's per-sample records of each result name to
-    ``<samples_dir>/<name>.jsonl.gz`` (path in ``TaskResult.samples_path``).
+    ``<samples_dir>/<name>.jsonl.gz`` (path in ``TaskResult.samples_path``). ``lm_eval_results``:
+    merge lm-eval's own results JSON (``results``, ``configs``, ``versions``, ``n-shot``, ...) of
+    these tasks into that file. ``use_cache``: lm-eval's request-cache prefix (sqlite, ``_rank0.db``
+    appended): requests answered before are read from it, not computed.
     """
     import lm_eval
 
     s = coerce_settings(settings)
     # loaded just below; `datasets` may name the other tasks of a study (one cell at a time here)
     names = preflight(tasks, s, load_lm_eval_tasks=False, check_dataset_keys=False)
-    needs_defaults = any(not _ours(n) for n in names)
-    tm = _task_manager(s, include_defaults=needs_defaults)
+    tm = _task_manager(s, include_defaults=_needs_lm_eval_defaults(names, s))
 
     leaves: dict[str, list[str]] = {}
     task_objs: dict[str, Any] = {}
@@ -336,16 +381,24 @@ def evaluate(model, tokenizer, tasks: list[str], settings: Any = None, *, lm=Non
         lm = make_lm(model, tokenizer, s)
 
     check_generation_limits(task_objs, s, lm)
+    check_chat_template(s, tokenizer if tokenizer is not None else getattr(lm, "tokenizer", None))
+    chat = {"apply_chat_template": s.apply_chat_template, "system_instruction": s.system_instruction}
+    if s.fewshot_as_multiturn is not None:
+        chat["fewshot_as_multiturn"] = s.fewshot_as_multiturn
+    if use_cache is not None:
+        Path(use_cache).parent.mkdir(parents=True, exist_ok=True)
     with he.code_execution(s.allow_code_execution, s.code_timeout_s, s.code_workers), _no_env_probe():
         out = lm_eval.simple_evaluate(
             model=lm, tasks=top, num_fewshot=s.num_fewshot, limit=s.limit,
             batch_size=s.batch_size, log_samples=True, bootstrap_iters=0,
-            gen_kwargs=dict(s.gen_kwargs) or None, task_manager=tm,
+            gen_kwargs=dict(s.gen_kwargs) or None, task_manager=tm, use_cache=use_cache,
             random_seed=s.seed, numpy_random_seed=s.seed, torch_random_seed=s.seed,
-            fewshot_random_seed=s.seed, confirm_run_unsafe_code=s.allow_code_execution)
+            fewshot_random_seed=s.seed, confirm_run_unsafe_code=s.allow_code_execution, **chat)
         executed = he.execution_record()
     if out is None:  # non-zero rank
         return {}
+    if lm_eval_results is not None:
+        export_lm_eval_results(out, lm_eval_results)
     results = collect(out, names, leaves, task_objs, default_max_gen_toks=getattr(lm, "max_gen_toks", None))
     for n, r in results.items():
         if n in executed:
@@ -354,6 +407,60 @@ def evaluate(model, tokenizer, tasks: list[str], settings: Any = None, *, lm=Non
         for n, r in results.items():
             r.samples_path = str(write_samples(Path(samples_dir) / f"{n}.jsonl.gz", out, leaves[n]))
     return results
+
+
+def check_chat_template(s: EvalSettings, tokenizer) -> None:
+    """apply_chat_template needs a tokenizer with a chat template (lm-eval fails deep inside otherwise)."""
+    if not s.apply_chat_template:
+        return
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise UserError("eval.apply_chat_template is set, but the model's tokenizer has no chat template",
+                        where="eval.apply_chat_template of the study config",
+                        fix="use a chat model whose tokenizer_config.json (or chat_template.jinja) has a chat "
+                            "template, or set apply_chat_template: false")
+    if isinstance(s.apply_chat_template, str) and isinstance(template, dict) and \
+            s.apply_chat_template not in template:
+        raise UserError(f"the tokenizer has no chat template named {s.apply_chat_template!r}",
+                        where="eval.apply_chat_template", fix=f"use one of {sorted(template)} or true")
+
+
+# lm-eval's results keys that describe the whole run (merged by key across tasks) and per-task ones.
+_LM_EVAL_PER_TASK = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better",
+                     "n-samples")
+
+
+def export_lm_eval_results(out: dict, path: str | os.PathLike) -> Path:
+    """Merge one ``simple_evaluate`` output (without its samples) into lm-eval's results JSON at ``path``.
+
+    Per-task sections (``results``, ``configs``, ``versions``, ``n-shot``, ...) are merged task by task
+    so one file holds every task of a (model, variant); the run-level keys (``config``, ``date``, ...)
+    are those of the last evaluation. Values lm-eval cannot serialise become strings, as its own
+    ``--output_path`` writer does (``lm_eval.utils.handle_non_serializable``)."""
+    import json
+
+    from lm_eval.utils import handle_non_serializable
+
+    path = Path(path)
+    merged: dict = {}
+    if path.is_file():
+        try:
+            merged = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            merged = {}
+    fresh = json.loads(json.dumps({k: v for k, v in out.items() if k != "samples"},
+                                  default=handle_non_serializable))
+    for key, value in fresh.items():
+        if key in _LM_EVAL_PER_TASK and isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key].update(value)
+        else:
+            merged[key] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(merged, indent=2, ensure_ascii=False, default=handle_non_serializable) + "\n",
+                   encoding="utf-8")
+    os.replace(tmp, path)
+    return path
 
 
 def check_generation_limits(task_objs: dict[str, Any], s: EvalSettings, lm) -> None:

@@ -257,3 +257,45 @@ def math_scoring_error(task: str) -> "Exception | None":
                              "math-verify[antlr4_11_0]==0.9.0, i.e. antlr4-python3-runtime 4.11.0), or "
                              "`pip install 'math-verify[antlr4_11_0]==0.9.0' 'antlr4-python3-runtime==4.11.0'`")
     return None
+
+
+# ---------------------------------------------------------------------------
+# standalone copies of the proxy tasks (for lm-eval without attnres_quant)
+
+STANDALONE_TASKS = ("proxy_mc",)  # proxy_math/proxy_code score with our Python (process_results, sandbox)
+
+
+def write_standalone_task(name: str, out_dir: str | Path, size: int | None = None) -> Path:
+    """Write proxy task ``name`` as a plain lm-eval task folder that needs no attnres_quant.
+
+    The folder holds ``<name>.yaml`` (our YAML, with the generated test/few-shot items read from
+    ``<name>_{test,train}.jsonl`` by lm-eval's ``json`` builder and the prompt precomputed into the
+    ``aq_prompt`` field) and the two JSONL files; ``lm_eval --include_path DIR --tasks NAME`` runs
+    it with the same prompts, documents and metrics as our harness. Returns the YAML path.
+    """
+    import json
+
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    if name not in STANDALONE_TASKS:
+        raise UserError(f"no standalone copy of task {name!r}", where="write_standalone_task",
+                        fix=f"use one of {list(STANDALONE_TASKS)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    test, train = _proxy(name, size)
+    text = {"proxy_mc": proxy_mc_text}[name]
+    files = {}
+    for split, rows in (("test", test), ("train", train)):
+        path = (out / f"{name}_{split}.jsonl").resolve()
+        with open(path, "w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps({**row, "aq_prompt": text(row)}, ensure_ascii=False) + "\n")
+        files[split] = str(path)
+    cfg = load_yaml(EVAL_DIR / "proxy" / f"{name}.yaml", resolve_func=False)
+    cfg.pop("custom_dataset")
+    cfg.update(dataset_path="json", dataset_kwargs={"data_files": files}, doc_to_text="{{aq_prompt}}")
+    import yaml
+
+    yaml_path = out / f"{name}.yaml"
+    yaml_path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    return yaml_path

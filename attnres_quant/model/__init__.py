@@ -7,24 +7,9 @@ reference implementation (same field and parameter names).
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .configuration_attnres import AttnResConfig
+from .configuration_attnres import AttnResConfig, FLATransformerConfig
 from .depth import DepthMixer, naive_mix
-from .modeling_attnres import AttnResForCausalLM, AttnResModel
-
-
-class FLATransformerConfig(AttnResConfig):
-    """FLA's ``transformer`` model type, read by the reference implementation."""
-
-    model_type = "transformer"
-
-    def __init__(self, **kwargs):
-        # Needed: transformers 5 replaces the __init__ of a config subclass that defines
-        # none with a dataclass-field init that skips AttnResConfig.__init__ entirely.
-        super().__init__(**kwargs)
-
-
-class FLATransformerForCausalLM(AttnResForCausalLM):
-    config_class = FLATransformerConfig
+from .modeling_attnres import AttnResForCausalLM, AttnResModel, FLATransformerForCausalLM
 
 
 def _register() -> None:

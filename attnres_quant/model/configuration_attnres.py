@@ -123,3 +123,14 @@ class AttnResConfig(PretrainedConfig):
     @property
     def use_attnres(self) -> bool:
         return self.attnres_block_size is not None
+
+
+class FLATransformerConfig(AttnResConfig):
+    """flash-linear-attention's ``transformer`` model type, read by the reference implementation."""
+
+    model_type = "transformer"
+
+    def __init__(self, **kwargs):
+        # Needed: transformers 5 replaces the __init__ of a config subclass that defines
+        # none with a dataclass-field init that skips AttnResConfig.__init__ entirely.
+        super().__init__(**kwargs)

@@ -28,7 +28,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .configuration_attnres import AttnResConfig
+from .configuration_attnres import AttnResConfig, FLATransformerConfig
 from .depth import DepthMixer, naive_mix, phase1
 
 
@@ -441,3 +441,9 @@ class AttnResForCausalLM(AttnResPreTrainedModel, GenerationMixin):
                                    labels[:, 1:].reshape(-1), ignore_index=-100)
         return AttnResCausalLMOutput(loss=loss, logits=logits, past_key_values=past_key_values,
                                      depth_attentions=depth)
+
+
+class FLATransformerForCausalLM(AttnResForCausalLM):
+    """The reference model under flash-linear-attention's ``transformer`` model type."""
+
+    config_class = FLATransformerConfig

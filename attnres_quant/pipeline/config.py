@@ -9,11 +9,13 @@ so the policy format has one definition.
 from __future__ import annotations
 
 import copy
+import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from .. import safe_yaml
 from ..data.sources import DataSource
@@ -75,16 +77,50 @@ class ModelSpec(Strict):
         return model_label(self.path, self.name)
 
 
+def check_limit(value: Any) -> Any:
+    """lm-eval's ``limit``: a whole number of documents (>= 1), or a fraction 0 < limit < 1 of each task."""
+    if value is None:
+        return None
+    if not isinstance(value, bool) and isinstance(value, (int, float)):
+        if isinstance(value, int) or value.is_integer():
+            if value >= 1:
+                return int(value)
+        elif 0 < value < 1:
+            return float(value)
+    raise ValueError(f"{value!r} is neither a whole number of samples >= 1 nor a fraction of each task between 0 "
+                     "and 1 (lm-eval's convention: 20 = 20 samples, 0.1 = 10% of the samples)")
+
+
+def check_batch_size(value: Any) -> Any:
+    """lm-eval's ``batch_size``: a whole number >= 1, ``auto`` or ``auto:N`` (re-detect N times)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isdigit() and int(text) >= 1:
+            return int(text)
+        head, _, times = text.partition(":")
+        if head == "auto" and (not times or (times.isdigit() and int(times) >= 1)):
+            return text
+    raise ValueError(f"{value!r} is not a batch size: use a whole number >= 1, `auto` (lm-eval finds the largest "
+                     "that fits) or `auto:N` (re-detect N times during the run)")
+
+
+Limit = Annotated[int | float | None, BeforeValidator(check_limit)]
+BatchSize = Annotated[int | str, BeforeValidator(check_batch_size)]
+
+
 class TaskSpec(Strict):
     name: str
-    limit: int | None = Field(default=None, ge=1)
+    limit: Limit = Field(default=None, description="samples of this task: N >= 1, or a fraction 0 < limit < 1")
     num_fewshot: int | None = Field(default=None, ge=0)
     max_gen_toks: int | None = Field(default=None, ge=1, description="generation cap for this task only")
 
 
 class EvalSettings(Strict):
-    batch_size: int = Field(default=16, ge=1)
-    limit: int | None = Field(default=None, ge=1, description="max samples per task (None = all)")
+    batch_size: BatchSize = Field(default=16, description="lm-eval batch size: N, auto or auto:N")
+    limit: Limit = Field(default=None, description="samples per task: N >= 1, or a fraction 0 < limit < 1 of "
+                         "each task (None = all)")
     num_fewshot: int | None = Field(default=None, ge=0,
                                     description="None = each task's own default (lm-eval's, e.g. math 4, gsm8k 5)")
     max_gen_toks: int | None = Field(default=None, ge=1,
@@ -98,6 +134,27 @@ class EvalSettings(Strict):
                                            "HFLM; vllm: the exported checkpoint through lm-eval's vllm model and "
                                            "vLLM's latency benchmark (CUDA only; a variant's own `backend:` wins)")
     vllm: VllmSettings = Field(default_factory=VllmSettings)
+    apply_chat_template: bool | str = Field(default=False, description="format prompts with the tokenizer's chat "
+                                            "template (a string names one of several templates), as lm-eval")
+    fewshot_as_multiturn: bool | None = Field(default=None, description="few-shot examples as chat turns (needs "
+                                              "apply_chat_template; None = lm-eval's default)")
+    system_instruction: str | None = Field(default=None, description="system prompt prepended by lm-eval")
+    include_path: list[str] = Field(default_factory=list, description="folders of your own lm-eval task YAMLs, "
+                                    "added to the tool's (relative paths: from the config file's folder)")
+    use_cache: bool = Field(default=False, description="lm-eval's request cache (sqlite) per model/variant under "
+                            "the study folder: a re-run answers from it instead of the model")
+
+    @field_validator("include_path", mode="before")
+    @classmethod
+    def _one_or_more_paths(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _multiturn_needs_chat(self):
+        if self.fewshot_as_multiturn and not self.apply_chat_template:
+            raise ValueError("fewshot_as_multiturn: true needs apply_chat_template (few-shot turns are chat "
+                             "messages); set eval.apply_chat_template: true as well")
+        return self
 
 
 class QualitySettings(Strict):
@@ -257,7 +314,27 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
-def _apply_task_flags(raw: dict, tasks: list[str] | None, limit: int | None, overridden: set[str]) -> None:
+def _apply_include_paths(raw: dict, include_path: list[str] | None, config_dir: Path) -> None:
+    """eval.include_path: config-relative paths made absolute, then ``--include-path`` folders appended."""
+    ev = raw.get("eval")
+    given = ev.get("include_path") if isinstance(ev, dict) else None
+    if not given and not include_path:
+        return
+    if ev is None:
+        ev = raw["eval"] = {}
+    given = [given] if isinstance(given, str) else (given or [])
+    if not isinstance(ev, dict) or not isinstance(given, list):
+        return  # validation names the bad value
+    paths = [str((config_dir / os.path.expanduser(p)).resolve()) if isinstance(p, str) else p for p in given]
+    for p in include_path or []:
+        p = str(Path(os.path.expanduser(p)).resolve())
+        if p not in paths:
+            paths.append(p)
+    ev["include_path"] = paths
+
+
+def _apply_task_flags(raw: dict, tasks: list[str] | None, limit: int | float | None,
+                      overridden: set[str]) -> None:
     """--tasks replaces the task list (keeping each named task's own settings); a command-line limit
     (--limit or --set eval.limit) is global: it replaces every per-task `limit:`."""
     if tasks is not None:
@@ -296,11 +373,12 @@ def _format_validation_error(exc: ValidationError, source: str) -> UserError:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None, *, tasks: list[str] | None = None,
-                limit: int | None = None) -> tuple[StudyConfig, dict]:
+                limit: int | float | None = None, include_path: list[str] | None = None) -> tuple[StudyConfig, dict]:
     """Read, override and validate a study config. Returns (config, raw mapping after overrides).
 
     ``tasks`` (``--tasks``) replaces the task list; ``limit`` (``--limit``) and a command-line
-    ``eval.limit`` override every per-task limit.
+    ``eval.limit`` override every per-task limit. ``include_path`` (``--include-path``) adds task
+    folders to ``eval.include_path``.
     """
     path = Path(path)
     if not path.is_file():
@@ -320,6 +398,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *, tasks: 
         _set_dotted(raw, key, value, where)
         overridden.add(key)
     _apply_task_flags(raw, tasks, limit, overridden)
+    _apply_include_paths(raw, include_path, path.parent)
     try:
         config = StudyConfig.model_validate(raw)
     except ValidationError as exc:

@@ -24,7 +24,7 @@ import time
 import traceback
 from pathlib import Path
 
-from ..argtypes import int_in
+from ..argtypes import limit_value
 from ..errors import UserError
 from .config import StudyConfig, load_config
 from .lock import StudyLock
@@ -44,8 +44,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tasks", type=_task_list, default=None, metavar="T1,T2",
                         help="comma-separated tasks to run instead of the config's (like lm-eval's --tasks); "
                              "a task the config lists keeps its own settings")
-    parser.add_argument("--limit", type=int_in(1), default=None, metavar="N",
-                        help="at most N samples per task, overriding every per-task limit (like lm-eval's --limit)")
+    parser.add_argument("--limit", type=limit_value, default=None, metavar="N",
+                        help="at most N samples per task, or a fraction 0 < N < 1 of each task, overriding every "
+                             "per-task limit (like lm-eval's --limit)")
+    parser.add_argument("--include-path", action="append", default=None, metavar="DIR",
+                        help="a folder of your own lm-eval task YAMLs, added to the tool's (like lm-eval's "
+                             "--include_path; repeatable; appended to eval.include_path)")
     parser.add_argument("--resume", action="store_true", help="skip cells already in results.json")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
                         help="override the config's device")
@@ -215,7 +219,9 @@ def eval_settings(config: StudyConfig):
     return EvalSettings(batch_size=e.batch_size, limit=e.limit, num_fewshot=e.num_fewshot, seed=config.seed,
                         gen_kwargs={"max_gen_toks": e.max_gen_toks} if e.max_gen_toks else {},
                         allow_code_execution=e.allow_code_execution,
-                        code_timeout_s=e.code_timeout_s, datasets=dict(config.datasets))
+                        code_timeout_s=e.code_timeout_s, datasets=dict(config.datasets),
+                        apply_chat_template=e.apply_chat_template, fewshot_as_multiturn=e.fewshot_as_multiturn,
+                        system_instruction=e.system_instruction, include_path=list(e.include_path))
 
 
 # --------------------------------------------------------------------------- per-cell work
@@ -244,6 +250,9 @@ def task_settings_for(task, settings):
 def run_tasks(store, label, vname, model, tokenizer, config, settings, served=None) -> None:
     from ..evaluation import evaluate
 
+    lm_eval_results = lm_eval_dir(store, label, vname) / "results.json"
+    if not any(store.done(label, vname, f"task:{t.name}") for t in config.tasks):
+        lm_eval_results.unlink(missing_ok=True)  # a fresh (model, variant): no tasks of an earlier run
     for task in config.tasks:
         cell = f"task:{task.name}"
         if store.done(label, vname, cell):
@@ -252,7 +261,9 @@ def run_tasks(store, label, vname, model, tokenizer, config, settings, served=No
         _step(label, vname, f"task {task.name}")
         t0 = time.perf_counter()
         results = evaluate(model, tokenizer, [task.name], task_settings,
-                           samples_dir=samples_dir(store, label, vname), lm=served.lm() if served else None)
+                           samples_dir=samples_dir(store, label, vname), lm=served.lm() if served else None,
+                           lm_eval_results=lm_eval_results,
+                           use_cache=cache_path(store, label, vname, config) if config.eval.use_cache else None)
         value = {name: {**r.to_dict(), **(served.label() if served else {})} for name, r in results.items()}
         record_samples_paths(store, value)
         for name, r in value.items():
@@ -265,6 +276,27 @@ def run_tasks(store, label, vname, model, tokenizer, config, settings, served=No
 def samples_dir(store, label: str, vname: str) -> Path:
     """Per-sample logs of one (model, variant): ``<results dir>/samples/<model>/<variant>/<task>.jsonl.gz``."""
     return Path(store.path).parent / "samples" / label / vname
+
+
+def lm_eval_dir(store, label: str, vname: str) -> Path:
+    """lm-eval's own results JSON of one (model, variant): ``<results dir>/lm_eval/<model>/<variant>/``."""
+    return Path(store.path).parent / "lm_eval" / label / vname
+
+
+def cache_path(store, label: str, vname: str, config) -> str:
+    """lm-eval's request-cache prefix (it appends ``_rank0.db``) of one (model, variant).
+
+    Keyed by what decides the model's answers -- the model entry, the variant's definition, dtype,
+    device, seed and calibration settings -- so an edited variant never reads another definition's
+    answers."""
+    model = next((m.model_dump() for m in config.models if m.label == label), {})
+    variant = next((v for v in config.variants if v.get("name") == vname), {"name": vname})
+    key = json.dumps([model, variant, config.dtype, config.device, config.seed, config.calibration.model_dump()],
+                     sort_keys=True, default=str)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    folder = Path(store.path).parent / "lm_eval_cache" / label
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder / f"{vname}-{digest}")
 
 
 def record_samples_paths(store, value: dict) -> None:
@@ -704,7 +736,7 @@ def main(args) -> int:
     quiet_libraries()
     source = str(args.config)
     config, raw = load_config(args.config, args.set, tasks=getattr(args, "tasks", None),
-                              limit=getattr(args, "limit", None))
+                              limit=getattr(args, "limit", None), include_path=getattr(args, "include_path", None))
     device = resolve_device(args.device or config.device)
     from .executors import make_executor
 

@@ -39,6 +39,7 @@ def export_to_zoo(run_dir: str | pathlib.Path, zoo_dir: str | pathlib.Path) -> d
     import attnres_quant.model  # noqa: F401  (registers model_type "attnres")
 
     from ..data import corpus as corpus_mod
+    from ..model.remote_code import write_remote_code
     from .train import heldout_slice
 
     run_dir, zoo_dir = pathlib.Path(run_dir), pathlib.Path(zoo_dir)
@@ -62,6 +63,7 @@ def export_to_zoo(run_dir: str | pathlib.Path, zoo_dir: str | pathlib.Path) -> d
     for name in FILES:
         if (run_dir / name).exists():
             shutil.copy2(run_dir / name, zoo_dir / name)
+    write_remote_code(zoo_dir)  # self-describing: loads with trust_remote_code=True without attnres_quant
     card["weight_bytes"] = weights.stat().st_size
     (zoo_dir / "training_card.json").write_text(json.dumps(card, indent=1))
     return card
