@@ -556,7 +556,12 @@ def describe_model(model) -> dict:
     fam = family_for_model(model)
     block = getattr(cfg, "attnres_block_size", None) if model_type in ATTNRES_MODEL_TYPES or fam else None
     extra: dict = {}
-    if fam is not None:  # Kimi: block size in sub-layers here, in decoder layers as attn_res_block_size
+    if fam is not None and getattr(fam, "describe", None) is not None:  # the family describes itself (mHC)
+        src0 = getattr(model, "_attnres_source", None)
+        model_type = src0.model_type if src0 is not None else model_type
+        extra = fam.describe(model)
+        family = extra.pop("family")
+    elif fam is not None:  # Kimi: block size in sub-layers here, in decoder layers as attn_res_block_size
         src0 = getattr(model, "_attnres_source", None)
         model_type = src0.model_type if src0 is not None else model_type
         family = model_type + ("-attnres" if block else "")

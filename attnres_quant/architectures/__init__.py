@@ -2,7 +2,9 @@
 
 One module per family: ``kimi`` (Kimi-Linear / Kimi K3: loading, component names) with its
 modelling code ``kimi_modeling`` and the exact PyTorch versions of FLA's kernels
-``kimi_torch_ops``.
+``kimi_torch_ops``; ``mhc`` (Manifold-Constrained Hyper-Connections: our minimal ``attnres_mhc`` model
+in ``mhc_modeling`` and transformers' DeepSeek-V4) whose computation components are precision hooks
+(``hooks.PrecisionHook``).
 
 A small registry (:func:`family_for_config`, :func:`family_for_model`) is consulted by
 ``loading`` (preflight / structure / load / describe) and ``quant.components`` / ``quant.plan``.
@@ -15,7 +17,9 @@ from __future__ import annotations
 
 from typing import Any
 
-_FAMILY_MODULES = ("kimi",)
+_FAMILY_MODULES = ("kimi", "mhc")
+# Class-name prefixes of the models the families load (a cheap test before any family module is imported).
+_MODEL_CLASS_PREFIXES = ("Kimi", "MHC", "DeepseekV4")
 
 
 def families() -> list[Any]:
@@ -39,7 +43,7 @@ def family_for_config(config: dict) -> Any | None:
 def family_for_model(model) -> Any | None:
     """The registered family a loaded (or meta-device) model belongs to, or None."""
     cls = type(model).__name__
-    if not cls.startswith("Kimi"):  # cheap: no family import for the reference / HF models
+    if not cls.startswith(_MODEL_CLASS_PREFIXES):  # cheap: no family import for the reference / HF models
         return None
     for fam in families():
         if fam.handles_model(model):
@@ -47,4 +51,24 @@ def family_for_model(model) -> Any | None:
     return None
 
 
-__all__ = ["families", "family_for_config", "family_for_model"]
+def family_components() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(weight components, computation components) that registered families add to the built-in ones."""
+    weights: list[str] = []
+    compute: list[str] = []
+    for fam in families():
+        compute += [c for c in fam.compute_components if c not in compute]
+        weights += [c for c in fam.components if c not in fam.compute_components and c not in weights]
+    return tuple(weights), tuple(compute)
+
+
+def precision_hook(component: str):
+    """The :class:`~attnres_quant.architectures.hooks.PrecisionHook` a family declares for a computation
+    component (mHC's hc.pre/post/comb/streams), or None (the built-in computations)."""
+    for fam in families():
+        hook = (getattr(fam, "hooks", None) or {}).get(component)
+        if hook is not None:
+            return hook
+    return None
+
+
+__all__ = ["families", "family_for_config", "family_for_model", "family_components", "precision_hook"]

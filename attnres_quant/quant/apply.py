@@ -10,7 +10,7 @@ from torch import nn
 
 from ..errors import UserError
 from .depth import kv_granularity, set_kv_cache, set_softmax, set_sources, set_state
-from .plan import Plan, resolve_plan
+from .plan import Plan, _family_hook, resolve_plan
 from .formats import add_activation_quantizer as add_format_activation_quantizer
 from .formats import fake_quantize_weight as fmt_fake_quantize_weight
 from .policy import FLOAT_WEIGHTS, FP_FORMATS, QUANT_ACTIVATIONS, Variant
@@ -210,6 +210,9 @@ def quantize(model: nn.Module, variant: Variant, calibration=None, *, source: st
             set_kv_cache(module, res.storage, mdtype, kv_gran)
         elif row.component == "attn.state":
             set_state(module, res.storage)
+        elif _family_hook(row.component) is not None:  # a family's computation (mHC: hc.comb, hc.streams)
+            hook = _family_hook(row.component)
+            hook.apply(module, getattr(res, hook.field), mdtype)
         if row.method == "sim":
             simulated_parts.append(f"{row.component}@{row.name}={row.precision}")
 

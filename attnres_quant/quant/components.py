@@ -40,6 +40,18 @@ FAMILY_WEIGHT_COMPONENTS = ("attn.gate", "attn.conv", "attn.decay", "attn.q_a", 
                             "attn.kv_b", "moe.router", "moe.experts.gate", "moe.experts.up", "moe.experts.down",
                             "moe.shared.gate", "moe.shared.up", "moe.shared.down", "moe.latent.down",
                             "moe.latent.up")
+
+def _registry_components() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    from ..architectures import family_components
+
+    return family_components()
+
+
+# Components further registered families add (mHC: hc.fn; computations hc.pre/post/comb/streams).
+_REG_WEIGHTS, _REG_COMPUTE = _registry_components()
+FAMILY_WEIGHT_COMPONENTS += tuple(c for c in _REG_WEIGHTS
+                                  if c not in WEIGHT_COMPONENTS + FAMILY_WEIGHT_COMPONENTS + COMPUTE_COMPONENTS)
+COMPUTE_COMPONENTS += tuple(c for c in _REG_COMPUTE if c not in COMPUTE_COMPONENTS)
 COMPONENTS = WEIGHT_COMPONENTS + FAMILY_WEIGHT_COMPONENTS + COMPUTE_COMPONENTS
 
 # Components whose weight is an nn.Linear called as a module (so real kernels and
@@ -144,8 +156,10 @@ def _family_parts(model: nn.Module, fam) -> list[Part]:
         if kp.kind == "weight":
             mname, _, attr = kp.name.rpartition(".")
             module = modules[mname]
-            w = getattr(module, attr)
-            holder = module if attr == "weight" else ParamView(module, attr)
+            holder = getattr(kp, "holder", None)  # a family's own stand-in (mHC: one expert of fused experts)
+            if holder is None:
+                holder = module if attr == "weight" else ParamView(module, attr)
+            w = holder.weight
             linear = attr == "weight" and isinstance(module, nn.Linear) and ref.component in LINEAR_COMPONENTS
             parts.append(Part(ref.component, ref.layer, mname, "weight", holder, tuple(w.shape), w.numel(), w.dtype,
                               linear, ref.expert, attr))

@@ -208,9 +208,18 @@ def _relevant(fields: list[str], part: Part) -> list[str]:
         ok = list(WEIGHT_FIELDS) + (list(ACT_FIELDS) if part.component in LINEAR_COMPONENTS else [])
     elif part.component == "depth.softmax":
         ok = ["compute"]
+    elif _family_hook(part.component) is not None:  # a family's computation (mHC: hc.comb compute, hc.streams storage)
+        ok = [_family_hook(part.component).field]
     else:  # depth.sources, attn.kv_cache
         ok = ["storage"]
     return [f for f in fields if f in ok]
+
+
+def _family_hook(component: str):
+    """The PrecisionHook a registered family declares for ``component`` (None for the built-in ones)."""
+    from ..architectures import precision_hook
+
+    return precision_hook(component)
 
 
 def _apply(res: Resolved, prec: Precision, fields: list[str], label: str) -> None:
@@ -313,9 +322,10 @@ def resolve_plan(model: nn.Module, variant: Variant, source: str = "config") -> 
             resolved[id(p)].decided_by["weight"] = f"kept: {fam.name} default-keep"
             kept_by_family.add(p.component)
     if kept_by_family:
+        reason = getattr(fam, "keep_reason", "") or ("DEFAULT_KEEP: AttnRes pseudo-queries and key norms, routers, "
+                                                    "KDA decay, norms -- the K3 ignore lesson")
         notes.append(f"{fam.name} family: the default does not reach {', '.join(sorted(kept_by_family))} "
-                     "(DEFAULT_KEEP: AttnRes pseudo-queries and key norms, routers, KDA decay, norms -- the K3 "
-                     "ignore lesson); a rule that names them quantizes them")
+                     f"({reason}); a rule that names them quantizes them")
 
     for label, rule in rule_list:
         where = f"{where0}, {label}"
@@ -356,7 +366,8 @@ def resolve_plan(model: nn.Module, variant: Variant, source: str = "config") -> 
             raise UserError(f"the rule sets {', '.join(fields)}, which applies to none of the parts it selects "
                             f"({', '.join(sorted({p.component for p in hits}))})", where,
                             "weight/group_size/symmetric apply to weights, activation* to nn.Linear inputs, "
-                            "compute to depth.softmax, storage to depth.sources, attn.kv_cache and attn.state")
+                            "compute to depth.softmax and hc.pre/post/comb, storage to depth.sources, hc.streams, "
+                            "attn.kv_cache and attn.state")
 
     # Cross-field checks per part.
     bnb_kept: dict[str, list[str]] = {}
@@ -533,6 +544,12 @@ def _rows(parts: list[Part], resolved: dict, variant: Variant, model: nn.Module)
             gran = "per-row" if prec in ("int8", "int4", "fp8") else "-"
             rows.append(PlanRow(p.component, p.layer, p.name + ".state", "keep" if prec == "fp32" else "sim", prec,
                                 gran, "-", rule, part=p, resolved=res))
+            continue
+        hook = _family_hook(p.component) if p.kind == "compute" else None
+        if hook is not None:  # a family's computation: the family says how its row reads
+            prec, gran, keep = hook.row(getattr(res, hook.field), mdtype)
+            rows.append(PlanRow(p.component, p.layer, p.name + hook.suffix, "keep" if keep else "sim", prec, gran,
+                                "-", rule, part=p, resolved=res))
             continue
         if p.kind == "compute":
             if p.component == "depth.softmax":
