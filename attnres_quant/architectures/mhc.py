@@ -44,10 +44,11 @@ HC_COMPUTE = ("hc.pre", "hc.post", "hc.comb", "hc.streams")
 COMPUTE_COMPONENTS = HC_COMPUTE + ("attn.kv_cache",)
 COMPONENTS = WEIGHT_COMPONENTS + COMPUTE_COMPONENTS
 # What a method's default never quantizes unless a rule names it: the mHC mapping parameters (like
-# depth.query on AttnRes models: a few numbers per layer that steer every stream), routers and norms.
-DEFAULT_KEEP = ("hc.fn", "moe.router", "norm")
-KEEP_REASON = ("DEFAULT_KEEP: the mHC mapping parameters, routers and norms -- the residual-path parameters "
-               "are kept as AttnRes pseudo-queries are")
+# depth.query on AttnRes models: a few numbers per layer that steer every stream), routers, DeepSeek-V4's
+# per-head attention sinks (logit offsets, like KDA's decay) and norms.
+DEFAULT_KEEP = ("hc.fn", "moe.router", "attn.sink", "norm")
+KEEP_REASON = ("DEFAULT_KEEP: the mHC mapping parameters, routers, attention sinks and norms -- the residual-path "
+               "parameters are kept as AttnRes pseudo-queries are")
 
 
 # --------------------------------------------------------------------------- component names

@@ -373,3 +373,17 @@ def attach_hc_hooks(model) -> int:
 
 __all__ = ["MHCConfig", "MHCForCausalLM", "MHCModel", "HyperConnection", "HyperHead", "hc_maps", "sinkhorn",
            "collapse", "expand", "attach_hc_hooks", "MAPS"]
+
+
+def _register() -> None:
+    """``attnres_mhc`` with transformers' Auto classes (AutoConfig reads our checkpoints, e.g. for the tokenizer)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        AutoConfig.register(MHCConfig.model_type, MHCConfig)
+        AutoModelForCausalLM.register(MHCConfig, MHCForCausalLM)
+    except ValueError:  # already registered
+        pass
+
+
+_register()

@@ -396,7 +396,7 @@ def resolve_plan(model: nn.Module, variant: Variant, source: str = "config") -> 
         if method == "torchao" and res.activation == "int8" and res.weight != "int8":
             raise UserError(f"torchao's dynamic int8 activations need int8 weights, {p.tensor_name} has "
                             f"{res.weight}", where0, "set `weight: int8` with `activation: int8` for torchao")
-        if res.weight.startswith("int") and res.group_size is not None and len(p.shape) == 2:
+        if res.weight.startswith("int") and res.group_size is not None and len(p.shape) in (1, 2):
             cols = p.shape[-1]
             if res.group_size < cols and cols % res.group_size:
                 raise UserError(f"group_size {res.group_size} does not divide the {cols} input features of "
