@@ -38,10 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin
 from transformers.cache_utils import DynamicCache
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..model.configuration_attnres import AttnResConfig
-from ..model.modeling_attnres import MLP, Attention, AttnResModel, AttnResPreTrainedModel, RMSNorm, rope_cos_sin
+from ..model.modeling_attnres import (MLP, Attention, AttnResCausalLMOutput, AttnResModel, AttnResPreTrainedModel,
+                                      RMSNorm, rope_cos_sin)
 
 Quantizer = Callable[[torch.Tensor], torch.Tensor]
 MAPS = ("pre", "post", "comb")
@@ -328,7 +328,8 @@ class MHCForCausalLM(MHCPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                    labels[:, 1:].reshape(-1), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        # The reference model's output type (depth_attentions None: mHC has no depth softmax).
+        return AttnResCausalLMOutput(loss=loss, logits=logits, past_key_values=past_key_values)
 
 
 # --------------------------------------------------------------------------- DeepSeek-V4 (transformers' classes)
