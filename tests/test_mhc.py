@@ -361,3 +361,25 @@ def test_run_int4_all_vs_hybrid_on_a_tiny_mhc_checkpoint(mhc_ckpt, tmp_path, one
     kl = {v: cells[f"tiny-mhc/{v}/quality"]["value"]["kl_mean"] for v in ("int4_all", "int4_hybrid")}
     assert kl["int4_all"] > kl["int4_hybrid"] > 0
     assert "int4_hybrid" in (out / "mhc_mini.md").read_text()
+
+
+# --------------------------------------------------------------------------- training config (not trained here)
+def test_tiny_mhc_training_config_mirrors_tiny_block_and_builds_the_mhc_model():
+    from attnres_quant.architectures.mhc_modeling import MHCForCausalLM
+    from attnres_quant.evaluation.testing import tiny_tokenizer
+    from attnres_quant.training import train
+
+    a = train.load_config("configs/train/tiny_block.yaml")
+    b = train.load_config("configs/train/tiny_mhc.yaml")
+    assert (a["model"].pop("attnres_block_size"), b["model"].pop("attnres_block_size")) == (4, None)
+    assert (a["model"].pop("hc_mult"), b["model"].pop("hc_mult")) == (None, 4)
+    for key in ("model", "data", "train", "eval"):
+        assert a[key] == b[key], key
+    tok = tiny_tokenizer(vocab_size=320)
+    cfg = train.load_config("configs/train/tiny_mhc.yaml")
+    cfg["model"].update(hidden_size=32, num_hidden_layers=1)
+    model = train.build_model(cfg, tok)
+    assert isinstance(model, MHCForCausalLM) and model.config.hc_mult == 4
+    cfg["model"]["hc_mult"] = 0
+    with pytest.raises(UserError, match="hc_mult"):
+        train.build_model(cfg, tok)
