@@ -124,6 +124,40 @@ def test_deepseek_v4_checkpoint_loads_and_reproduces_transformers(dsv4_ckpt, one
     assert [r.as_dict() for r in resolve_plan(skeleton, v).rows] == [r.as_dict() for r in resolve_plan(model, v).rows]
 
 
+def test_deepseek_v4_in_bf16_loads_runs_and_plans_like_its_skeleton(dsv4_ckpt, one_thread):
+    """transformers keeps DeepSeek-V4's norms fp32 and its own bf16 forward then fails on CPU; ours runs (norm
+    weights held in bf16, mHC sites / sinks / router bias fp32 as transformers keeps them) and says so."""
+    from attnres_quant.loading import describe_model, load_model, structure_model
+
+    model, _ = load_model(str(dsv4_ckpt), dtype="bfloat16")
+    assert model.model.layers[0].attn_hc.fn.dtype == torch.float32
+    assert model.model.layers[0].self_attn.sinks.dtype == torch.float32
+    assert model.model.layers[0].input_layernorm.weight.dtype == torch.bfloat16
+    assert any("RMSNorm weights are held in the model dtype" in n for n in describe_model(model)["load_notes"])
+    logits = _logits(model, _ids(model.config.vocab_size))
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    skeleton = structure_model(str(dsv4_ckpt), dtype="bfloat16")
+    v = _variant(default={"weight": "int4", "group_size": 8}, rules=[{"select": "hc.streams", "storage": "int8"}])
+    rows = [r.as_dict() for r in resolve_plan(model, v).rows]
+    assert rows == [r.as_dict() for r in resolve_plan(skeleton, v).rows]
+    assert {r["precision"] for r in rows if r["component"] == "hc.fn"} == {"fp32"}
+
+
+def test_decode_with_cache_equals_prefill_with_and_without_stream_quantization():
+    model = tiny_mhc()
+    ids = _ids(TINY_MHC["vocab_size"], shape=(1, 7))
+    q = quantize(model, _variant(method="none", rules=[{"select": "hc.streams", "storage": "int8"}])).model
+    # Stream scales are per token and stream, so a decode step needs nothing from other tokens; with int8 streams
+    # the ~1e-7 float differences of cached attention can still move a value across a rounding boundary (one
+    # int8 step), hence the looser bound.
+    for m, tol in ((model, 1e-5), (q, 3e-2)):
+        with torch.no_grad():
+            full = m(input_ids=ids, use_cache=False).logits[:, -1]
+            out = m(input_ids=ids[:, :-1], use_cache=True)
+            step = m(input_ids=ids[:, -1:], past_key_values=out.past_key_values, use_cache=True).logits[:, -1]
+        assert (full - step).abs().max().item() < tol
+
+
 def test_deepseek_v4_checkpoint_with_a_missing_tensor_is_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -298,18 +298,45 @@ def structure(config: dict, dtype: Any = "bfloat16"):
     torch_dtype = _torch_dtype(dtype) or _torch_dtype(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
     model = model.to(torch_dtype)
     if config.get("model_type") == "deepseek_v4":
-        _keep_hc_fp32(model)
+        _keep_fp32_as_transformers(model)
+        _norms_in_model_dtype(model, torch_dtype)
         from .mhc_modeling import attach_hc_hooks
 
         attach_hc_hooks(model)
     return model.eval()
 
 
-def _keep_hc_fp32(model) -> None:
-    """transformers keeps DeepSeek-V4's mHC modules in fp32 whatever the load dtype (_keep_in_fp32_modules_strict)."""
-    for name, module in model.named_modules():
-        if name.endswith(("attn_hc", "ffn_hc", "hc_head")):
-            module.float()
+def _keep_fp32_as_transformers(model) -> None:
+    """The skeleton's dtypes as ``from_pretrained`` gives them: DeepSeek-V4's ``_keep_in_fp32_modules_strict`` (the
+    mHC sites and head, sinks, position biases, router bias, norms) stay fp32 whatever the load dtype."""
+    import torch
+
+    keep = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if t.is_floating_point() and keep & set(name.split(".")):
+                t.data = t.data.float()
+
+
+def _norms_in_model_dtype(model, dtype) -> bool:
+    """Hold DeepSeek-V4's RMSNorm weights in the model dtype when it is not fp32.
+
+    transformers keeps them fp32, and ``DeepseekV4RMSNorm`` returns ``weight * x`` -- fp32 -- which then meets
+    bf16 projections (q_a_proj after input_layernorm, q_b_proj after q_a_norm, lm_head after the final norm) and
+    fails: transformers 5.17's own DeepSeek-V4 cannot run a bf16 forward on CPU.  With the weight in the model
+    dtype the norm still computes its statistics in fp32 and returns the model dtype.  Returns whether any
+    weight was cast."""
+    import torch
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4RMSNorm
+
+    if dtype in (None, torch.float32):
+        return False
+    cast = False
+    for module in model.modules():
+        if isinstance(module, DeepseekV4RMSNorm) and module.weight.dtype != dtype:
+            module.to(dtype)
+            cast = True
+    return cast
 
 
 def load_mhc(path: str | Path, *, dtype: Any = "bfloat16", device: Any = "cpu"):
@@ -343,6 +370,10 @@ def load_mhc(path: str | Path, *, dtype: Any = "bfloat16", device: Any = "cpu"):
     if raw.get("model_type") == "deepseek_v4":
         from .mhc_modeling import attach_hc_hooks
 
+        if _norms_in_model_dtype(model, torch_dtype or model.model.embed_tokens.weight.dtype):
+            notes.append("DeepSeek-V4 RMSNorm weights are held in the model dtype (transformers keeps them fp32, "
+                         "which makes its own bf16 forward fail on fp32 norm outputs meeting bf16 projections); the "
+                         "norm statistics stay fp32")
         attach_hc_hooks(model)
         notes.append("DeepSeek-V4 loaded with transformers' classes; its mHC sites run through attnres_quant's "
                      "HyperConnection (same parameters and arithmetic) so hc.* precision hooks attach; "
