@@ -233,7 +233,7 @@ def test_plan_lists_every_mhc_component_and_keeps_hc_fn_by_default():
     L = TINY_MHC["num_hidden_layers"]
     # two sites per layer (pre, post, comb, streams each) + the head (pre, streams)
     assert sum(r.component in HC_COMPUTE for r in plan.rows) == 2 * L * 4 + 2
-    assert plan.row(f"model.hc_head.streams").layer == L and plan.row("model.hc_head.hc_fn").layer == L
+    assert plan.row("model.hc_head.streams").layer == L and plan.row("model.hc_head.hc_fn").layer == L
     for r in plan.rows:
         if r.component == "hc.fn":
             assert r.method == "keep" and r.rule == "kept: mhc default-keep"
