@@ -14,35 +14,42 @@ import torch
 from torch import nn
 
 from attnres_quant import architectures
-from attnres_quant.architectures import Family, FamilyPart
+from attnres_quant.architectures import Family, FamilyPart, PrecisionHook
 from attnres_quant.errors import UserError
 from attnres_quant.quant import parse_variant, resolve_plan
 
 
 def test_registry_lists_the_families_and_each_supplies_the_interface():
     fams = architectures.families()
-    assert [f.name for f in fams] == ["reference", "kimi", "llama"]
+    assert [f.name for f in fams] == ["reference", "kimi", "mhc", "llama"]
     assert [f.name for f in fams if f.fallback] == ["llama"]  # exactly one fallback, looked up last
     for fam in fams:
         assert isinstance(fam, Family) and fam.name and fam.model_types
         for name in ("handles_model", "check_config", "tokenizer_status", "structure", "load", "describe", "parts",
                      "component", "method_problem", "calibration_context", "awq_mappings"):
             assert callable(getattr(fam, name)), (fam.name, name)
-        assert {f.name for f in fields(Family)} >= {"components", "default_keep", "hooks", "kv_cache_bytes"}
+        assert {f.name for f in fields(Family)} >= {"components", "default_keep", "keep_reason", "hooks",
+                                                     "kv_cache_bytes"}
         assert set(fam.compute_components) <= set(fam.components)
+        for comp, hook in (fam.hooks or {}).items():  # a family's own computations (mHC: hc.*)
+            assert isinstance(hook, PrecisionHook) and comp in fam.compute_components and hook.field in (
+                "compute", "storage")
         assert set(fam.default_keep) <= set(fam.components) and set(fam.awq_components) <= set(fam.components)
     by_type = {t: architectures.family_for_config({"model_type": t}).name
-               for t in ("attnres", "transformer", "kimi_linear", "kimi_k3", "llama", "qwen3", "gpt2")}
+               for t in ("attnres", "transformer", "kimi_linear", "kimi_k3", "attnres_mhc", "deepseek_v4", "llama",
+                         "qwen3", "gpt2")}
     assert by_type == {"attnres": "reference", "transformer": "reference", "kimi_linear": "kimi", "kimi_k3": "kimi",
-                       "llama": "llama", "qwen3": "llama", "gpt2": "llama"}
+                       "attnres_mhc": "mhc", "deepseek_v4": "mhc", "llama": "llama", "qwen3": "llama", "gpt2": "llama"}
 
 
 def test_models_find_their_family():
     from attnres_quant.architectures.kimi_testing import tiny_kimi
+    from attnres_quant.architectures.mhc_testing import tiny_mhc
     from attnres_quant.quant.testing import tiny_attnres
 
     assert architectures.family_for_model(tiny_attnres()).name == "reference"
     assert architectures.family_for_model(tiny_kimi()).name == "kimi"
+    assert architectures.family_for_model(tiny_mhc()).name == "mhc"
     assert architectures.family_for_model(nn.Linear(2, 2)).name == "llama"  # the fallback claims the rest
 
 

@@ -7,12 +7,15 @@ Registered families, in lookup order:
 * ``kimi`` -- Kimi-Linear / Kimi K3 (KDA + MLA + MoE + Block AttnRes) on attnres_quant's own model
   (:mod:`.kimi`, with :mod:`.kimi_modeling`, the exact torch kernels :mod:`.kimi_torch_ops` and the
   compressed-tensors reader :mod:`.compressed`);
+* ``mhc`` -- Manifold-Constrained Hyper-Connections: our minimal ``attnres_mhc`` model
+  (:mod:`.mhc_modeling`) and transformers' DeepSeek-V4; its computations ``hc.*`` are precision hooks
+  (:mod:`.mhc`, ``Family.hooks``);
 * ``llama`` -- the Llama-family comparators (llama, qwen2, qwen3, mistral) and, as the *fallback*, any
   other transformers causal LM (:mod:`.llama`; both transformers-loaded families share :mod:`.hf`).
 
 Each family module ends with ``FAMILY = Family(...)`` (:class:`.base.Family`: model types, config
 check, loading, meta-device structure, describe, component rules and parts, default-keep components,
-method limits, calibration mode, AWQ mappings, precision-hook setters).  ``loading`` (preflight /
+method limits, calibration mode, AWQ mappings, precision hooks of its own computations).  ``loading`` (preflight /
 structure / load / describe), ``quant.components`` / ``quant.plan`` (parts, rules, method limits),
 ``quant.apply`` / ``quant.awq`` (calibration, AWQ mappings, hooks) and hence the pipeline runner only
 consult :func:`family_for_config` / :func:`family_for_model`.
@@ -27,11 +30,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .base import ComponentRef, Family, FamilyPart
+from .base import ComponentRef, Family, FamilyPart, PrecisionHook
 
 # Lookup order: the first family whose model_types (config) / handles_model (model) match wins;
 # the fallback family (llama: any transformers causal LM) comes last.
-FAMILY_MODULES = ("reference", "kimi", "llama")
+FAMILY_MODULES = ("reference", "kimi", "mhc", "llama")
 
 _extra: list[Family] = []  # families registered at run time (register / unregister)
 
@@ -81,5 +84,5 @@ def family_for_model(model) -> Family | None:
     return None
 
 
-__all__ = ["Family", "FamilyPart", "ComponentRef", "FAMILY_MODULES", "families", "family", "register",
+__all__ = ["Family", "FamilyPart", "PrecisionHook", "ComponentRef", "FAMILY_MODULES", "families", "family", "register",
            "unregister", "family_for_config", "family_for_model"]

@@ -20,10 +20,13 @@ only ever talk to that record.  Fields (all callables are plain functions of the
   options)`` (why a method cannot run here, or None), ``calibration_context(model)`` (a context manager
   around calibration forwards, e.g. all experts see every token), ``awq_components`` (components whose
   Linears AWQ quantizes) and ``awq_mappings(model)`` (llm-compressor smoothing mappings, None = the
-  library's own), ``hooks`` (component -> setter for computation parts whose module does not use the
-  standard DepthMixer / ``kv_quantizer`` / ``state_quantizer`` attributes; None = standard),
-  ``kv_cache_bytes(config, precision, granularity)`` (bytes per token of context of its cache, None = the
-  standard K/V formula).
+  library's own), ``kv_cache_bytes(config, precision, granularity)`` (bytes per token of context of its
+  cache, None = the standard K/V formula), ``keep_reason`` (why ``default_keep`` holds what it holds, for
+  the plan's note);
+* computations of its own: ``hooks`` (component -> :class:`PrecisionHook`: which precision field a rule
+  sets on it, how its plan row reads, how the quantizer sets it on the module; e.g. mHC's ``hc.pre`` /
+  ``hc.post`` / ``hc.comb`` / ``hc.streams``; None = only the built-in computations ``depth.softmax``,
+  ``depth.sources``, ``attn.kv_cache``, ``attn.state``, which the plan and quantizer handle themselves).
 """
 
 from __future__ import annotations
@@ -44,11 +47,28 @@ class ComponentRef:
 @dataclass
 class FamilyPart:
     """A weight tensor (kind "weight", name = parameter name, e.g. ``model.layers.0.attn.q_proj.weight``)
-    or a computation (kind "compute", name = module name holding the precision hook)."""
+    or a computation (kind "compute", name = module name holding the precision hook).
+
+    ``holder``: for a tensor that is a slice of a parameter (mHC: one routed expert of DeepSeek-V4's fused
+    3-D expert Parameters, name ``...experts.gate_up_proj[e,0:I]``), an object whose ``.weight`` reads and
+    writes that slice; None for a whole parameter (reached through its module)."""
 
     name: str
     ref: ComponentRef
     kind: str
+    holder: Any = None
+
+
+@dataclass(frozen=True)
+class PrecisionHook:
+    """One computation component a family brings (``Family.hooks``), as the plan and the quantizer see it."""
+
+    field: str  # the precision field a rule sets on it: "compute" (like depth.softmax) or "storage"
+    suffix: str  # appended to the module name in the plan row (".comb", ".streams")
+    # (resolved value of ``field`` or None, model dtype name) -> (precision, granularity, kept at baseline?)
+    row: Callable[[str | None, str], tuple[str, str, bool]]
+    # (module, resolved value of ``field`` or None, model torch dtype) -> None: sets (or clears) the hook
+    apply: Callable[[Any, str | None, Any], None]
 
 
 def _no_problem(method: str, options: dict | None = None) -> str | None:
@@ -84,8 +104,9 @@ class Family:
     calibration_context: Callable = _no_context
     awq_components: tuple[str, ...] = ()
     awq_mappings: Callable = _no_mappings
-    hooks: dict | None = None
+    hooks: dict[str, PrecisionHook] | None = None
     kv_cache_bytes: Callable | None = None
+    keep_reason: str | None = None  # the plan's note on default_keep (None: no reason given)
     awq_note: str | None = None  # the plan's note on where AWQ folds its scales (None: the reference wording)
     fallback: bool = False
 
@@ -101,6 +122,27 @@ class Family:
     def has_experts(self) -> bool:
         """Whether this family can have routed experts (a rule's ``experts:`` selector)."""
         return any(c.startswith("moe.experts.") for c in self.components)
+
+
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+
+
+def torch_dtype(dtype: Any):
+    """torch dtype from a torch.dtype or a name (bfloat16 / bf16 / float16 / fp16 / float32 / fp32); None for auto."""
+    import torch
+
+    from ..errors import UserError
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).removeprefix("torch.").lower()
+    if name == "auto":
+        return None
+    name = _DTYPE_ALIASES.get(name, name)
+    if name not in ("bfloat16", "float16", "float32"):
+        raise UserError(f"Unknown model dtype {dtype!r}", where="model dtype",
+                        fix="use bfloat16, float16, float32 or auto (the checkpoint's own dtype)")
+    return getattr(torch, name)
 
 
 # --------------------------------------------------------------------------- name rules
@@ -150,4 +192,5 @@ def rule_weight_parts(model, rules: Rules, after_last: tuple[str, ...] = ()) -> 
             yield FamilyPart(f"{name}.weight", ref, "weight")
 
 
-__all__ = ["ComponentRef", "FamilyPart", "Family", "Rules", "classify", "rule_component", "rule_weight_parts"]
+__all__ = ["ComponentRef", "FamilyPart", "PrecisionHook", "Family", "Rules", "torch_dtype", "classify",
+           "rule_component", "rule_weight_parts"]

@@ -1,6 +1,7 @@
 """Loading shared by the families that transformers builds (``reference``, ``llama``): the remote-code
 rule, the tokenizer rule, the meta-device skeleton and ``AutoModelForCausalLM.from_pretrained`` with
-every missing / mis-shaped weight an error.  Not a family itself (no ``FAMILY``)."""
+every missing / mis-shaped weight an error; the tokenizer rule also serves ``mhc``.  Not a family itself (no
+``FAMILY``)."""
 
 from __future__ import annotations
 
@@ -108,10 +109,11 @@ def load(src, directory: Path, trust_remote_code: bool, *, strict_unexpected: bo
                             "(see docs/checkpoints.md)") from exc
     _check_loading_info(info, where, strict_unexpected)
     model = model.to(src.device).eval()
-    return model, _load_tokenizer(src, directory, trust_remote_code, where)
+    return model, load_tokenizer(src, directory, trust_remote_code, where)
 
 
-def _load_tokenizer(src, directory: Path, trust_remote_code: bool, where: str):
+def load_tokenizer(src, directory: Path, trust_remote_code: bool, where: str):
+    """The tokenizer ``tokenizer_status`` promised at preflight (``src.has_tokenizer``), or None."""
     if not src.has_tokenizer:
         return None
     from transformers import AutoTokenizer
@@ -151,4 +153,4 @@ def describe_common(model) -> dict:
     return {"model_type": getattr(model.config, "model_type", None) or type(model).__name__}
 
 
-__all__ = ["check_remote_code", "tokenizer_status", "structure", "load", "describe_common"]
+__all__ = ["check_remote_code", "tokenizer_status", "structure", "load", "load_tokenizer", "describe_common"]

@@ -26,6 +26,7 @@ from typing import Any, Iterator
 
 from ..errors import UserError
 from .base import ComponentRef, Family, FamilyPart
+from .base import torch_dtype as _torch_dtype
 from .compressed import ACTIVATION_FIELDS, WEIGHT_FIELDS, check_quantization_config, decompress_module, module_group
 
 MODEL_TYPES = ("kimi_linear", "kimi_k3")
@@ -47,6 +48,7 @@ COMPONENTS = WEIGHT_COMPONENTS + COMPUTE_COMPONENTS
 # Components a method's default never quantizes unless a rule asks for them (the K3 ignore lesson:
 # llm-compressor's patch_kimi_k3_ignore keeps *_res_proj out of quantization by hand).
 DEFAULT_KEEP = ("depth.query", "depth.key_norm", "moe.router", "attn.decay", "norm")
+KEEP_REASON = "AttnRes pseudo-queries and key norms, routers, KDA decay, norms -- the K3 ignore lesson"
 
 
 _L = r"model\.layers\.(?P<layer>\d+)\."
@@ -322,25 +324,6 @@ def _format_label(fmt: str, group: dict) -> str:
     return f"{'fp' if w.get('type') == 'float' else 'int'}{w.get('num_bits', '?')}"
 
 
-_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
-
-
-def _torch_dtype(dtype: Any):
-    """torch dtype from a torch.dtype or a name (bfloat16 / bf16 / float16 / fp16 / float32 / fp32); None for auto."""
-    import torch
-
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    name = str(dtype).removeprefix("torch.").lower()
-    if name == "auto":
-        return None
-    name = _DTYPE_ALIASES.get(name, name)
-    if name not in ("bfloat16", "float16", "float32"):
-        raise UserError(f"Unknown model dtype {dtype!r}", where="model dtype",
-                        fix="use bfloat16, float16, float32 or auto (the checkpoint's own dtype)")
-    return getattr(torch, name)
-
-
 def _short(keys: list[str], n: int = 5) -> str:
     return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
@@ -605,8 +588,9 @@ FAMILY = Family(
     name="kimi", model_types=MODEL_TYPES, components=COMPONENTS, compute_components=COMPUTE_COMPONENTS,
     handles_model=_handles_model, check_config=_check_config, tokenizer_status=_tokenizer_status,
     structure=_structure, load=_load, describe=describe, parts=kimi_parts, component=kimi_component,
-    default_keep=DEFAULT_KEEP, method_problem=method_problem, calibration_context=calibrate_all_experts,
-    awq_components=AWQ_COMPONENTS, awq_mappings=awq_mappings, kv_cache_bytes=_kv_cache_bytes,
+    default_keep=DEFAULT_KEEP, keep_reason=KEEP_REASON, method_problem=method_problem,
+    calibration_context=calibrate_all_experts, awq_components=AWQ_COMPONENTS, awq_mappings=awq_mappings,
+    kv_cache_bytes=_kv_cache_bytes,
     awq_note=("awq folds its smoothing scales into every layer's input_layernorm / post_attention_layernorm gains "
               "and multiplies the balanced input columns (attention input projections; MoE router, shared and "
               "routed experts' gate/up): the routers say keep but change exactly in fp32 (rounded once to the "

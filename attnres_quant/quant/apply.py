@@ -198,18 +198,15 @@ def quantize(model: nn.Module, variant: Variant, calibration=None, *, source: st
     _untie(qmodel, plan)
     kv_gran = kv_granularity(variant.options)
 
-    # 1. depth path and KV cache hooks (simulated; set first so calibration sees them). A family may
-    # attach a computation differently (Family.hooks: component -> setter(module, resolved, model dtype,
-    # kv granularity)); the standard setters below serve DepthMixer / kv_quantizer / state_quantizer.
-    from ..architectures import family_for_model
-
-    family_hooks = family_for_model(qmodel).hooks or {}
+    # 1. depth path and KV cache hooks (simulated; set first so calibration sees them). A family's own
+    # computations carry their PrecisionHook (Family.hooks, e.g. mHC's hc.*); the standard setters below
+    # serve DepthMixer / kv_quantizer / state_quantizer.
     for row in plan.rows:
         if row.is_weight:
             continue
         res, module = row.resolved, row.part.module
-        if row.component in family_hooks:
-            family_hooks[row.component](module, res, mdtype, kv_gran)
+        if row.part.hook is not None:
+            row.part.hook.apply(module, getattr(res, row.part.hook.field), mdtype)
         elif row.component == "depth.softmax":
             set_softmax(module, res.compute)
         elif row.component == "depth.sources":

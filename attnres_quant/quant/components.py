@@ -16,12 +16,16 @@ this module turns them into :class:`Part` objects the plan and the methods work 
   directly, which is not a call, but that component is not a Linear component anyway);
 * computations (``depth.softmax`` / ``depth.sources`` per ``DepthMixer``, ``attn.kv_cache``,
   ``attn.state``) are parts of kind ``compute``; sub-layer 0's mixer reads one source (the
-  embedding, weight 1), so it has no ``depth.softmax`` to lower, only its stored sources.
+  embedding, weight 1), so it has no ``depth.softmax`` to lower, only its stored sources;
+* a family's own computations (``Family.hooks``: mHC's ``hc.pre`` / ``hc.post`` / ``hc.comb`` /
+  ``hc.streams``) carry their :class:`~attnres_quant.architectures.base.PrecisionHook` in ``Part.hook``,
+  and a weight that is a slice of a parameter (one expert of fused experts) its family's ``holder``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -75,6 +79,9 @@ class Part:
     is_linear: bool = False  # an nn.Linear called as a module
     expert: int | None = None  # routed expert index (moe.experts.*), selected by a rule's `experts:`
     param: str = "weight"  # the module attribute holding the tensor (A_log, dt_bias, e_score_correction_bias)
+    # A family's own computation (Family.hooks: mHC's hc.*): which field a rule sets, how the row reads, how
+    # the quantizer sets it; None for weights and the built-in computations.
+    hook: Any = field(default=None, repr=False, compare=False)
 
     @property
     def tensor_name(self) -> str:
@@ -116,6 +123,7 @@ def resolve_components(model: nn.Module) -> list[Part]:
     from ..architectures import family_for_model
 
     fam = family_for_model(model)
+    hooks = fam.hooks or {}
     modules = dict(model.named_modules())
     parts: list[Part] = []
     for fp in fam.parts(model):
@@ -123,8 +131,10 @@ def resolve_components(model: nn.Module) -> list[Part]:
         if fp.kind == "weight":
             mname, _, attr = fp.name.rpartition(".")
             module = modules[mname]
-            w = getattr(module, attr)
-            holder = module if attr == "weight" else ParamView(module, attr)
+            holder = fp.holder  # a family's stand-in for a slice (mHC: one expert of fused experts), else:
+            if holder is None:
+                holder = module if attr == "weight" else ParamView(module, attr)
+            w = holder.weight
             linear = attr == "weight" and isinstance(module, nn.Linear) and ref.component in LINEAR_COMPONENTS
             parts.append(Part(ref.component, ref.layer, mname, "weight", holder, tuple(w.shape), w.numel(), w.dtype,
                               linear, ref.expert, attr))
@@ -132,7 +142,7 @@ def resolve_components(model: nn.Module) -> list[Part]:
             module = modules[fp.name]
             if ref.component == "depth.softmax" and getattr(module, "sublayer", 1) == 0:
                 continue  # sub-layer 0 mixes one source (weight 1): no softmax to lower
-            parts.append(Part(ref.component, ref.layer, fp.name, "compute", module))
+            parts.append(Part(ref.component, ref.layer, fp.name, "compute", module, hook=hooks.get(ref.component)))
     return parts
 
 

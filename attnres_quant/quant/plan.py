@@ -208,6 +208,8 @@ def _relevant(fields: list[str], part: Part) -> list[str]:
         ok = list(WEIGHT_FIELDS) + (list(ACT_FIELDS) if part.component in LINEAR_COMPONENTS else [])
     elif part.component == "depth.softmax":
         ok = ["compute"]
+    elif part.hook is not None:  # a family's own computation (mHC: hc.comb compute, hc.streams storage)
+        ok = [part.hook.field]
     else:  # depth.sources, attn.kv_cache
         ok = ["storage"]
     return [f for f in fields if f in ok]
@@ -310,9 +312,9 @@ def resolve_plan(model: nn.Module, variant: Variant, source: str = "config") -> 
             resolved[id(p)].decided_by["weight"] = f"kept: {fam.name} default-keep"
             kept_by_family.add(p.component)
     if kept_by_family:
+        reason = f"DEFAULT_KEEP: {fam.keep_reason}" if fam.keep_reason else "DEFAULT_KEEP"
         notes.append(f"{fam.name} family: the default does not reach {', '.join(sorted(kept_by_family))} "
-                     "(DEFAULT_KEEP: AttnRes pseudo-queries and key norms, routers, KDA decay, norms -- the K3 "
-                     "ignore lesson); a rule that names them quantizes them")
+                     f"({reason}); a rule that names them quantizes them")
 
     for label, rule in rule_list:
         where = f"{where0}, {label}"
@@ -353,7 +355,8 @@ def resolve_plan(model: nn.Module, variant: Variant, source: str = "config") -> 
             raise UserError(f"the rule sets {', '.join(fields)}, which applies to none of the parts it selects "
                             f"({', '.join(sorted({p.component for p in hits}))})", where,
                             "weight/group_size/symmetric apply to weights, activation* to nn.Linear inputs, "
-                            "compute to depth.softmax, storage to depth.sources, attn.kv_cache and attn.state")
+                            "compute to depth.softmax and hc.pre/post/comb, storage to depth.sources, hc.streams, "
+                            "attn.kv_cache and attn.state")
 
     # Cross-field checks per part.
     bnb_kept: dict[str, list[str]] = {}
@@ -382,7 +385,7 @@ def resolve_plan(model: nn.Module, variant: Variant, source: str = "config") -> 
         if method == "torchao" and res.activation == "int8" and res.weight != "int8":
             raise UserError(f"torchao's dynamic int8 activations need int8 weights, {p.tensor_name} has "
                             f"{res.weight}", where0, "set `weight: int8` with `activation: int8` for torchao")
-        if res.weight.startswith("int") and res.group_size is not None and len(p.shape) == 2:
+        if res.weight.startswith("int") and res.group_size is not None and len(p.shape) in (1, 2):
             cols = p.shape[-1]
             if res.group_size < cols and cols % res.group_size:
                 raise UserError(f"group_size {res.group_size} does not divide the {cols} input features of "
@@ -536,6 +539,11 @@ def _rows(parts: list[Part], resolved: dict, variant: Variant, model: nn.Module)
             gran = "per-row" if prec in ("int8", "int4", "fp8") else "-"
             rows.append(PlanRow(p.component, p.layer, p.name + ".state", "keep" if prec == "fp32" else "sim", prec,
                                 gran, "-", rule, part=p, resolved=res))
+            continue
+        if p.hook is not None:  # a family's own computation: the family says how its row reads
+            prec, gran, keep = p.hook.row(getattr(res, p.hook.field), mdtype)
+            rows.append(PlanRow(p.component, p.layer, p.name + p.hook.suffix, "keep" if keep else "sim", prec, gran,
+                                "-", rule, part=p, resolved=res))
             continue
         if p.kind == "compute":
             if p.component == "depth.softmax":

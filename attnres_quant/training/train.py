@@ -35,6 +35,8 @@ DEFAULTS = {
         "hidden_ratio": 4, "intermediate_size": None, "attnres_block_size": None,
         "max_position_embeddings": 1024, "rope_theta": 10000.0, "tie_word_embeddings": False,
         "norm_eps": 1e-6, "initializer_range": 0.02,
+        # mHC residual (architectures/mhc_modeling.py, model_type attnres_mhc) when hc_mult is set.
+        "hc_mult": None, "hc_sinkhorn_iters": 20, "hc_eps": 1e-6,
     },
     "data": {
         "vocab_size": 4096, "proxy_items_per_family": 10000, "proxy_fraction": 0.6,
@@ -208,9 +210,19 @@ def build_model(cfg: dict, tokenizer):
     from ..model import AttnResConfig, AttnResForCausalLM
 
     m = dict(cfg["model"])
-    config = AttnResConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **m)
-    return AttnResForCausalLM(config)
+    hc = {k: m.pop(k) for k in ("hc_mult", "hc_sinkhorn_iters", "hc_eps")}
+    special = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if hc["hc_mult"] is None:
+        return AttnResForCausalLM(AttnResConfig(**special, **m))
+    from ..architectures.mhc_modeling import MHCConfig, MHCForCausalLM
+
+    try:  # the same sub-layers as the reference model, mHC residual streams
+        config = MHCConfig(**special, **m, **hc)
+    except ValueError as exc:
+        raise UserError(str(exc), "training config, model", "set model.hc_mult to a positive integer (mHC) or "
+                        "null, and model.attnres_block_size to null with mHC") from None
+    return MHCForCausalLM(config)
 
 
 def lr_at(step: int, t: dict) -> float:
@@ -417,6 +429,7 @@ def main(args) -> int:
         "config": cfg,
         "n_parameters": n_params,
         "attnres_block_size": cfg["model"]["attnres_block_size"],
+        "hc_mult": cfg["model"]["hc_mult"],
         "data": corpus.summary() | {"stdlib_train_tokens": len(streams["stdlib"]),
                                     "proxy_train_tokens": len(streams["proxy"]), "cache": str(cache)},
         "tokenizer": {"type": "byte-level BPE (tokenizers), digits split", "vocab_size": len(tokenizer)},
