@@ -14,6 +14,7 @@ import pandas as pd
 from ..pipeline.config import model_label
 from ..pipeline.results import atomic_write_text, load_results, write_error
 from .plots import plot_accuracy_vs_bits, plot_depth_heatmaps, plot_sensitivity
+from . import sensitivity_plots
 
 
 def add_arguments(parser) -> None:
@@ -472,7 +473,8 @@ def render_report(results_path: Path, out_path: Path) -> Path:
         lines += task_section(view, model) + quality_section(view, model) + depth_js_section(view, model)
         lines += latency_section(view, model)
         lines += plan_section(view, model)
-        sens = sensitivity_rows(view, model)
+        lines += sensitivity_plots.extra_sections(view, model)  # issue 18: search, ranking with s.e., percentiles
+        sens = [] if sensitivity_plots.is_probe_study(view) else sensitivity_rows(view, model)
         if len(sens) > 1:
             lines += [f"### Component sensitivity ranking — {model}", "",
                       _table([{"rank": i + 1, "variant": r["variant"], "KL mean": _fmt(r["kl_mean"], 5),
@@ -482,7 +484,8 @@ def render_report(results_path: Path, out_path: Path) -> Path:
     try:
         plots += plot_accuracy_vs_bits(view, plot_dir)
         plots += plot_depth_heatmaps(view, plot_dir)
-        plots += plot_sensitivity(view, plot_dir)
+        plots += [] if sensitivity_plots.is_probe_study(view) else plot_sensitivity(view, plot_dir)
+        plots += sensitivity_plots.plot_all(view, plot_dir)
     except OSError as exc:
         raise write_error(Path(getattr(exc, "filename", None) or plot_dir), exc,
                           "the report was not written") from None
