@@ -152,7 +152,8 @@ def policy_variant(name: str, allocation, units) -> dict:
     return {"name": name, "method": "rtn", "rules": list(merged.values())}
 
 
-def write_policy_yaml(path: Path, raw: dict, spec_index: int, variant: dict, summary: dict) -> None:
+def write_policy_yaml(path: Path, raw: dict, spec_index: int, variant: dict, summary: str,
+                      original_tasks: list | None = None) -> None:
     """A ready study config: the source config's settings, the searched model only, the policy as its variant."""
     from .results import atomic_write_text
 
@@ -163,6 +164,8 @@ def write_policy_yaml(path: Path, raw: dict, spec_index: int, variant: dict, sum
     study["description"] = (f"Policy found by `search` ({summary}); run it with "
                             f"`python -m attnres_quant run {path.as_posix()}`.")
     study["variants"] = [variant]
+    if not study.get("tasks") and original_tasks:  # `--set tasks=[]` searched on KL alone; `run` needs tasks
+        study["tasks"] = original_tasks
     header = "# Written by `python -m attnres_quant search`; a study config `run` loads as it is.\n"
     atomic_write_text(path, header + yaml.safe_dump(study, sort_keys=False, width=110))
 
@@ -233,7 +236,11 @@ def main(args) -> int:
         yaml_path = study_dir / f"{name}.yaml"
         budget = (f"target {args.target_bits} bits/weight" if args.target_bits is not None
                   else f"KL budget {args.max_kl}")
-        write_policy_yaml(yaml_path, raw, spec_index, policy, f"{budget}, {alloc.avg_bits:.3f} bits/weight")
+        from .. import safe_yaml
+
+        original = safe_yaml.read_file(Path(args.config), "study config") or {}
+        write_policy_yaml(yaml_path, raw, spec_index, policy, f"{budget}, {alloc.avg_bits:.3f} bits/weight",
+                          original.get("tasks") if isinstance(original, dict) else None)
         store.meta["search"]["models"] = {spec.label: {
             "policy": name, "target_bits": args.target_bits, "max_kl": args.max_kl, "levels": options["levels"],
             "n_units": len(units), "predicted_kl": alloc.predicted_kl, "predicted_bits": alloc.avg_bits,

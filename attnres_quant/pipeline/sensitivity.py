@@ -23,6 +23,7 @@ from __future__ import annotations
 import gc
 import math
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -51,13 +52,32 @@ def measure_kl(baseline, model, tokenizer, text_ids, seq_len: int, batch_size: i
     with torch.no_grad():
         for i in range(0, len(windows), batch_size):
             for w, c in m._group(windows[i:i + batch_size]):
-                lb, _ = m._forward(baseline, w, False)
+                lb = _baseline_logits(baseline, w)
                 lv, _ = m._forward(model, w, False)
                 for r in range(w.shape[0]):
                     b, v = lb[r, c - 1:-1].float().cpu(), lv[r, c - 1:-1].float().cpu()
                     kls.append(m.kl_per_token(b, v))
                     agree += int((b.argmax(-1) == v.argmax(-1)).sum())
     return kl_summary(torch.cat(kls).double(), agree)
+
+
+_BASELINE_LOGITS = weakref.WeakKeyDictionary()  # baseline model -> {window batch: logits}; dies with the model
+_CACHE_MAX_VALUES = 64 * 2 ** 20  # 256 MiB of fp32 logits: a probe run re-reads the baseline's, never recomputes
+
+
+def _baseline_logits(baseline, batch):
+    """The baseline's logits of one batch of windows, computed once per baseline (every probe reuses them;
+    a weak reference to the baseline keys the cache, so it goes with the model and is not deep-copied into variants)."""
+    from ..evaluation import metrics as m
+
+    cache = _BASELINE_LOGITS.setdefault(baseline, {})
+    key = (tuple(batch.shape), tuple(batch.flatten().tolist()))
+    if key in cache:
+        return cache[key]
+    logits, _ = m._forward(baseline, batch, False)
+    if sum(t.numel() for t in cache.values()) + logits.numel() <= _CACHE_MAX_VALUES:
+        cache[key] = logits.float().cpu()
+    return logits
 
 
 def kl_summary(kl, agree: int | None = None) -> dict:
