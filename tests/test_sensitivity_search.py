@@ -183,6 +183,14 @@ def test_search_meets_the_budget_verifies_and_writes_a_runnable_policy(tmp_path,
     report = (out / "mini-search.md").read_text()
     assert "Mixed-precision search" in report and "pareto_tiny-block.png" in report
     assert "KL percentiles" in report
+    # Another budget resumes the same probes (nothing re-measured) and keeps the first policy beside the new one.
+    probe_cells = {k: v for k, v in res["cells"].items() if ".int4g" in k or ".int8/" in k}
+    assert cli_main(["search", str(cfg), "--target-bits", "9", "--out", str(out), "--resume"]) == 0
+    res9 = json.loads((out / "mini-search" / "results.json").read_text())
+    assert {k: res9["cells"][k] for k in probe_cells} == probe_cells
+    assert set(res9["meta"]["search"]["policies"]["tiny-block"]) == {"searched-6bpw", "searched-9bpw"}
+    assert res9["cells"]["tiny-block/searched-9bpw/quality"]["value"]["kl_mean"] < q["kl_mean"]
+    assert "searched-6bpw (searched earlier)" in (out / "mini-search.md").read_text()
     # The policy runs as a study (`run` on the written YAML): same bits as the search measured.
     assert cli_main(["run", str(policy), "--out", str(tmp_path / "r2"), "--tasks", "proxy_mc", "--limit", "4"]) == 0
     run_res = json.loads((tmp_path / "r2" / "searched-6bpw" / "results.json").read_text())

@@ -204,12 +204,17 @@ def main(args) -> int:
                "target_bits": args.target_bits, "max_kl": args.max_kl, "policy": name}
     placeholder = parse_variant({"name": name, "method": "none"})
     config.models = [spec]
-    store, study_dir = open_probe_store(config, raw, args, source, device, "search", options,
+    # The budget is not part of the fingerprint: a search at another budget resumes the same probes.
+    probe_options = {k: v for k, v in options.items() if k not in ("target_bits", "max_kl", "policy")}
+    store, study_dir = open_probe_store(config, raw, args, source, device, "search", probe_options,
                                         [placeholder] + compared + probe_vs)
     with StudyLock(study_dir):
         from .sensitivity import ProbeContext
 
-        store.meta["search"] = {"options": options, "probes": {spec.label: records}}
+        earlier = dict(((store.meta.get("search") or {}).get("policies") or {}).get(spec.label) or {})
+        store.meta["search"] = {"options": options, "probes": {spec.label: records},
+                                "policies": {spec.label: earlier}}
+        store.meta["variants"] = [name] + [p for p in earlier if p != name] + [v.name for v in compared + probe_vs]
         store.save()
         ctx = ProbeContext(store, config, spec, device, source)
         ctx.baseline_cells()
@@ -225,6 +230,9 @@ def main(args) -> int:
                             "raise --target-bits, or add a cheaper level to --levels (e.g. int4:128 or int4 "
                             "per channel, `int4`)") from None
         policy = policy_variant(name, alloc, units)
+        if name in earlier and earlier[name].get("variant") != policy:  # same name, another policy: measure anew
+            for key in [k for k in store.cells if k.startswith(f"{spec.label}/{name}/")]:
+                del store.cells[key]
         _log(f"{spec.label}: policy {name}: {alloc.avg_bits:.3f} bits/weight, predicted KL "
              f"{alloc.predicted_kl:.5f}; verifying")
         ctx.measure(parse_variant(policy, source=f"{source} (searched policy)"))
@@ -241,12 +249,14 @@ def main(args) -> int:
         original = safe_yaml.read_file(Path(args.config), "study config") or {}
         write_policy_yaml(yaml_path, raw, spec_index, policy, f"{budget}, {alloc.avg_bits:.3f} bits/weight",
                           original.get("tasks") if isinstance(original, dict) else None)
-        store.meta["search"]["models"] = {spec.label: {
+        summary = {
             "policy": name, "target_bits": args.target_bits, "max_kl": args.max_kl, "levels": options["levels"],
             "n_units": len(units), "predicted_kl": alloc.predicted_kl, "predicted_bits": alloc.avg_bits,
             "choice": {u: o.level for u, o in alloc.choice.items()}, "kept": kept, "steps": alloc.steps,
             "compared": [v.name for v in compared], "notes": notes, "variant": policy,
-            "yaml": yaml_path.as_posix()}}
+            "yaml": yaml_path.as_posix()}
+        store.meta["search"]["models"] = {spec.label: summary}
+        store.meta["search"]["policies"][spec.label][name] = summary
         store.save()
         from ..report.render import render_report
 

@@ -34,6 +34,11 @@ def search_meta(view, model: str) -> dict:
     return ((view.meta.get("search") or {}).get("models") or {}).get(model) or {}
 
 
+def searched_policies(view, model: str) -> dict:
+    """{name: search summary} of every policy searched into this results file (all budgets)."""
+    return ((view.meta.get("search") or {}).get("policies") or {}).get(model) or {}
+
+
 def ranking_rows(view, model: str) -> list[dict]:
     """Probes (or, in a study, variants) ranked by mean KL, worst first, with KL s.e., bits and task Δ."""
     from .render import _mean_delta
@@ -127,12 +132,13 @@ def search_section(view, model: str) -> list[str]:
                                                          or "nothing"), ""]
     rows = []
     searched_kl = q.get("kl_mean")
-    for v in [name] + list(s.get("compared") or []):
+    others = [p for p in searched_policies(view, model) if p != name]
+    for v in [name] + others + list(s.get("compared") or []):
         qv = view.cell(model, v, "quality") or {}
         pv = view.cell(model, v, "plan") or {}
         failed = view.failure(model, v)
         bits = pv.get("avg_bits")
-        rows.append({"policy": v + (" (searched)" if v == name else ""),
+        rows.append({"policy": v + (" (searched)" if v == name else " (searched earlier)" if v in others else ""),
                      "avg bits/weight": _f(bits, 3),
                      "KL mean ± s.e.": "failed" if failed else f"{_f(qv.get('kl_mean'), 5)} ± {_f(qv.get('kl_sem'), 5)}",
                      "searched KL ≤ this": "—" if v == name or not _finite(qv.get("kl_mean")) or not
@@ -186,7 +192,7 @@ def plot_pareto(view, out_dir: Path) -> list[tuple[str, str]]:
     out = []
     for model in view.models:
         recs = probes(view, model)
-        searched = search_meta(view, model).get("policy")
+        searched = set(searched_policies(view, model)) | {search_meta(view, model).get("policy")}
         pts = []
         for name in view.variants[1:]:
             q, plan = view.cell(model, name, "quality") or {}, view.cell(model, name, "plan") or {}
@@ -201,7 +207,7 @@ def plot_pareto(view, out_dir: Path) -> list[tuple[str, str]]:
         if probe_pts:
             ax.scatter([p[1] for p in probe_pts], [p[2] for p in probe_pts], s=8, color="0.7",
                        label="probes (one part quantized)")
-        others = [p for p in policies if p[0] != searched]
+        others = [p for p in policies if p[0] not in searched]
         ax.errorbar([p[1] for p in others], [p[2] for p in others], yerr=[p[3] for p in others], fmt="o",
                     color="tab:blue", ms=5, capsize=2, label="policies")
         for name, x, y, _ in others:
@@ -210,9 +216,10 @@ def plot_pareto(view, out_dir: Path) -> list[tuple[str, str]]:
         ax.plot([p[1] for p in front], [p[2] for p in front], color="tab:blue", lw=0.8, alpha=0.5,
                 label="Pareto frontier")
         for name, x, y, e in policies:
-            if name == searched:
+            if name in searched:
                 ax.errorbar([x], [y], yerr=[e], fmt="*", color="tab:red", ms=14, capsize=2,
                             label=f"searched: {name}")
+                ax.annotate(name, (x, y), fontsize=7, color="tab:red", xytext=(5, -9), textcoords="offset points")
         ax.set_yscale("log")
         ax.set_xlabel("average bits per weight (plan, incl. scales)")
         ax.set_ylabel("mean KL(baseline ‖ variant), nats/token (log)")
