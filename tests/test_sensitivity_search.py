@@ -165,7 +165,8 @@ def test_sensitivity_per_layer_probes_one_layer(tmp_path, tiny_ckpt):
 def test_search_meets_the_budget_verifies_and_writes_a_runnable_policy(tmp_path, tiny_ckpt):
     out = tmp_path / "reports"
     cfg = config(tmp_path, tiny_ckpt)
-    assert cli_main(["search", str(cfg), "--target-bits", "6", "--out", str(out)]) == 0
+    levels = ["--levels", "int4:32,int8"]  # two levels (and the baseline) keep the probes few
+    assert cli_main(["search", str(cfg), "--target-bits", "6", "--out", str(out), *levels]) == 0
     res = json.loads((out / "mini-search" / "results.json").read_text())
     s = res["meta"]["search"]["models"]["tiny-block"]
     plan = res["cells"]["tiny-block/searched-6bpw/plan"]["value"]
@@ -184,8 +185,8 @@ def test_search_meets_the_budget_verifies_and_writes_a_runnable_policy(tmp_path,
     assert "Mixed-precision search" in report and "pareto_tiny-block.png" in report
     assert "KL percentiles" in report
     # Another budget resumes the same probes (nothing re-measured) and keeps the first policy beside the new one.
-    probe_cells = {k: v for k, v in res["cells"].items() if ".int4g" in k or ".int8/" in k}
-    assert cli_main(["search", str(cfg), "--target-bits", "9", "--out", str(out), "--resume"]) == 0
+    probe_cells = {k: v for k, v in res["cells"].items() if ".int4g32/" in k or ".int8/" in k}
+    assert cli_main(["search", str(cfg), "--target-bits", "9", "--out", str(out), "--resume", *levels]) == 0
     res9 = json.loads((out / "mini-search" / "results.json").read_text())
     assert {k: res9["cells"][k] for k in probe_cells} == probe_cells
     assert set(res9["meta"]["search"]["policies"]["tiny-block"]) == {"searched-6bpw", "searched-9bpw"}
@@ -207,3 +208,23 @@ def test_search_errors_are_one_paragraph(tmp_path, tiny_ckpt, capsys):
     assert "no policy fits" in err and "Fix:" in err and "Traceback" not in err
     assert cli_main(["search", str(cfg), "--target-bits", "4", "--levels", "int5"]) == 2
     assert "unknown weight precision" in capsys.readouterr().err
+
+
+def test_experts_and_layers_make_one_unit_each_on_a_moe_model():
+    from attnres_quant.architectures.kimi_testing import tiny_kimi
+    from attnres_quant.pipeline.sensitivity import probe_units
+    from attnres_quant.quant import parse_variant, resolve_components, resolve_plan
+
+    model = tiny_kimi()
+    parts = resolve_components(model)
+    units = probe_units(parts, experts=True)
+    expert_parts = {(p.component, p.layer, p.expert) for p in parts if p.expert is not None}
+    expert_units = [u for u in units if u.expert is not None]
+    assert expert_parts and {(u.component, u.layer, u.expert) for u in expert_units} == expert_parts
+    # One expert's probe quantizes exactly that expert's tensor.
+    u = expert_units[0]
+    plan = resolve_plan(model, parse_variant({"name": "p", "method": "rtn",
+                                              "rules": [{**u.selectors(), "weight": "int8"}]}))
+    changed = [r for r in plan.weight_rows() if r.precision == "int8"]
+    assert [(r.component, r.layer, r.part.expert) for r in changed] == [(u.component, u.layer, u.expert)]
+    assert not any(u.component in ("norm", "attn.state") for u in units)
