@@ -21,22 +21,31 @@ PERCENTILE_KEYS = (("kl_p50", "p50"), ("kl_p90", "p90"), ("kl_p95", "p95"), ("kl
                    ("kl_p999", "p99.9"), ("kl_max", "max"))
 
 
+def _dig(node, *keys) -> dict:
+    """node[k1][k2]... where each level is a mapping; {} otherwise (a hand-edited results file renders)."""
+    for key in keys:
+        node = node.get(key) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) else {}
+
+
 def probes(view, model: str) -> dict:
     """{probe name: record} of a sensitivity/search results file (empty for a study)."""
     for key in ("sensitivity", "search"):
-        recs = ((view.meta.get(key) or {}).get("probes") or {}).get(model)
+        recs = _dig(view.meta, key, "probes", model)
         if recs:
-            return recs
+            return {k: v for k, v in recs.items() if isinstance(v, dict)}
     return {}
 
 
 def search_meta(view, model: str) -> dict:
-    return ((view.meta.get("search") or {}).get("models") or {}).get(model) or {}
+    s = _dig(view.meta, "search", "models", model)
+    needed = ("policy", "levels", "n_units", "kept")
+    return s if all(k in s for k in needed) and isinstance(s["kept"], dict) else {}
 
 
 def searched_policies(view, model: str) -> dict:
     """{name: search summary} of every policy searched into this results file (all budgets)."""
-    return ((view.meta.get("search") or {}).get("policies") or {}).get(model) or {}
+    return _dig(view.meta, "search", "policies", model)
 
 
 def ranking_rows(view, model: str) -> list[dict]:
@@ -60,7 +69,7 @@ def ranking_rows(view, model: str) -> list[dict]:
 
 
 def is_probe_study(view) -> bool:
-    return bool(view.meta.get("sensitivity") or view.meta.get("search"))
+    return bool(_dig(view.meta, "sensitivity") or _dig(view.meta, "search"))
 
 
 # --------------------------------------------------------------------------- markdown
@@ -123,7 +132,7 @@ def search_section(view, model: str) -> list[str]:
     budget = (f"target {s['target_bits']} bits/weight" if s.get("target_bits") is not None
               else f"KL budget {s['max_kl']}")
     lines = [f"### Mixed-precision search — {model}", "",
-             f"- **Budget**: {budget}; levels {', '.join(s['levels'])} per unit ({s['n_units']} units); "
+             f"- **Budget**: {budget}; levels {', '.join(map(str, s['levels'] or []))} per unit ({s['n_units']} units); "
              f"greedy on each unit's convex hull of (bits, KL), by KL saved per bit (docs/quantization.md).",
              f"- **Found** `{name}`: {_f(plan.get('avg_bits'), 3)} bits/weight (plan), predicted KL "
              f"{_f(s.get('predicted_kl'), 5)}, measured KL {_f(q.get('kl_mean'), 5)} ± {_f(q.get('kl_sem'), 5)}; "
