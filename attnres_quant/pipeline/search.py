@@ -20,7 +20,6 @@ from pathlib import Path
 
 import yaml
 
-from ..argtypes import int_in  # noqa: F401  (kept for symmetry with the other verbs' options)
 from ..errors import UserError
 from .sensitivity import build_probes, level_name, open_probe_store, parse_level, select_model, unit_bits
 
