@@ -135,6 +135,8 @@ def test_sensitivity_ranks_every_part_with_depth_beside_projections_and_resumes(
     units = {p["unit"] for p in probes.values()}
     assert {"attn.q", "mlp.down", "embed", "lm_head", "depth.query", "depth.key_norm", "depth.softmax",
             "depth.sources"} <= units
+    # One probe per part at the target: int4 g32 weights, int8 depth logits, int4 stored sources.
+    assert {p["level"] for p in probes.values()} == {"int4g32", "c-int8", "s-int4"} and len(probes) == len(units)
     for name in probes:
         cell = res["cells"][f"tiny-block/{name}/quality"]
         assert cell["status"] == "ok" and cell["value"]["kl_sem"] >= 0, name

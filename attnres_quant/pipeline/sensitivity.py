@@ -169,8 +169,11 @@ def free_fields(component: str, weight_precision: str) -> dict:
             ("fp8" if floating else "int8")}
 
 
-def unit_levels(unit: ProbeUnit, weight_levels: list[dict]) -> list[dict]:
-    """The levels a unit is probed at, low precision first (computations: their own ladders)."""
+def unit_levels(unit: ProbeUnit, weight_levels: list[dict], ladders: bool = True) -> list[dict]:
+    """The levels a unit is probed at, low precision first. Computations: their own ladders (``search``), or
+    with ``ladders=False`` (``sensitivity``) the one lowered precision that matches the weight target."""
+    if unit.free and not ladders:
+        return [free_fields(unit.component, weight_levels[0]["weight"])]
     if unit.component == "depth.softmax":
         return [{"compute": "int8"}, {"compute": "bf16"}]
     if unit.component == "depth.sources":
@@ -273,7 +276,7 @@ class ProbeContext:
 
 
 def build_probes(skeleton, weight_levels: list[dict], *, per_layer: bool, experts: bool,
-                 components: list[str] | None, source: str):
+                 components: list[str] | None, source: str, ladders: bool = True):
     """(probe records {name: {unit, component, layer, expert, level, fields}}, checked Variants)."""
     from ..quant import parse_variant, resolve_components
     from ..quant.policy import component_matches
@@ -286,7 +289,7 @@ def build_probes(skeleton, weight_levels: list[dict], *, per_layer: bool, expert
                             "name components the model has (`plan` lists them), e.g. attn.q,mlp.down,depth.*")
     records, variants = {}, []
     for unit in units:
-        for fields in unit_levels(unit, weight_levels):
+        for fields in unit_levels(unit, weight_levels, ladders):
             raw = probe_variant(unit, fields)
             records[raw["name"]] = {"unit": unit.name, "component": unit.component, "layer": unit.layer,
                                     "expert": unit.expert, "level": level_name(fields), "fields": fields,
@@ -368,7 +371,8 @@ def main(args) -> int:
     for spec in models:  # every probe resolves against its model before any weights load
         skeleton = structure_model(spec.path, trust_remote_code=spec.trust_remote_code, dtype=config.dtype)
         plans.append((spec, *build_probes(skeleton, levels, per_layer=args.per_layer, experts=args.experts,
-                                          components=components, source=f"{source} (model {spec.label})")))
+                                          components=components, source=f"{source} (model {spec.label})",
+                                          ladders=False)))
     all_variants = list({v.name: v for _, _, vs in plans for v in vs}.values())
     config.models = models
     store, study_dir = open_probe_store(config, raw, args, source, device, "sensitivity", options, all_variants)
