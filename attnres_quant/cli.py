@@ -17,6 +17,8 @@ from .errors import UserError
 VERBS = {
     "run": ("attnres_quant.pipeline.runner", "run a study config end to end and write its report"),
     "plan": ("attnres_quant.quant.plan_cli", "print the resolved precision plan of a config's variants"),
+    "sensitivity": ("attnres_quant.pipeline.sensitivity", "rank the damage of quantizing one part at a time (KL)"),
+    "search": ("attnres_quant.pipeline.search", "find a mixed-precision policy under a bit or KL budget"),
     "train": ("attnres_quant.training.train", "train a tiny model from a training config"),
     "bench": ("attnres_quant.bench.cli", "latency/memory benchmarks (overhead, kernels)"),
     "report": ("attnres_quant.report.render", "re-render a report from a study folder or its results.json"),
@@ -35,7 +37,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def _usage() -> str:
     lines = ["usage: python -m attnres_quant [--version] VERB [options]", "", "verbs:"]
-    lines += [f"  {verb:<8} {help_}" for verb, (_, help_) in VERBS.items()]
+    lines += [f"  {verb:<11} {help_}" for verb, (_, help_) in VERBS.items()]
     lines += ["", "python -m attnres_quant VERB --help shows a verb's options."]
     return "\n".join(lines)
 

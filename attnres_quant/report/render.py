@@ -15,6 +15,7 @@ from ..pipeline.config import model_label
 from ..pipeline.results import atomic_write_text, load_results, write_error
 from .html import Block, flips_block, markdown_text, render_html
 from .plots import plot_accuracy_vs_bits, plot_depth_heatmaps, plot_sensitivity
+from . import sensitivity_plots
 
 
 def add_arguments(parser) -> None:
@@ -639,7 +640,11 @@ def report_blocks(view: View) -> list[Block]:
         blocks.append(Block(quality_section(view, model) + depth_js_section(view, model)
                             + latency_section(view, model)))
         blocks.append(Block(plan_section(view, model), summary=f"Precision plans and plan notes — {model}"))
-        sens = sensitivity_rows(view, model) if is_sensitivity_study(view) else []
+        extra = sensitivity_plots.extra_sections(view, model)  # issue 18: search, ranking with s.e., percentiles
+        if extra:
+            blocks.append(Block(extra))
+        sens = (sensitivity_rows(view, model)
+                if is_sensitivity_study(view) and not sensitivity_plots.is_probe_study(view) else [])
         if len(sens) > 1:
             blocks.append(Block([f"### Component sensitivity ranking — {model}", "",
                                  _table([{"rank": i + 1, "variant": r["variant"], "KL mean": _fmt(r["kl_mean"], 5),
@@ -664,7 +669,8 @@ def render_report(results_path: Path, out_path: Path) -> Path:
     try:
         plots += plot_accuracy_vs_bits(view, plot_dir)
         plots += plot_depth_heatmaps(view, plot_dir)
-        plots += plot_sensitivity(view, plot_dir)
+        plots += [] if sensitivity_plots.is_probe_study(view) else plot_sensitivity(view, plot_dir)
+        plots += sensitivity_plots.plot_all(view, plot_dir)
     except OSError as exc:
         raise write_error(Path(getattr(exc, "filename", None) or plot_dir), exc,
                           "the report was not written") from None
