@@ -40,11 +40,13 @@ FREE_COMPONENTS = ("depth.softmax", "depth.sources")  # computations: no weight 
 # --------------------------------------------------------------------------- the one KL measurement
 def measure_kl(baseline, model, tokenizer, text_ids, seq_len: int, batch_size: int = 4) -> dict:
     """KL(baseline || model) per token on the quality text, as the study's quality step computes it
-    (``evaluation.metrics``: same windows, same ``kl_per_token``), summarised with the standard error of the
-    mean over tokens. The one place sensitivity and search measure damage (swap in evaluation/kl.py here)."""
+    (``evaluation.metrics``: same windows; per-token KL from ``evaluation.kl``'s chunked float64 pass, memory
+    bounded for any vocabulary), summarised with the standard error of the mean over tokens. The one place
+    sensitivity and search measure damage."""
     import torch
 
     from ..evaluation import metrics as m
+    from ..evaluation.kl import exact_kl_one_pass
 
     ids = [int(x) for x in text_ids.flatten().tolist()]
     windows = m._windows(ids, m._seq_len([baseline, model], seq_len), m._prefix_token(tokenizer))
@@ -56,7 +58,7 @@ def measure_kl(baseline, model, tokenizer, text_ids, seq_len: int, batch_size: i
                 lv, _ = m._forward(model, w, False)
                 for r in range(w.shape[0]):
                     b, v = lb[r, c - 1:-1].float().cpu(), lv[r, c - 1:-1].float().cpu()
-                    kls.append(m.kl_per_token(b, v))
+                    kls.append(exact_kl_one_pass(b, v)[0])
                     agree += int((b.argmax(-1) == v.argmax(-1)).sum())
     return kl_summary(torch.cat(kls).double(), agree)
 
