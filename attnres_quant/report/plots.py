@@ -75,13 +75,17 @@ def plot_accuracy_vs_bits(view, out_dir: Path) -> list[tuple[str, str]]:
                               **_variant_style(i, len(view.variants)))
                    for i, v in enumerate(view.variants) if v in bits]
         # The title rides on the legend: a separate suptitle would collide with it.
-        fig.legend(handles=handles, loc="outside upper center", ncol=min(len(handles), 5), fontsize=8,
+        # Columns sized to the longest name so a many-variant legend stays inside the figure.
+        longest = max((len(h.get_label()) for h in handles), default=10)
+        per_col_in = (longest * 5.2 + 30) / 110  # ~5.2 px per character at fontsize 8, plus the marker
+        fig.legend(handles=handles, loc="outside upper center", fontsize=8,
+                   ncol=max(1, min(len(handles), 5, int(fig.get_figwidth() / per_col_in))),
                    frameon=False, title=f"{model}: task score vs bits per quantized weight",
                    title_fontproperties={"size": 10})
         fig.supxlabel(_bits_footnote(view, model, bits, all_zero, int(fig.get_figwidth() * 17)), fontsize=7,
                       x=0.01, ha="left")
         name = f"acc_vs_bits_{model}.png"
-        fig.savefig(out_dir / name, dpi=110, metadata={"Software": None})
+        fig.savefig(out_dir / name, dpi=110, metadata={"Software": None}, bbox_inches="tight")
         plt.close(fig)
         out.append((f"Task score vs bits per quantized weight — {model}", name))
     return out

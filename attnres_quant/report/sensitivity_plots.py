@@ -195,6 +195,26 @@ def plot_ranked_sensitivity(view, out_dir: Path, top: int = 40) -> list[tuple[st
     return out
 
 
+def _spread_labels(ax, items, fontsize: float) -> None:
+    """Annotate points so that no two labels overlap: labels are placed top to bottom in display space and
+    pushed down until clear of every label already placed; a moved label gets a thin leader line."""
+    ax.autoscale_view()
+    fig = ax.figure
+    px_per_pt = fig.dpi / 72.0
+    height, char_w = (fontsize + 2) * px_per_pt, 0.6 * fontsize * px_per_pt
+    placed: list[tuple[float, float, float]] = []  # (x0, x1, y) of placed labels, display pixels
+    pts = sorted(((name, *ax.transData.transform((x, y)), x, y) for name, x, y in items), key=lambda t: -t[2])
+    for name, px, py, x, y in pts:
+        x0, x1, ly = px + 3 * px_per_pt, px + 3 * px_per_pt + char_w * len(name), py + 2 * px_per_pt
+        while any(a < x1 and x0 < b and abs(ly - c) < height for a, b, c in placed):
+            ly -= height / 2
+        placed.append((x0, x1, ly))
+        moved = abs(ly - (py + 2 * px_per_pt)) > 0.5
+        ax.annotate(name, (x, y), fontsize=fontsize, xytext=(3, (ly - py) / px_per_pt), textcoords="offset points",
+                    va="bottom" if not moved else "center",
+                    arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.5"} if moved else None)
+
+
 def plot_pareto(view, out_dir: Path) -> list[tuple[str, str]]:
     """Bits per weight vs mean KL: every variant (probes small and grey), the searched policy as a star, and
     the lower-left frontier of the measured policies."""
@@ -219,8 +239,6 @@ def plot_pareto(view, out_dir: Path) -> list[tuple[str, str]]:
         others = [p for p in policies if p[0] not in searched]
         ax.errorbar([p[1] for p in others], [p[2] for p in others], yerr=[p[3] for p in others], fmt="o",
                     color="tab:blue", ms=5, capsize=2, label="policies")
-        for name, x, y, _ in others:
-            ax.annotate(name, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
         front = _frontier(policies)
         ax.plot([p[1] for p in front], [p[2] for p in front], color="tab:blue", lw=0.8, alpha=0.5,
                 label="Pareto frontier")
@@ -230,6 +248,7 @@ def plot_pareto(view, out_dir: Path) -> list[tuple[str, str]]:
                             label=f"searched: {name}")
                 ax.annotate(name, (x, y), fontsize=7, color="tab:red", xytext=(5, -9), textcoords="offset points")
         ax.set_yscale("log")
+        _spread_labels(ax, [(name, x, y) for name, x, y, _ in others], fontsize=6)
         ax.set_xlabel("average bits per weight (plan, incl. scales)")
         ax.set_ylabel("mean KL(baseline ‖ variant), nats/token (log)")
         ax.set_title(f"{model}: size vs damage")
