@@ -54,6 +54,7 @@ def test_eager_torch_bytes_equal_numpy_reference(qtype, eager, one_thread):
         assert np.array_equal(deq.view(np.int32), R.roundtrip_blocks(blocks.numpy(), qtype).view(np.int32))
 
 
+@pytest.mark.slow  # torch.compile of two kernels: ~1 min of CPU on a fresh inductor cache
 def test_compiled_cpu_path_bytes_equal_numpy_reference(monkeypatch):
     """The path big tensors take on CPU: full chunks through torch.compile'd steps, the tail padded."""
     monkeypatch.setenv("ATTNRES_KQUANT_COMPILE", "1")
