@@ -120,8 +120,8 @@ def _add_memory(sub) -> None:
 
 def _kernel_variant_names() -> list[str]:
     # Kept in sync with kernels.VARIANTS (not imported here: torchao is slow to import).
-    return ["bf16", "fp32", "torchao_int8_wo", "torchao_int8_dyn", "torchao_int4_wo", "bnb_int8", "bnb_nf4",
-            "fbgemm_int8_dyn", "aten_int8pack_wo"]
+    return ["bf16", "fp32", "torchao_int8_wo", "torchao_int8_dyn", "torchao_int4_wo", "torchao_float8_wo",
+            "torchao_float8_dyn", "bnb_int8", "bnb_nf4", "fbgemm_int8_dyn", "aten_int8pack_wo"]
 
 
 def _check_device(device: str) -> None:
