@@ -101,3 +101,30 @@ def test_quantized_variant_on_cuda_matches_the_cpu_variant(method, default):
     ids = torch.randint(0, 97, (1, 16))
     with torch.no_grad():
         assert torch.allclose(on_cpu(ids).logits, on_gpu(ids.cuda()).logits.cpu(), atol=2e-4, rtol=1e-3)
+
+
+def test_layerwise_gptq_gives_the_same_weights_as_one_run(one_thread):
+    """GPTQ one decoder layer at a time (last first: each layer still sees full-precision inputs) keeps one
+    layer's Hessians in memory and writes exactly the weights of a single run over all layers."""
+    from attnres_quant.quant import parse_variant, quantize
+    from attnres_quant.quant.apply import gptq_layer_groups
+    from attnres_quant.quant.testing import tiny_attnres
+
+    base = tiny_attnres(layers=3, hidden=64, dtype=torch.float32).eval()
+    calib = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for layerwise in (True, False):
+        v = parse_variant({"name": "g", "method": "gptq", "default": {"weight": "int4", "group_size": 32},
+                           "options": {"layerwise": layerwise}})
+        out[layerwise] = quantize(base, v, calibration=calib).model
+    changed = 0
+    for (name, a), (_, b) in zip(out[True].named_parameters(), out[False].named_parameters()):
+        assert torch.equal(a, b), name
+        changed += int(not torch.equal(a, dict(base.named_parameters())[name]))
+    assert changed >= 3 * 7  # every projection of every layer was quantized
+    steps = gptq_layer_groups({("int4", 32, True): ["model.layers.0.attn.q_proj", "model.layers.1.mlp.up_proj",
+                                                    "lm_head"]})
+    assert steps == [{("int4", 32, True): ["lm_head"]}, {("int4", 32, True): ["model.layers.1.mlp.up_proj"]},
+                     {("int4", 32, True): ["model.layers.0.attn.q_proj"]}]
+    assert gptq_layer_groups({("int4", None, True): ["proj_in", "model.layers.0.x"]}) == [
+        {("int4", None, True): ["proj_in", "model.layers.0.x"]}]
