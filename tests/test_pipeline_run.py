@@ -201,3 +201,42 @@ def test_missing_config_file_in_a_subprocess_prints_no_traceback(tmp_path):
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("quality,alive", [(False, 1), (True, 2)])
+def test_variants_quantize_a_fresh_load_in_place_never_a_second_copy(tmp_path, tiny_ckpt, monkeypatch, quality, alive):
+    """Memory: each variant is a fresh load quantized in place; the baseline stays resident only for the
+    quality step (KL against the variant), otherwise one model is alive when a variant is quantized."""
+    import gc
+    import weakref
+
+    import attnres_quant.quant as quant
+    from attnres_quant.pipeline import runner
+
+    loaded, seen = [], []
+    real_load, real_quantize = runner.load_baseline, quant.quantize
+
+    def tracking_load(*args, **kwargs):
+        model, tok = real_load(*args, **kwargs)
+        loaded.append(weakref.ref(model))
+        return model, tok
+
+    def tracking_quantize(model, variant, *args, **kwargs):
+        gc.collect()
+        seen.append((sum(r() is not None for r in loaded), kwargs.get("inplace")))
+        q = real_quantize(model, variant, *args, **kwargs)
+        assert q.model is model  # quantized in place: quantize made no copy
+        return q
+
+    monkeypatch.setattr(runner, "load_baseline", tracking_load)
+    monkeypatch.setattr(quant, "quantize", tracking_quantize)
+    out = tmp_path / "reports"
+    cfg = study(tmp_path, tiny_ckpt, bench={"enabled": False}, quality={"enabled": quality, "max_tokens": 200,
+                                                                           "seq_len": 64})
+    assert run(cfg, out) == 0
+    assert seen == [(alive, True), (alive, True)]
+    assert len(loaded) == 3  # the baseline, then one fresh load per variant
+    gc.collect()
+    assert all(r() is None for r in loaded)  # nothing kept after the run
+    cells = json.loads((out / "mini" / "results.json").read_text())["cells"]
+    assert cells["tiny-block/int4_all/status"]["status"] == "ok"

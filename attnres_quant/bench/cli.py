@@ -1,4 +1,4 @@
-"""``python -m attnres_quant bench {overhead,kernels,kimi} ...``"""
+"""``python -m attnres_quant bench {overhead,kernels,kimi,kquant,memory} ...``"""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def _common(p: argparse.ArgumentParser, *, hidden: int, layers: int, seq: int, d
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="bench_verb", metavar="{overhead,kernels,kimi}")
+    sub = parser.add_subparsers(dest="bench_verb", metavar="{overhead,kernels,kimi,kquant,memory}")
     sub.required = True
     o = sub.add_parser("overhead", help="AttnRes latency overhead vs a standard-residual model of equal size")
     _common(o, hidden=1024, layers=16, seq=512, dtype="bfloat16,float32", multi=True)
@@ -86,6 +86,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="comma-separated subset of: " + ", ".join(_kernel_variant_names()))
     k.add_argument("--block-size", type=int_in(0, 4096), default=4,
                    help="Block AttnRes block size of the bench model (0: standard residual)")
+    _add_kquant(sub)
+    _add_memory(sub)
+
+
+def _output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--output", default=None, help="also write the JSON object to this file")
+
+
+def _add_kquant(sub) -> None:
+    q = sub.add_parser("kquant", help="GGUF K-quant packing speed: torch packer vs the numpy one (same bytes)")
+    q.add_argument("--types", default="Q4_K,Q5_K,Q6_K", help="comma-separated subset of Q4_K,Q5_K,Q6_K")
+    q.add_argument("--weights", type=int_in(256, 1 << 34), default=1 << 20, help="weights packed per run")
+    q.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, cuda:N or auto")
+    q.add_argument("--repeats", type=int_in(1, 1000), default=3, help="timed runs of the torch packer (median)")
+    q.add_argument("--no-reference", action="store_true", help="skip the (slow) numpy packer")
+    q.add_argument("--threads", type=int_in(1, 4096), default=None, help="CPU threads")
+    q.add_argument("--seed", type=int_in(0, 2**63 - 1), default=0)
+    _output_args(q)
+
+
+def _add_memory(sub) -> None:
+    m = sub.add_parser("memory", help="time and peak RSS of one variant per method at several model sizes")
+    m.add_argument("--sizes", default="3M,30M,200M", help="comma-separated subset of 3M,30M,200M")
+    m.add_argument("--methods", default="rtn,gptq", help="comma-separated subset of rtn,gptq,rtn_copy "
+                   "(rtn_copy: the old deep-copy path); the baseline is always measured")
+    m.add_argument("--calib-samples", type=int_in(1, 4096), default=2, help="GPTQ calibration sequences")
+    m.add_argument("--calib-len", type=int_in(2, 1 << 16), default=64, help="GPTQ calibration sequence length")
+    m.add_argument("--timeout", type=int_in(1, 1 << 20), default=3600, help="seconds per measurement subprocess")
+    _output_args(m)
 
 
     km = sub.add_parser("kimi", help="Kimi-architecture tokens/s on CPU: our Block-AttnRes Kimi model vs "
@@ -109,13 +139,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _kernel_variant_names() -> list[str]:
     # Kept in sync with kernels.VARIANTS (not imported here: torchao is slow to import).
-    return ["bf16", "fp32", "torchao_int8_wo", "torchao_int8_dyn", "torchao_int4_wo", "bnb_int8", "bnb_nf4",
-            "fbgemm_int8_dyn", "aten_int8pack_wo"]
+    return ["bf16", "fp32", "torchao_int8_wo", "torchao_int8_dyn", "torchao_int4_wo", "torchao_float8_wo",
+            "torchao_float8_dyn", "bnb_int8", "bnb_nf4", "fbgemm_int8_dyn", "aten_int8pack_wo"]
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        index = int(device.split(":")[1]) if ":" in device else 0
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if index >= count:
+            raise UserError(f"device {device!r} is not available (torch sees {count} CUDA device(s))",
+                            "bench --device", "use --device cpu, or a CUDA device index that exists")
+
+
+def _check_list(text: str, allowed, flag: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if t not in allowed]
+    if not items or bad:
+        raise UserError(f"{flag} {text!r}: {', '.join(bad) or 'empty'} not among {', '.join(allowed)}",
+                        f"bench {flag}", f"pass a comma-separated subset of {','.join(allowed)}")
+    return items
 
 
 def validate(args: argparse.Namespace) -> None:
     """Cross-argument checks argparse cannot express; all before any model is built."""
-    import torch
+    if args.bench_verb == "kquant":
+        _check_list(args.types, ("Q4_K", "Q5_K", "Q6_K"), "--types")
+        _check_device(args.device)
+        _check_output(args)
+        return
+    if args.bench_verb == "memory":
+        from .memory import SIZES
+
+        _check_list(args.sizes, tuple(SIZES), "--sizes")
+        _check_list(args.methods, ("rtn", "gptq", "rtn_copy"), "--methods")
+        _check_output(args)
+        return
 
     if args.bench_verb == "kimi":
         _check_output(args)
@@ -136,12 +197,7 @@ def validate(args: argparse.Namespace) -> None:
     if block == 0 and args.bench_verb == "overhead":
         raise UserError("--block-size 0 has no AttnRes model to compare", "bench overhead --block-size",
                         "pass 1 or an even block size")
-    if args.device.startswith("cuda"):
-        index = int(args.device.split(":")[1]) if ":" in args.device else 0
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if index >= count:
-            raise UserError(f"device {args.device!r} is not available (torch sees {count} CUDA device(s))",
-                            "bench --device", "use --device cpu, or a CUDA device index that exists")
+    _check_device(args.device)
     _check_output(args)
 
 
@@ -232,6 +288,22 @@ def main(args: argparse.Namespace) -> int:
                                 warmup=args.warmup, repeats=args.repeats, threads=args.threads, clock=args.clock,
                                 block_size=args.attn_res_block_size, dtype=args.dtype, seed=args.seed)
         _emit(result, args, kimi_table)
+        return 0
+    if args.bench_verb == "kquant":
+        from .kquant import kquant_table, run_kquant
+
+        result = run_kquant(qtypes=[t.strip() for t in args.types.split(",") if t.strip()], weights=args.weights,
+                            device=args.device, repeats=args.repeats, reference=not args.no_reference,
+                            threads=args.threads, seed=args.seed)
+        _emit(result, args, kquant_table)
+        return 0
+    if args.bench_verb == "memory":
+        from .memory import memory_table, run_memory
+
+        result = run_memory(sizes=[s.strip() for s in args.sizes.split(",") if s.strip()],
+                            methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+                            calib_samples=args.calib_samples, calib_len=args.calib_len, timeout=args.timeout)
+        _emit(result, args, memory_table)
         return 0
     print(f"unknown bench verb {args.bench_verb!r}", file=sys.stderr)
     return 2

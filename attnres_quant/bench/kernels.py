@@ -41,8 +41,8 @@ from .latency import linear_weight_bytes, measure_interleaved, model_device, pro
 from .machine import copy_bandwidth_gbs, machine_info, resolve_device
 from .overhead import parse_dtype
 
-VARIANTS = ("bf16", "fp32", "torchao_int8_wo", "torchao_int8_dyn", "torchao_int4_wo", "bnb_int8", "bnb_nf4",
-            "fbgemm_int8_dyn", "aten_int8pack_wo")
+VARIANTS = ("bf16", "fp32", "torchao_int8_wo", "torchao_int8_dyn", "torchao_int4_wo", "torchao_float8_wo",
+            "torchao_float8_dyn", "bnb_int8", "bnb_nf4", "fbgemm_int8_dyn", "aten_int8pack_wo")
 
 KERNEL_LABELS = {
     "bf16": "torch dense bf16",
@@ -50,6 +50,8 @@ KERNEL_LABELS = {
     "torchao_int8_wo": "torchao Int8WeightOnlyConfig",
     "torchao_int8_dyn": "torchao Int8DynamicActivationInt8WeightConfig",
     "torchao_int4_wo": "torchao Int4WeightOnlyConfig(group_size=128)",
+    "torchao_float8_wo": "torchao Float8WeightOnlyConfig (e4m3 weights, bf16 act)",
+    "torchao_float8_dyn": "torchao Float8DynamicActivationFloat8WeightConfig(PerRow) (FP8 W8A8, CUDA sm89+)",
     "bnb_int8": "bitsandbytes Linear8bitLt (LLM.int8, threshold 0)",
     "bnb_nf4": "bitsandbytes Linear4bit nf4 (blocksize 64, compute bf16)",
     "fbgemm_int8_dyn": "torch.ao quantize_dynamic: fbgemm int8 W8A8 dynamic (per-channel w, per-tensor act; fp32 io)",
@@ -79,12 +81,15 @@ def build_bench_model(*, hidden_size: int = 1024, layers: int = 8, vocab_size: i
 
 
 def _torchao(model: nn.Module, which: str) -> nn.Module:
-    from torchao.quantization import (Int4WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig,
-                                      Int8WeightOnlyConfig, quantize_)
+    from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig,
+                                      Int4WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig,
+                                      Int8WeightOnlyConfig, PerRow, quantize_)
 
     config = {"torchao_int8_wo": Int8WeightOnlyConfig(),
               "torchao_int8_dyn": Int8DynamicActivationInt8WeightConfig(),
-              "torchao_int4_wo": Int4WeightOnlyConfig(group_size=128)}[which]
+              "torchao_int4_wo": Int4WeightOnlyConfig(group_size=128),
+              "torchao_float8_wo": Float8WeightOnlyConfig(),
+              "torchao_float8_dyn": Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())}[which]
     quantize_(model, config, filter_fn=_quantizable)
     return model
 

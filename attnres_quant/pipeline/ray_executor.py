@@ -194,7 +194,7 @@ def run_unit_task(job: dict, snapshot: dict[str, str], sink) -> dict:
                             unit.pending_variants)
     else:
         runner.run_variant(store, unit.label, unit.variant, config, baseline, tokenizer, text_ids, None,
-                           job["source"])
+                           job["source"], spec=unit.spec, device=job["device"])
     return {"attempt": attempt, "host": socket.gethostname(), "pid": os.getpid()}
 
 

@@ -4,6 +4,13 @@ validate config -> preflight (variants resolve against each model's structure,
 checkpoints, datasets, device, code-execution consent) -> per model: load the
 baseline, evaluate it, then each variant on a fresh copy -> report.
 
+Memory: a variant is quantized *in place* on a fresh load of the baseline from disk (never a deep copy
+of a resident baseline) and freed before the next one. The resident baseline is dropped after its own
+cells unless the quality step needs it: ``evaluation.quality`` runs the baseline and the variant side by
+side for KL / top-1 agreement / depth JS, so with ``quality.enabled`` the baseline stays resident while
+variants run (two copies, as before); without it one model copy is resident at a time. See
+docs/benchmarks.md ("Memory") for the peak-memory model.
+
 Every finished (model, variant, cell) is written to results.json at once, so
 ``--resume`` continues an interrupted run without redoing finished cells, and
 a variant that crashes or produces NaN/Inf is recorded as failed while the
@@ -573,9 +580,18 @@ def run_baseline(store: ResultStore, label: str, spec, config: StudyConfig, base
         return False
 
 
+def fresh_baseline(spec, config: StudyConfig, device: str):
+    """A new copy of the baseline's weights, loaded from disk, that a variant may quantize in place."""
+    model, _ = load_baseline(spec, config, device)
+    return model
+
+
 def run_variant(store: ResultStore, label: str, variant, config: StudyConfig, baseline, tokenizer, text_ids,
-                calibration, source: str):
-    """All cells of one variant; a crash or NaN/Inf marks it failed. Returns the calibration batches."""
+                calibration, source: str, spec=None, device: str = "cpu"):
+    """All cells of one variant; a crash or NaN/Inf marks it failed. Returns the calibration batches.
+
+    The variant is quantized in place on a fresh load of ``spec`` (when given; else on a deep copy of
+    ``baseline``), and freed on return. ``baseline`` (may be None) is only used by the quality step."""
     import torch
 
     from ..quant import quantize
@@ -583,12 +599,16 @@ def run_variant(store: ResultStore, label: str, variant, config: StudyConfig, ba
     vname = variant.name
     _step(label, vname, f"quantizing ({variant.method})")
     t0 = time.perf_counter()
-    quantized = None
+    quantized = qmodel = None
     try:
         if calibration is None and variant.needs_calibration():
             calibration = calibration_rows(store, label, tokenizer, config)
         torch.manual_seed(config.seed)
-        quantized = quantize(baseline, variant, calibration=calibration, source=source)
+        if spec is not None:
+            quantized = quantize(fresh_baseline(spec, config, device), variant, calibration=calibration,
+                                 source=source, inplace=True)
+        else:
+            quantized = quantize(baseline, variant, calibration=calibration, source=source)
         qmodel = quantized.model.eval()
         check_finite(qmodel, text_ids)
         if not store.done(label, vname, CELL_PLAN):
@@ -608,9 +628,18 @@ def run_variant(store: ResultStore, label: str, variant, config: StudyConfig, ba
         _log(f"{label}: variant {vname} FAILED: {failure['reason']}")
         store.put(label, vname, CELL_STATUS, failure, status="failed")
     finally:
-        del quantized
+        del quantized, qmodel
         gc.collect()
+        _empty_device_cache()
     return calibration
+
+
+def _empty_device_cache() -> None:
+    """Give freed CUDA blocks back, so the next variant's load starts from the same device memory."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def run_model(store: ResultStore, spec, config: StudyConfig, variants, device: str, source: str) -> None:
@@ -638,8 +667,20 @@ def run_model(store: ResultStore, spec, config: StudyConfig, variants, device: s
         store.put(label, base_name, "model", describe(spec, baseline))
     if base_pending and not run_baseline(store, label, spec, config, baseline, tokenizer, text_ids, pending):
         return
+    if not baseline_needed_by_variants(config):
+        del baseline  # each variant loads its own copy: one model resident at a time
+        gc.collect()
+        _empty_device_cache()
+        baseline = None
     for variant in pending:
-        calibration = run_variant(store, label, variant, config, baseline, tokenizer, text_ids, calibration, source)
+        calibration = run_variant(store, label, variant, config, baseline, tokenizer, text_ids, calibration, source,
+                                  spec=spec, device=device)
+
+
+def baseline_needed_by_variants(config: StudyConfig) -> bool:
+    """True when a variant's cells read the resident baseline: today only the quality step
+    (evaluation.quality computes KL / agreement / depth JS from both models' forward passes)."""
+    return bool(config.quality.enabled)
 
 
 def describe(spec, model) -> dict:

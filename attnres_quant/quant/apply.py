@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -234,9 +235,11 @@ def quantize(model: nn.Module, variant: Variant, calibration=None, *, source: st
         from .gptq import gptq_quantize
 
         opts = variant.options
-        with _calibration_context(qmodel):  # Kimi: every routed expert sees every calibration token
-            gptq_quantize(qmodel, gptq_groups, batches, block_size=int(opts.get("block_size", 128)),
-                          dampening=float(opts.get("dampening", 0.01)), actorder=opts.get("actorder", "static"))
+        steps = gptq_layer_groups(gptq_groups) if opts.get("layerwise", True) else [gptq_groups]
+        for groups in steps:
+            with _calibration_context(qmodel):  # Kimi: every routed expert sees every calibration token
+                gptq_quantize(qmodel, groups, batches, block_size=int(opts.get("block_size", 128)),
+                              dampening=float(opts.get("dampening", 0.01)), actorder=opts.get("actorder", "static"))
 
     # 2b. GGUF (llama.cpp types) on the rows that ask for it; llama.cpp's fallback where rows do not fit.
     gguf_bytes = None
@@ -321,6 +324,33 @@ def quantize(model: nn.Module, variant: Variant, calibration=None, *, source: st
     s = plan.summary()
     return QuantizedModel(qmodel, plan, simulated, kernel, int(weight_bytes), float(s["avg_bits"]),
                           simulated_parts, notes, details)
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def gptq_layer_groups(groups: dict[tuple, list[str]]) -> list[dict[tuple, list[str]]]:
+    """Split GPTQ targets into one llm-compressor run per decoder layer, **last layer first**.
+
+    The ``basic`` pipeline keeps a Hessian (4 * in_features^2 bytes) for every target at once -- more
+    than the model itself for a whole network. Quantizing one layer per run, from the output end, keeps
+    one layer's Hessians, and every layer is still calibrated on the outputs of full-precision layers
+    below it: the same Hessians, hence the same weights, as one run over everything. Targets outside
+    the decoder layers run first when they are the output head (``lm_head``, downstream of every layer);
+    any other such target (its position in the network unknown) keeps the single run.
+    """
+    by_layer: dict[int, dict[tuple, list[str]]] = {}
+    head: dict[tuple, list[str]] = {}
+    for key, names in groups.items():
+        for name in names:
+            m = _LAYER_INDEX.search(name)
+            if m:
+                by_layer.setdefault(int(m.group(1)), {}).setdefault(key, []).append(name)
+            elif name.split(".")[-1] == "lm_head":
+                head.setdefault(key, []).append(name)
+            else:
+                return [groups]
+    return ([head] if head else []) + [by_layer[i] for i in sorted(by_layer, reverse=True)]
 
 
 def _calibration_context(model: nn.Module):

@@ -46,6 +46,9 @@ class GptqOptions(_Options):
     block_size: int = Field(128, gt=0)  # llm-compressor GPTQModifier.block_size
     dampening: float = Field(0.01, gt=0)  # GPTQModifier.dampening_frac
     actorder: Literal["static", "weight", "group", "dynamic"] | None = "static"  # compressed-tensors ActivationOrdering
+    # One decoder layer's Hessians at a time (apply.gptq_layer_groups: last layer first, so every layer is
+    # still calibrated on full-precision inputs -- the same weights as all at once, a fraction of the memory).
+    layerwise: bool = True
 
 
 class AwqOptions(_Options):
