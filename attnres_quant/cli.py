@@ -20,7 +20,7 @@ VERBS = {
     "sensitivity": ("attnres_quant.pipeline.sensitivity", "rank the damage of quantizing one part at a time (KL)"),
     "search": ("attnres_quant.pipeline.search", "find a mixed-precision policy under a bit or KL budget"),
     "train": ("attnres_quant.training.train", "train a tiny model from a training config"),
-    "bench": ("attnres_quant.bench.cli", "latency/memory benchmarks (overhead, kernels)"),
+    "bench": ("attnres_quant.bench.cli", "benchmarks: overhead, kernels, kimi, kquant, memory"),
     "report": ("attnres_quant.report.render", "re-render a report from a study folder or its results.json"),
     "convert": ("attnres_quant.convert", "retrofit a Llama-style checkpoint into Block/Full AttnRes"),
     "export": ("attnres_quant.export", "write a variant as a compressed-tensors checkpoint (or .gguf) + model card"),
