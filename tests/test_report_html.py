@@ -58,7 +58,8 @@ def rendered(tmp_path_factory):
 def test_html_report_is_self_contained(rendered):
     text = rendered.read_text(encoding="utf-8")
     images = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
-    assert len(images) == 5, "both accuracy plots, the depth heatmap and both sensitivity charts, inline"
+    assert len(images) == 7, ("both accuracy plots, the depth heatmap, both sensitivity charts and both "
+                              "Pareto plots, inline")
     for data in images:
         assert base64.b64decode(data).startswith(b"\x89PNG\r\n\x1a\n")
     assert not re.search(r'<img src="(?!data:)', text), "no image refers to a file"
@@ -73,7 +74,7 @@ def test_html_report_renders_in_chromium_without_console_errors(rendered, tmp_pa
     assert console_errors(dom.stderr) == [], console_errors(dom.stderr)
     html = dom.stdout
     assert html.count("<table") >= 10, "task, quality, latency and plan tables of both models"
-    assert html.count("<img") == 5 and html.count("<details>") >= 6
+    assert html.count("<img") == 7 and html.count("<details>") >= 6
     assert "Task scores — tiny-block" in html and "Latency and memory — tiny-standard" in html
 
     shot = tmp_path / "page.png"

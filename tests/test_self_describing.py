@@ -62,11 +62,12 @@ def test_transformers_loads_the_copy_without_the_package_and_our_loader_uses_the
     shutil.copytree(ZOO / "tiny-block", ckpt)
     script = (
         "import torch, sys\n"
+        "torch.set_num_threads(1)  # same reduction order as the in-process side\n"
         "from transformers import AutoModelForCausalLM\n"
         f"m = AutoModelForCausalLM.from_pretrained({str(ckpt)!r}, trust_remote_code=True, dtype=torch.float32)\n"
         "assert type(m).__module__.startswith('transformers_modules.'), type(m).__module__\n"
         "ids = torch.tensor([[5, 17, 99, 3, 250]])\n"
-        "torch.save(m(ids).logits, sys.argv[1])\n"
+        "with torch.no_grad():\n    torch.save(m(ids).logits, sys.argv[1])\n"
         "try:\n    import attnres_quant\nexcept ImportError:\n    pass\n"
         "else:\n    raise SystemExit('package importable')\n")
     out = tmp_path / "logits.pt"
@@ -81,8 +82,13 @@ def test_transformers_loads_the_copy_without_the_package_and_our_loader_uses_the
     # our loader: the package's classes, never the copy (no trust_remote_code needed, no refusal)
     model, _ = load_model(str(ckpt), dtype="float32")
     assert type(model).__module__ == "attnres_quant.model.modeling_attnres"
-    with torch.no_grad():
-        ours = model(torch.tensor([[5, 17, 99, 3, 250]])).logits
+    threads = torch.get_num_threads()  # earlier tests may have changed it: float sums depend on it
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            ours = model(torch.tensor([[5, 17, 99, 3, 250]])).logits
+    finally:
+        torch.set_num_threads(threads)
     assert torch.equal(torch.load(out), ours)
 
 
