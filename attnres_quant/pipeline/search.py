@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import UserError
+from .runner import DEFAULT_OUT
 from .sensitivity import build_probes, level_name, open_probe_store, parse_level, select_model, unit_bits
 
 DEFAULT_LEVELS = "int4:128,int4:32,int8"
@@ -58,7 +59,7 @@ def add_arguments(parser) -> None:
                         help="override a config key, as for `run` (e.g. --set tasks=[] for KL only)")
     parser.add_argument("--resume", action="store_true", help="reuse the probes already in results.json")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
-    parser.add_argument("--out", default="reports", help="output folder (default: reports/)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT}/, as `run`)")
 
 
 def policy_name(args) -> str:

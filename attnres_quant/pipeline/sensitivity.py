@@ -30,6 +30,7 @@ from types import SimpleNamespace
 
 from ..argtypes import int_in
 from ..errors import UserError
+from .runner import DEFAULT_OUT
 
 # Components that are never probed: norms stay at the baseline in every policy of this project, `other`
 # is unnamed, the KV cache and KDA state are runtime memories of another issue.
@@ -344,7 +345,7 @@ def add_arguments(parser) -> None:
                         help="override a config key, as for `run` (e.g. --set tasks=[] for KL only)")
     parser.add_argument("--resume", action="store_true", help="skip probes already in results.json")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
-    parser.add_argument("--out", default="reports", help="output folder (default: reports/)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT}/, as `run`)")
 
 
 def target_levels(args) -> list[dict]:
