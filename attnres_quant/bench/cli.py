@@ -96,11 +96,11 @@ def _output_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_kquant(sub) -> None:
-    q = sub.add_parser("kquant", help="GGUF K-quant packing speed: torch packer vs the numpy one (same bytes)")
+    q = sub.add_parser("kquant", help="GGUF K-quant packing speed: the packer vs the numpy one (same bytes)")
     q.add_argument("--types", default="Q4_K,Q5_K,Q6_K", help="comma-separated subset of Q4_K,Q5_K,Q6_K")
     q.add_argument("--weights", type=int_in(256, 1 << 34), default=1 << 20, help="weights packed per run")
     q.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, cuda:N or auto")
-    q.add_argument("--repeats", type=int_in(1, 1000), default=3, help="timed runs of the torch packer (median)")
+    q.add_argument("--repeats", type=int_in(1, 1000), default=3, help="timed runs of the packer (median)")
     q.add_argument("--no-reference", action="store_true", help="skip the (slow) numpy packer")
     q.add_argument("--threads", type=int_in(1, 4096), default=None, help="CPU threads")
     q.add_argument("--seed", type=int_in(0, 2**63 - 1), default=0)

@@ -9,8 +9,11 @@ written so that every float32 operation is the one the C reference performs, in 
   scalar`` into a multiplication by a reciprocal, which rounds differently);
 * no fused multiply-add: each product and sum is its own (IEEE-rounded) op.
 
-It runs on the device of its input (CUDA when the weight is there) and equals the numpy
-implementation kept as the test oracle (:mod:`.kquant_reference`) byte for byte.
+The torch code runs the rounding on GPUs (every op is one kernel over all sub-blocks of a chunk); on CPU,
+where eager torch runs one memory pass per op and is slower than numpy, :func:`quantize_blocks` and
+:func:`roundtrip_blocks` take the codes from the numba kernels of :mod:`.kquant_cpu` (same algorithm,
+fused and SIMD across sub-blocks, ~45x the numpy oracle). Both paths equal the numpy implementation kept
+as the test oracle (:mod:`.kquant_reference`) byte for byte; packing and dequantization are shared.
 
 Sub-block data is laid out ``[k, n]`` (element index first, one column per sub-block) so each step of
 a sequential sum is one contiguous vector op over all sub-blocks at once.
@@ -18,10 +21,9 @@ a sequential sum is one contiguous vector op over all sub-blocks at once.
 
 from __future__ import annotations
 
-import os
-import warnings
-
 import torch
+
+from . import kquant_cpu
 
 QK_K = 256
 _F32 = torch.float32
@@ -42,47 +44,16 @@ def _seqsum(a: torch.Tensor) -> torch.Tensor:
     return acc
 
 
-# CPU: eager torch runs one memory pass per op (slower than the numpy oracle), so the per-candidate
-# step is fused by torch.compile into one C++ loop, for tensors of at least CPU_CHUNK_BLOCKS super-blocks
-# (processed in chunks of exactly that many, the last one zero-padded: one static shape, compiled once per
-# process and cached on disk by inductor). Smaller tensors, and CUDA (where every op is already one
-# parallel kernel), run eager. ATTNRES_KQUANT_COMPILE=0 turns compilation off; a failing compile (no C++
-# compiler) falls back to eager with a warning. Both paths give the same bytes (tests).
-CPU_CHUNK_BLOCKS = 4096  # 1M weights
-CUDA_CHUNK_BLOCKS = 1 << 16  # 16M weights per batch of kernels
-_COMPILED: dict = {}
-_COMPILE_FAILED: list = []
-
-
-def compile_enabled() -> bool:
-    return os.environ.get("ATTNRES_KQUANT_COMPILE", "1") != "0" and not _COMPILE_FAILED
-
-
-def _kernel(fn, like: torch.Tensor):
-    """``fn`` itself, or its torch.compile'd version for a full CPU chunk."""
-    full_chunk = like.numel() == CPU_CHUNK_BLOCKS * QK_K  # the one shape compiled (see _map_chunks)
-    if like.device.type != "cpu" or not compile_enabled() or not full_chunk:
-        return fn
-    if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn, dynamic=False)
-    compiled = _COMPILED[fn]
-
-    def run(*args):
-        if _COMPILE_FAILED:
-            return fn(*args)
-        try:
-            return compiled(*args)
-        except Exception as exc:  # no C++ compiler, unsupported platform: same result, eager speed
-            _COMPILE_FAILED.append(repr(exc))
-            warnings.warn(f"K-quant packing: torch.compile failed ({type(exc).__name__}: {exc}); "
-                          "falling back to eager torch (same bytes, slower).", stacklevel=2)
-            return fn(*args)
-    return run
+CHUNK_BLOCKS = 1 << 16  # 16M weights per call: bounds the temporaries (float32 codes) on either device
 
 
 def _round_clamp(v: torch.Tensor, lo, hi) -> torch.Tensor:
-    """llama.cpp's nearest_int (round half to even) clamped to [lo, hi], kept as float32 codes."""
-    return torch.clamp(torch.round(v), lo, hi)
+    """llama.cpp's nearest_int (round half to even) clamped to [lo, hi], kept as float32 codes. NaN and
+    values >= 2^31 give ``lo``, as in the oracle, whose int32 cast turns them into INT_MIN before clipping
+    (reached only by degenerate blocks: subnormal or fp16-overflowing scales)."""
+    r = torch.round(v)
+    r = torch.where(r < 2147483648.0, r, torch.as_tensor(lo, dtype=r.dtype, device=r.device))
+    return torch.clamp(r, lo, hi)
 
 
 # ------------------------------------------------------------------------ scale searches
@@ -134,10 +105,9 @@ def _make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta:
     L = _round_clamp(iscale * (x - mn), 0, nmax)
     diff = scale * L + mn - x
     best = _seqsum(w * (diff * diff))
-    step = _kernel(_qkx2_step, x)
     for i in range(nstep + 1):
         cand = _const(np.float32(rmin) + np.float32(rdelta) * np.float32(i) + np.float32(nmax), x)
-        L, best, scale, mn = step(x, w, mx, mn, flat, sum_w, sum_x, cand, L, best, scale, _const(nmax, x))
+        L, best, scale, mn = _qkx2_step(x, w, mx, mn, flat, sum_w, sum_x, cand, L, best, scale, _const(nmax, x))
     scale = torch.where(flat, zero, scale)
     L = torch.where(flat, zero, L)
     return scale, -mn, L
@@ -176,12 +146,11 @@ def _make_qx_rmse1(x: torch.Tensor, nmax: int):
     scale = torch.where(suml2 != 0, sumlx / suml2, zero)
     best = scale * sumlx
     L = lq
-    step = _kernel(_qx_step, x)
     for i in range(-9, 10):
         if i == 0:
             continue
         num = _const(-(np.float32(nmax) + np.float32(0.1) * np.float32(i)), x)
-        L, best, scale = step(x, w, wx, safe, is_zero, num, L, best, scale, _const(-nmax, x), _const(nmax - 1, x))
+        L, best, scale = _qx_step(x, w, wx, safe, is_zero, num, L, best, scale, _const(-nmax, x), _const(nmax - 1, x))
     scale = torch.where(is_zero, zero, scale)
     L = torch.where(is_zero, zero, L + _const(nmax, x))
     return scale, L
@@ -305,31 +274,29 @@ def pack(codes: dict, qtype: str) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------ entry points
-def _map_chunks(blocks: torch.Tensor, fn) -> torch.Tensor:
-    """Apply ``fn`` ([n, 256] -> [n, ...]) to ``blocks`` in chunks (bounded temporaries); on CPU with
-    compilation, tensors of at least one full chunk run in chunks of exactly CPU_CHUNK_BLOCKS."""
-    nb = blocks.shape[0]
+def _encode_on_device(blocks: torch.Tensor, qtype: str) -> dict:
+    """The codes of ``blocks``: on CPU from the numba kernels of :mod:`.kquant_cpu` (eager torch would be
+    slower than numpy there: one memory pass per op), elsewhere from the torch code above (one parallel
+    kernel per op). Both equal the numpy oracle byte for byte (tests)."""
     if blocks.device.type != "cpu":
-        step, pad = CUDA_CHUNK_BLOCKS, False
-    else:
-        step, pad = CPU_CHUNK_BLOCKS, compile_enabled() and nb >= CPU_CHUNK_BLOCKS
-    outs = []
-    for start in range(0, nb, step):
-        chunk = blocks[start:start + step]
-        n = chunk.shape[0]
-        if pad and n < step:  # zero super-blocks are valid input; their codes are dropped
-            chunk = torch.cat([chunk, chunk.new_zeros(step - n, QK_K)])
-        outs.append(fn(chunk)[:n])
+        return encode(blocks, qtype)
+    codes = kquant_cpu.encode(blocks.detach().numpy(), qtype)
+    return {k: torch.from_numpy(v) for k, v in codes.items()}
+
+
+def _map_chunks(blocks: torch.Tensor, fn) -> torch.Tensor:
+    """Apply ``fn`` ([n, 256] -> [n, ...]) to ``blocks`` in chunks of CHUNK_BLOCKS (bounded temporaries)."""
+    outs = [fn(blocks[start:start + CHUNK_BLOCKS]) for start in range(0, blocks.shape[0], CHUNK_BLOCKS)]
     return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
 @torch.no_grad()
 def quantize_blocks(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
     """float32 super-blocks [nb, 256] -> GGUF blocks [nb, type_size] uint8, on ``blocks``' device."""
-    return _map_chunks(blocks, lambda b: pack(encode(b, qtype), qtype))
+    return _map_chunks(blocks, lambda b: pack(_encode_on_device(b, qtype), qtype))
 
 
 @torch.no_grad()
 def roundtrip_blocks(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
     """float32 super-blocks [nb, 256] -> the float32 values llama.cpp dequantizes them to."""
-    return _map_chunks(blocks, lambda b: dequantize(encode(b, qtype), qtype))
+    return _map_chunks(blocks, lambda b: dequantize(_encode_on_device(b, qtype), qtype))
