@@ -15,15 +15,14 @@ from attnres_quant.cli import main as cli_main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_bench_kquant_prints_json_with_identical_bytes(capsys, monkeypatch):
-    monkeypatch.setenv("ATTNRES_KQUANT_COMPILE", "0")
+def test_bench_kquant_prints_json_with_identical_bytes(capsys):
     assert cli_main(["bench", "kquant", "--weights", "4096", "--repeats", "1", "--threads", "1", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["bench"] == "kquant" and r["weights"] == 4096 and r["machine"]["date_utc"]
     assert [row["qtype"] for row in r["results"]] == ["Q4_K", "Q5_K", "Q6_K"]
     for row in r["results"]:
         assert row["identical_bytes"] is True
-        assert row["torch_s_per_mweights"] > 0 and row["numpy_s_per_mweights"] > 0
+        assert row["engine"] == "numba" and row["packer_s_per_mweights"] > 0 and row["numpy_s_per_mweights"] > 0
 
 
 @pytest.mark.parametrize("argv,expect", [

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import torch
 
-from . import kquant_cpu
-
 QK_K = 256
 _F32 = torch.float32
 
@@ -280,6 +278,8 @@ def _encode_on_device(blocks: torch.Tensor, qtype: str) -> dict:
     kernel per op). Both equal the numpy oracle byte for byte (tests)."""
     if blocks.device.type != "cpu":
         return encode(blocks, qtype)
+    from . import kquant_cpu  # numba: imported on first CPU use only
+
     codes = kquant_cpu.encode(blocks.detach().numpy(), qtype)
     return {k: torch.from_numpy(v) for k, v in codes.items()}
 
