@@ -48,9 +48,10 @@ def _round_clamp(v, lo, hi):
 # ----------------------------------------------------------------- Q4_K / Q5_K search
 @njit(cache=True, error_model="numpy", nogil=True)
 def _qkx2_tile(xt, wt, nmax, cands, flat, mn, mx, sum_w, sum_x, best, scale, L, La, sum_l, sum_l2, sum_xl,
-               err, isc):
+               err, isc, best_isc, best_mn):
     """make_qkx2_quants (use_mad = false) for TILE sub-blocks: xt, wt [32, TILE] -> flat, scale, mn,
-    L [32, TILE] (the caller zeroes flat sub-blocks)."""
+    L [32, TILE] (the caller zeroes flat sub-blocks). The codes are those of the last accepted inverse
+    scale and the min it was applied with (``best_isc``, ``best_mn``), derived once at the end."""
     n, T = xt.shape
     zero, one = _F32(0.0), _F32(1.0)
     for s in range(T):
@@ -74,10 +75,11 @@ def _qkx2_tile(xt, wt, nmax, cands, flat, mn, mx, sum_w, sum_x, best, scale, L, 
         isc[s] = nmax / (one if flat[s] else mx[s] - mn[s])
         scale[s] = one / isc[s]
         best[s] = zero
+        best_isc[s] = isc[s]
+        best_mn[s] = mn[s]
     for j in range(n):
         for s in range(T):
             l = _round_clamp(isc[s] * (xt[j, s] - mn[s]), zero, nmax)
-            L[j, s] = l
             diff = scale[s] * l + mn[s] - xt[j, s]
             e = wt[j, s] * (diff * diff)
             best[s] = e if j == 0 else best[s] + e
@@ -121,9 +123,12 @@ def _qkx2_tile(xt, wt, nmax, cands, flat, mn, mx, sum_w, sum_x, best, scale, L, 
             if sum_l[s] > zero and err[s] < best[s] and not flat[s]:
                 best[s] = err[s]
                 scale[s] = sum_xl[s]
+                best_isc[s] = isc[s]
+                best_mn[s] = mn[s]
                 mn[s] = sum_l2[s]
-                for j in range(n):
-                    L[j, s] = La[j, s]
+    for j in range(n):
+        for s in range(T):
+            L[j, s] = _round_clamp(best_isc[s] * (xt[j, s] - best_mn[s]), zero, nmax)
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
@@ -137,7 +142,7 @@ def search_qkx2(sub, nmax, cands, scale_out, min_out, L_out):
     wt = np.zeros((n, T), _F32)
     L = np.empty((n, T), _F32)
     La = np.empty((n, T), _F32)
-    vec = np.empty((12, T), _F32)
+    vec = np.empty((14, T), _F32)
     flat = np.empty(T, np.bool_)
     for t0 in range(0, n_sub, T):
         m = min(T, n_sub - t0)
@@ -156,7 +161,7 @@ def search_qkx2(sub, nmax, cands, scale_out, min_out, L_out):
                 wt[j, s] = _F32(0.0)
         mn, mx, sum_w, sum_x, best, scale = vec[0], vec[1], vec[2], vec[3], vec[4], vec[5]
         _qkx2_tile(xt, wt, nmax, cands, flat, mn, mx, sum_w, sum_x, best, scale, L, La,
-                   vec[6], vec[7], vec[8], vec[9], vec[10])
+                   vec[6], vec[7], vec[8], vec[9], vec[10], vec[11], vec[12])
         for s in range(m):
             scale_out[t0 + s] = _F32(0.0) if flat[s] else scale[s]
             min_out[t0 + s] = -mn[s]
@@ -166,8 +171,11 @@ def search_qkx2(sub, nmax, cands, scale_out, min_out, L_out):
 
 # ------------------------------------------------------------------------ Q6_K search
 @njit(cache=True, error_model="numpy", nogil=True)
-def _qx_tile(xt, nmax, nums, safe, is_zero, scale, best, L, sumlx, suml2, isc):
-    """make_qx_quants(rmse_type=1, qw=NULL) for TILE sub-blocks xt [16, TILE] -> scale, L (offset nmax)."""
+def _qx_tile(xt, w, wx, nmax, nums, safe, is_zero, scale, best, L, sumlx, suml2, isc, best_isc):
+    """make_qx_quants(rmse_type=1, qw=NULL) for TILE sub-blocks xt [16, TILE] -> scale, L (offset nmax).
+
+    w = x*x and wx = w*x are the C loop's ``w`` and ``w*x[i]``, computed once per tile. The codes are
+    those of the last accepted inverse scale (``best_isc``), derived once at the end."""
     n, T = xt.shape
     zero = _F32(0.0)
     lo, hi = _F32(-nmax), _F32(nmax - 1)
@@ -181,37 +189,36 @@ def _qx_tile(xt, nmax, nums, safe, is_zero, scale, best, L, sumlx, suml2, isc):
                 mxv = xt[j, s]
         is_zero[s] = amax < _F32(1e-15)
         safe[s] = _F32(1.0) if is_zero[s] else mxv
+    for j in range(n):
+        for s in range(T):
+            w[j, s] = xt[j, s] * xt[j, s]
+            wx[j, s] = w[j, s] * xt[j, s]
     for c in range(nums.shape[0]):  # nums[0]: the first inverse scale, then the 18 candidates
         for s in range(T):
             isc[s] = nums[c] / safe[s]
         for s in range(T):  # element 0 starts the sums
-            x = xt[0, s]
-            l = _round_clamp(isc[s] * x, lo, hi)
-            w = x * x
-            sumlx[s] = w * x * l
-            suml2[s] = w * l * l
+            l = _round_clamp(isc[s] * xt[0, s], lo, hi)
+            sumlx[s] = wx[0, s] * l
+            suml2[s] = w[0, s] * l * l
         for j in range(1, n):
             for s in range(T):
-                x = xt[j, s]
-                l = _round_clamp(isc[s] * x, lo, hi)
-                w = x * x
-                sumlx[s] = sumlx[s] + w * x * l
-                suml2[s] = suml2[s] + w * l * l
+                l = _round_clamp(isc[s] * xt[j, s], lo, hi)
+                sumlx[s] = sumlx[s] + wx[j, s] * l
+                suml2[s] = suml2[s] + w[j, s] * l * l
         for s in range(T):
             if c == 0:
                 sc = sumlx[s] / suml2[s] if suml2[s] != zero else zero
-                accept = True
                 scale[s] = sc
                 best[s] = sc * sumlx[s]
-            else:
-                accept = suml2[s] > zero and sumlx[s] * sumlx[s] > best[s] * suml2[s] and not is_zero[s]
-                if accept:
-                    sc = sumlx[s] / suml2[s]
-                    scale[s] = sc
-                    best[s] = sc * sumlx[s]
-            if accept:
-                for j in range(n):
-                    L[j, s] = _round_clamp(isc[s] * xt[j, s], lo, hi) + _F32(nmax)
+                best_isc[s] = isc[s]
+            elif suml2[s] > zero and sumlx[s] * sumlx[s] > best[s] * suml2[s] and not is_zero[s]:
+                sc = sumlx[s] / suml2[s]
+                scale[s] = sc
+                best[s] = sc * sumlx[s]
+                best_isc[s] = isc[s]
+    for j in range(n):
+        for s in range(T):
+            L[j, s] = _round_clamp(best_isc[s] * xt[j, s], lo, hi) + _F32(nmax)
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
@@ -221,8 +228,10 @@ def search_qx(sub, nmax, nums, scale_out, L_out):
     n_sub, n = sub.shape
     T = TILE
     xt = np.zeros((n, T), _F32)
+    w = np.empty((n, T), _F32)
+    wx = np.empty((n, T), _F32)
     L = np.empty((n, T), _F32)
-    vec = np.empty((6, T), _F32)
+    vec = np.empty((7, T), _F32)
     is_zero = np.empty(T, np.bool_)
     for t0 in range(0, n_sub, T):
         m = min(T, n_sub - t0)
@@ -233,7 +242,7 @@ def search_qx(sub, nmax, nums, scale_out, L_out):
             for j in range(n):
                 xt[j, s] = _F32(0.0)
         safe, scale, best, sumlx, suml2 = vec[0], vec[1], vec[2], vec[3], vec[4]
-        _qx_tile(xt, nmax, nums, safe, is_zero, scale, best, L, sumlx, suml2, vec[5])
+        _qx_tile(xt, w, wx, nmax, nums, safe, is_zero, scale, best, L, sumlx, suml2, vec[5], vec[6])
         for s in range(m):
             z = is_zero[s]
             scale_out[t0 + s] = _F32(0.0) if z else scale[s]
