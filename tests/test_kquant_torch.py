@@ -102,10 +102,14 @@ def test_torch_path_bytes_equal_numpy_reference(qtype, one_thread):
         _assert_same_bytes(ours, _reference(blocks, qtype), f"{qtype} torch {what}")
 
 
-def test_chunked_packing_equals_one_call(monkeypatch):
+def test_chunked_and_threaded_packing_equal_one_call(monkeypatch, one_thread):
     blocks = _random_blocks(50, seed=5)
     whole = K.quantize_blocks(blocks, "Q4_K")
     monkeypatch.setattr(K, "CHUNK_BLOCKS", 16)  # 4 chunks, the last one partial
+    assert torch.equal(K.quantize_blocks(blocks, "Q4_K"), whole)
+    monkeypatch.setattr(K, "MIN_BLOCKS_PER_THREAD", 8)
+    torch.set_num_threads(3)  # 3 threads over chunks of 16, 16, 16 and 2 (restored by one_thread)
+    assert K._cpu_workers(50) == 3
     assert torch.equal(K.quantize_blocks(blocks, "Q4_K"), whole)
     assert torch.equal(K.roundtrip_blocks(blocks, "Q6_K").view(torch.int32),
                        torch.from_numpy(R.roundtrip_blocks(blocks.numpy(), "Q6_K")).view(torch.int32))

@@ -15,10 +15,10 @@ Types and where their arithmetic comes from:
   ggml's C quantizer is not reachable from Python here (llama-cpp-python has no wheel on
   this index and its API does not expose ``ggml_quantize_chunk``).  This module therefore
   implements llama.cpp's reference K-quant rounding (``quantize_row_q{4,5,6}_K_ref``,
-  i.e. the path ``llama-quantize`` takes without an importance matrix), in float32 torch
-  batched over all super-blocks on the weight's device (:mod:`.kquant_torch`; torch.compile'd on
-  CPU for big tensors); the earlier numpy implementation is kept as the test oracle
-  (:mod:`.kquant_reference`) and both write the same bytes:
+  i.e. the path ``llama-quantize`` takes without an importance matrix), in float32, batched over
+  all super-blocks on the weight's device (:mod:`.kquant_torch`: numba SIMD kernels on CPU,
+  :mod:`.kquant_cpu`; torch on a GPU); the earlier numpy implementation is kept as the test oracle
+  (:mod:`.kquant_reference`) and all write the same bytes:
 
   - Q4_K / Q5_K: 8 sub-blocks of 32 with an asymmetric (scale, min) pair each, found by
     the weighted least-squares search over candidate inverse scales (llama.cpp's

@@ -21,6 +21,8 @@ a sequential sum is one contiguous vector op over all sub-blocks at once.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
 QK_K = 256
@@ -43,6 +45,7 @@ def _seqsum(a: torch.Tensor) -> torch.Tensor:
 
 
 CHUNK_BLOCKS = 1 << 16  # 16M weights per call: bounds the temporaries (float32 codes) on either device
+MIN_BLOCKS_PER_THREAD = 1024  # 256K weights: below that a CPU tensor is packed on one thread
 
 
 def _round_clamp(v: torch.Tensor, lo, hi) -> torch.Tensor:
@@ -284,9 +287,27 @@ def _encode_on_device(blocks: torch.Tensor, qtype: str) -> dict:
     return {k: torch.from_numpy(v) for k, v in codes.items()}
 
 
+def _cpu_workers(n_blocks: int) -> int:
+    """Threads for a CPU tensor: torch's thread count, at most one per MIN_BLOCKS_PER_THREAD super-blocks
+    (the numba kernels release the GIL; each chunk's result is independent of the split)."""
+    return max(1, min(torch.get_num_threads(), n_blocks // MIN_BLOCKS_PER_THREAD))
+
+
 def _map_chunks(blocks: torch.Tensor, fn) -> torch.Tensor:
-    """Apply ``fn`` ([n, 256] -> [n, ...]) to ``blocks`` in chunks of CHUNK_BLOCKS (bounded temporaries)."""
-    outs = [fn(blocks[start:start + CHUNK_BLOCKS]) for start in range(0, blocks.shape[0], CHUNK_BLOCKS)]
+    """Apply ``fn`` ([n, 256] -> [n, ...]) to ``blocks`` in chunks of at most CHUNK_BLOCKS (bounded
+    temporaries), on several threads for a big CPU tensor."""
+    n = blocks.shape[0]
+    workers = _cpu_workers(n) if blocks.device.type == "cpu" else 1
+    step = min(CHUNK_BLOCKS, -(-n // workers))
+    starts = range(0, n, step)
+    if workers == 1:
+        outs = [fn(blocks[s:s + step]) for s in starts]
+    else:
+        def run(s: int) -> torch.Tensor:
+            with torch.no_grad():  # grad mode is per thread
+                return fn(blocks[s:s + step])
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            outs = list(pool.map(run, starts))
     return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
