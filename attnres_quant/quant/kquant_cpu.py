@@ -142,7 +142,7 @@ def search_qkx2(sub, nmax, cands, scale_out, min_out, L_out):
     wt = np.zeros((n, T), _F32)
     L = np.empty((n, T), _F32)
     La = np.empty((n, T), _F32)
-    vec = np.empty((14, T), _F32)
+    vec = np.empty((13, T), _F32)
     flat = np.empty(T, np.bool_)
     for t0 in range(0, n_sub, T):
         m = min(T, n_sub - t0)
