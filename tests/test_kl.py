@@ -144,8 +144,14 @@ def test_quality_against_a_saved_baseline_matches_the_live_baseline(tmp_path):
     saved = M.quality(None, var, tok, text=text, seq_len=40, max_tokens=150, base_topk=tmp_path / "base")
     for key in ("tokens", "ppl", "base_ppl", "bpb", "kl_mean", "kl_p99", "same_top_p", "dp_rms", "top_dp_mean"):
         assert saved[key] == pytest.approx(live[key], rel=1e-5, abs=1e-7), key
-    assert saved["depth_js"] is None and live["depth_js"] is not None
-    assert live["kl_source"] == "exact" and saved["kl_source"].startswith("top-")
+    # the depth weights saved beside the log-probs give the same depth JS without the baseline model
+    assert saved["depth_js"] == pytest.approx(live["depth_js"], rel=1e-6, abs=1e-12) and len(live["depth_js"]) == 5
+    assert live["kl_source"] == "exact" and saved["kl_source"] == "exact, from the saved baseline"
+    M.save_baseline_topk(base, tok, text=text, path=tmp_path / "nodepth", k=8, seq_len=40, max_tokens=150,
+                         depth=False)
+    top8 = M.quality(None, var, tok, text=text, seq_len=40, max_tokens=150, base_topk=tmp_path / "nodepth")
+    assert top8["depth_js"] is None and top8["kl_source"] == "top-8 of the saved baseline"
+    assert top8["kl_mean"] <= live["kl_mean"]  # the top-k KL is a lower bound
 
 
 def test_memory_benchmark_prints_json(capsys):

@@ -193,6 +193,12 @@ def run_unit_task(job: dict, snapshot: dict[str, str], sink) -> dict:
         runner.run_baseline(store, unit.label, unit.spec, config, baseline, tokenizer, text_ids,
                             unit.pending_variants)
     else:
+        if not runner.baseline_needed_by_variants(config, [unit.variant]):
+            try:  # the baseline task saved its log-probs: the quality step reads them, one copy resident
+                runner.baseline_topk(store, unit.label, None, tokenizer, config, text_ids, window_model=baseline)
+                baseline = None
+            except UserError:
+                pass  # not saved (e.g. a resumed study whose file was removed): keep it resident, save it here
         runner.run_variant(store, unit.label, unit.variant, config, baseline, tokenizer, text_ids, None,
                            job["source"], spec=unit.spec, device=job["device"])
     return {"attempt": attempt, "host": socket.gethostname(), "pid": os.getpid()}
