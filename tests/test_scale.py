@@ -128,3 +128,18 @@ def test_layerwise_gptq_gives_the_same_weights_as_one_run(one_thread):
                      {("int4", 32, True): ["model.layers.0.attn.q_proj"]}]
     assert gptq_layer_groups({("int4", None, True): ["proj_in", "model.layers.0.x"]}) == [
         {("int4", None, True): ["proj_in", "model.layers.0.x"]}]
+
+
+def test_memory_worker_reports_its_own_peak_not_the_parents():
+    """`bench memory` runs each measurement in a child process; Linux carries the parent's ru_maxrss into a
+    forked-then-exec'd child, so the child's peak must come from its own VmHWM."""
+    import subprocess
+    import sys
+
+    ballast = bytearray(1200 * 2**20)  # the parent's RSS: +1200 MiB, touched
+    for i in range(0, len(ballast), 4096):
+        ballast[i] = 1
+    code = "from attnres_quant.bench.memory import _peak_rss_bytes; print(_peak_rss_bytes())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert int(out.stdout.strip()) < 700 * 2**20  # the child imports torch: ~230 MiB
+    del ballast

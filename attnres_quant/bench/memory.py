@@ -36,16 +36,24 @@ _VARIANTS = {
 }
 
 
-def _rss_bytes() -> int:
+def _status_bytes(field: str) -> int:
     with open("/proc/self/status", encoding="utf-8") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
 
 
+def _rss_bytes() -> int:
+    return _status_bytes("VmRSS")
+
+
 def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    """This process's own high-water RSS. Not ``ru_maxrss``: Linux carries the parent's high-water mark
+    into a forked-then-exec'd child, so every worker would report the driver's peak (the driver built
+    the random checkpoint: 1389 MiB at 200M, whatever the worker did)."""
+    hwm = _status_bytes("VmHWM")
+    return hwm or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def write_checkpoint(size: str, folder: Path, seed: int = 0) -> Path:
