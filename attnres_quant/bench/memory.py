@@ -1,8 +1,9 @@
 """``bench memory``: time and peak memory of one variant per method, at several model sizes.
 
-Each (size, method) runs in its own subprocess, so its peak RSS (``ru_maxrss``) is its own: the
-subprocess imports the libraries, loads a random-init AttnRes checkpoint (bf16 safetensors written
-once per size into a scratch folder), and quantizes it the way the study pipeline does -- in place on
+Each (size, method) runs in its own subprocess, so its peak RSS (``VmHWM``) is its own: the
+subprocess imports the libraries (GPTQ: llm-compressor too), loads a random-init AttnRes checkpoint
+(bf16 safetensors written once per size into a scratch folder) and reads every weight once (the
+file is memory-mapped lazily), and quantizes it the way the study pipeline does -- in place on
 a fresh load (``quantize(..., inplace=True)``). Phase ``baseline`` only loads (its RSS after loading is
 "the baseline's resident bytes"); ``rtn_copy`` is the pipeline's old way (a deep copy of a resident
 baseline) for comparison. Figures: ``peak_over_baseline`` = peak RSS / baseline RSS (whole process) and
@@ -77,17 +78,33 @@ def write_checkpoint(size: str, folder: Path, seed: int = 0) -> Path:
     return out
 
 
-def worker(path: str, method: str, calib_samples: int, calib_len: int) -> dict:
-    """One measurement, in this (fresh) process: load, then quantize with ``method``."""
+def worker(path: str, method: str, calib_samples: int, calib_len: int, warmup: str | None = None) -> dict:
+    """One measurement, in this (fresh) process: load, then quantize with ``method``.
+
+    ``warmup``: a tiny checkpoint of the same family loaded (and freed) first, so that everything loading
+    imports (transformers, safetensors, accelerate, ... ~280 MiB) is in ``rss_imports``, not in the model's share.
+    """
+    import gc
+
     import torch
 
     from ..loading import load_model
     from ..quant import Variant, quantize
 
+    if warmup:
+        warmup_model = load_model(warmup, dtype="bfloat16", device="cpu")
+        del warmup_model
+        gc.collect()
+    if method == "gptq":  # the method's own libraries count as libraries (R), not as model memory
+        import datasets  # noqa: F401
+        import llmcompressor  # noqa: F401
     torch.manual_seed(0)
     rss_imports = _rss_bytes()
     t0 = time.perf_counter()
     model, _ = load_model(path, dtype="bfloat16", device="cpu")
+    with torch.no_grad():  # safetensors maps the file lazily: read every weight once, as a study's first
+        for p in model.parameters():  # forward pass does, so that "loaded" means resident
+            p.sum()
     load_s = time.perf_counter() - t0
     params = sum(p.numel() for p in model.parameters())
     out = {"method": method, "params": params, "param_bytes": sum(p.numel() * p.element_size()
@@ -105,8 +122,10 @@ def worker(path: str, method: str, calib_samples: int, calib_len: int) -> dict:
     return out
 
 
-def _run_worker(path: Path, method: str, calib_samples: int, calib_len: int, timeout: int) -> dict:
-    cmd = [sys.executable, "-m", "attnres_quant.bench.memory", str(path), method, str(calib_samples), str(calib_len)]
+def _run_worker(path: Path, method: str, calib_samples: int, calib_len: int, timeout: int,
+                warmup: Path | None = None) -> dict:
+    cmd = [sys.executable, "-m", "attnres_quant.bench.memory", str(path), method, str(calib_samples), str(calib_len),
+           *([str(warmup)] if warmup else [])]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
                                                                       os.environ.get("PYTHONPATH")]))}
     t0 = time.perf_counter()
@@ -151,11 +170,12 @@ def run_memory(*, sizes=("3M", "30M", "200M"), methods=("baseline", "rtn", "gptq
     rows = []
     with tempfile.TemporaryDirectory(prefix="aq-bench-memory-") as tmp:
         root = Path(folder) if folder else Path(tmp)
+        warmup = write_checkpoint("3M", root / "warmup", seed=1)
         for size in sizes:
             path = write_checkpoint(size, root)
             base = None
             for method in ("baseline", *[m for m in methods if m != "baseline"]):
-                r = _run_worker(path, method, calib_samples, calib_len, timeout)
+                r = _run_worker(path, method, calib_samples, calib_len, timeout, warmup)
                 r["size"] = size
                 if method == "baseline":
                     base = r
@@ -193,4 +213,5 @@ def memory_table(r: dict) -> str:
 
 
 if __name__ == "__main__":  # the per-measurement subprocess
-    print(json.dumps(worker(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
+    print(json.dumps(worker(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]),
+                            sys.argv[5] if len(sys.argv) > 5 else None)))
