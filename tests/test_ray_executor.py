@@ -123,7 +123,7 @@ def test_ray_variants_score_against_the_saved_baseline(tmp_path, ray_address, lo
     (tmp_path / "mini.yaml").write_text(yaml.safe_dump(cfg))
     assert cli_main(["run", str(tmp_path / "mini.yaml"), "--out", str(tmp_path / "out"), "--executor", "ray"]) == 0
     data = results(tmp_path / "out", "mini")
-    assert (tmp_path / "out" / "baseline_topk" / "tiny-block" / "depth.safetensors").is_file()
+    assert (tmp_path / "out" / "mini" / "baseline_topk" / "tiny-block" / "depth.safetensors").is_file()
     for variant in ("int4_all", "int4_hybrid"):
         mine = data["cells"][f"tiny-block/{variant}/quality"]["value"]
         theirs = local_mini["cells"][f"tiny-block/{variant}/quality"]["value"]
