@@ -187,3 +187,20 @@ def test_study_reuses_the_saved_baseline_only_for_the_same_text(tmp_path):
     assert other.meta["text_ids_sha256"] != first.meta["text_ids_sha256"]
     config.quality.kl_top_k = 4
     assert baseline_topk(store, "m", model, tok, config, ids + 1).meta["k"] == 4
+
+
+def test_saved_top_token_is_the_first_maximum_on_ties(tmp_path):
+    """bf16 logits tie often; the saved baseline's top token must be the argmax a resident baseline
+    uses (first index of the maximum), or same_top_p differs between the two routes."""
+    from attnres_quant.evaluation.kl import BaselineTopK, lse_and_argmax
+
+    torch.manual_seed(0)
+    logits = (torch.randn(64, 50) * 0.5).round()  # many exact ties at the top
+    logits[:, 7] = logits.max(dim=-1).values      # token 7 ties the maximum in every row
+    saved = BaselineTopK.create(tmp_path / "b", 64, 50, 50)
+    saved.write(0, torch.zeros(64, dtype=torch.long), logits)
+    saved.close()
+    _, first = lse_and_argmax(logits)
+    ids = BaselineTopK.open(tmp_path / "b").chunk(0, 64).ids
+    assert torch.equal(ids[:, 0].long(), first)
+    assert not torch.equal(first, torch.full_like(first, 7))  # some rows tie at an earlier index
