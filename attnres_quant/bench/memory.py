@@ -81,8 +81,9 @@ def write_checkpoint(size: str, folder: Path, seed: int = 0) -> Path:
 def worker(path: str, method: str, calib_samples: int, calib_len: int, warmup: str | None = None) -> dict:
     """One measurement, in this (fresh) process: load, then quantize with ``method``.
 
-    ``warmup``: a tiny checkpoint of the same family loaded (and freed) first, so that everything loading
-    imports (transformers, safetensors, accelerate, ... ~280 MiB) is in ``rss_imports``, not in the model's share.
+    ``warmup``: a tiny checkpoint of the same family loaded (GPTQ: and quantized) and freed first, so that
+    everything loading and the method import (transformers, accelerate, ... ~280 MiB; llm-compressor's
+    oneshot ~220 MiB more) is in ``rss_imports``, not in the model's share.
     """
     import gc
 
@@ -91,13 +92,14 @@ def worker(path: str, method: str, calib_samples: int, calib_len: int, warmup: s
     from ..loading import load_model
     from ..quant import Variant, quantize
 
-    if warmup:
-        warmup_model = load_model(warmup, dtype="bfloat16", device="cpu")
+    if warmup:  # the method's own libraries count as libraries (R), not as model memory: llm-compressor
+        # imports ~220 MiB more inside its first oneshot call, so GPTQ warms up on the tiny model too
+        warmup_model, _ = load_model(warmup, dtype="bfloat16", device="cpu")
+        if method == "gptq":
+            quantize(warmup_model, Variant(**_VARIANTS[method]), calibration=torch.randint(3, 320, (1, 16)),
+                     inplace=True)
         del warmup_model
         gc.collect()
-    if method == "gptq":  # the method's own libraries count as libraries (R), not as model memory
-        import datasets  # noqa: F401
-        import llmcompressor  # noqa: F401
     torch.manual_seed(0)
     rss_imports = _rss_bytes()
     t0 = time.perf_counter()
