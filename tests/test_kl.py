@@ -144,8 +144,14 @@ def test_quality_against_a_saved_baseline_matches_the_live_baseline(tmp_path):
     saved = M.quality(None, var, tok, text=text, seq_len=40, max_tokens=150, base_topk=tmp_path / "base")
     for key in ("tokens", "ppl", "base_ppl", "bpb", "kl_mean", "kl_p99", "same_top_p", "dp_rms", "top_dp_mean"):
         assert saved[key] == pytest.approx(live[key], rel=1e-5, abs=1e-7), key
-    assert saved["depth_js"] is None and live["depth_js"] is not None
-    assert live["kl_source"] == "exact" and saved["kl_source"].startswith("top-")
+    # the depth weights saved beside the log-probs give the same depth JS without the baseline model
+    assert saved["depth_js"] == pytest.approx(live["depth_js"], rel=1e-6, abs=1e-12) and len(live["depth_js"]) == 5
+    assert live["kl_source"] == "exact" and saved["kl_source"] == "exact, from the saved baseline"
+    M.save_baseline_topk(base, tok, text=text, path=tmp_path / "nodepth", k=8, seq_len=40, max_tokens=150,
+                         depth=False)
+    top8 = M.quality(None, var, tok, text=text, seq_len=40, max_tokens=150, base_topk=tmp_path / "nodepth")
+    assert top8["depth_js"] is None and top8["kl_source"] == "top-8 of the saved baseline"
+    assert top8["kl_mean"] <= live["kl_mean"]  # the top-k KL is a lower bound
 
 
 def test_memory_benchmark_prints_json(capsys):
@@ -181,3 +187,20 @@ def test_study_reuses_the_saved_baseline_only_for_the_same_text(tmp_path):
     assert other.meta["text_ids_sha256"] != first.meta["text_ids_sha256"]
     config.quality.kl_top_k = 4
     assert baseline_topk(store, "m", model, tok, config, ids + 1).meta["k"] == 4
+
+
+def test_saved_top_token_is_the_first_maximum_on_ties(tmp_path):
+    """bf16 logits tie often; the saved baseline's top token must be the argmax a resident baseline
+    uses (first index of the maximum), or same_top_p differs between the two routes."""
+    from attnres_quant.evaluation.kl import BaselineTopK, lse_and_argmax
+
+    torch.manual_seed(0)
+    logits = (torch.randn(64, 50) * 0.5).round()  # many exact ties at the top
+    logits[:, 7] = logits.max(dim=-1).values      # token 7 ties the maximum in every row
+    saved = BaselineTopK.create(tmp_path / "b", 64, 50, 50)
+    saved.write(0, torch.zeros(64, dtype=torch.long), logits)
+    saved.close()
+    _, first = lse_and_argmax(logits)
+    ids = BaselineTopK.open(tmp_path / "b").chunk(0, 64).ids
+    assert torch.equal(ids[:, 0].long(), first)
+    assert not torch.equal(first, torch.full_like(first, 7))  # some rows tie at an earlier index

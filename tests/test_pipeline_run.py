@@ -203,10 +203,11 @@ def test_missing_config_file_in_a_subprocess_prints_no_traceback(tmp_path):
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("quality,alive", [(False, 1), (True, 2)])
+@pytest.mark.parametrize("quality,alive", [(False, 1), (True, 2), ({"kl_top_k": "all"}, 1)])
 def test_variants_quantize_a_fresh_load_in_place_never_a_second_copy(tmp_path, tiny_ckpt, monkeypatch, quality, alive):
     """Memory: each variant is a fresh load quantized in place; the baseline stays resident only for the
-    quality step (KL against the variant), otherwise one model is alive when a variant is quantized."""
+    quality step (KL against the variant) when it has no saved baseline (`kl_top_k`), otherwise one model
+    is alive when a variant is quantized."""
     import gc
     import weakref
 
@@ -231,8 +232,8 @@ def test_variants_quantize_a_fresh_load_in_place_never_a_second_copy(tmp_path, t
     monkeypatch.setattr(runner, "load_baseline", tracking_load)
     monkeypatch.setattr(quant, "quantize", tracking_quantize)
     out = tmp_path / "reports"
-    cfg = study(tmp_path, tiny_ckpt, bench={"enabled": False}, quality={"enabled": quality, "max_tokens": 200,
-                                                                           "seq_len": 64})
+    extra = quality if isinstance(quality, dict) else {"enabled": quality}
+    cfg = study(tmp_path, tiny_ckpt, bench={"enabled": False}, quality={**extra, "max_tokens": 200, "seq_len": 64})
     assert run(cfg, out) == 0
     assert seen == [(alive, True), (alive, True)]
     assert len(loaded) == 3  # the baseline, then one fresh load per variant
@@ -240,3 +241,27 @@ def test_variants_quantize_a_fresh_load_in_place_never_a_second_copy(tmp_path, t
     assert all(r() is None for r in loaded)  # nothing kept after the run
     cells = json.loads((out / "mini" / "results.json").read_text())["cells"]
     assert cells["tiny-block/int4_all/status"]["status"] == "ok"
+
+
+def test_saved_baseline_all_gives_the_resident_baselines_quality_cells(tmp_path, tiny_ckpt):
+    """`quality.kl_top_k: all` frees the baseline during variants, and every quality figure (KL statistics,
+    perplexities, agreement, depth JS) equals the resident-baseline run's."""
+    cells = {}
+    for name, extra in (("resident", {}), ("saved", {"kl_top_k": "all"})):
+        out = tmp_path / name
+        (tmp_path / f"c{name}").mkdir()
+        cfg = study(tmp_path / f"c{name}", tiny_ckpt, bench={"enabled": False},
+                    quality={**extra, "max_tokens": 200, "seq_len": 64})
+        assert run(cfg, out) == 0
+        cells[name] = json.loads((out / "mini" / "results.json").read_text())["cells"]
+    keys = [k for k, c in cells["resident"].items() if k.endswith("/quality") and "kl_mean" in c["value"]]
+    assert keys
+    for key in keys:
+        a, b = cells["resident"][key]["value"], cells["saved"][key]["value"]
+        assert b["kl_source"] == "exact, from the saved baseline" and a["kl_source"] == "exact"
+        assert b["depth_js"] is not None and len(b["depth_js"]) == len(a["depth_js"])
+        for k, v in a.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                assert b[k] == pytest.approx(v, rel=1e-5, abs=1e-7), (key, k)
+        for x, y in zip(a["depth_js"], b["depth_js"]):
+            assert y == pytest.approx(x, rel=1e-6, abs=1e-12)

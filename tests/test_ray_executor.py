@@ -106,10 +106,30 @@ def test_ray_runs_the_default_study_with_the_cells_of_a_local_run(tmp_path, ray_
     assert_same_cells(distributed, local)
     assert distributed["meta"]["executor"]["name"] == "ray" and "executor" not in local["meta"]
     assert not distributed["meta"]["executor"].get("retried")
+    # which text each model's calibration and quality used: recorded by the tasks, relayed to the driver
+    assert distributed["meta"]["data"] == local["meta"]["data"]
+    assert set(local["meta"]["data"]["tiny-block"]) == {"quality", "calibration"}
     assert (tmp_path / "ray" / "int4_hybrid.md").read_text().count("gptq_int4_hybrid") >= 1
     # sample logs are written by the tasks beside results.json, at the same relative paths
     samples = distributed["cells"]["tiny-standard/gptq_int4_hybrid/task:proxy_mc"]["value"]["proxy_mc"]
     assert (tmp_path / "ray" / "int4_hybrid" / samples["samples_path"]).is_file()
+
+
+def test_ray_variants_score_against_the_saved_baseline(tmp_path, ray_address, local_mini):
+    """`quality.kl_top_k: all` under Ray: the baseline task saves its log-probs and depth weights, the
+    variant tasks free their baseline copy and read the file; the figures equal the local resident run's."""
+    cfg = yaml.safe_load(mini_study(tmp_path).read_text())
+    cfg["quality"]["kl_top_k"] = "all"
+    (tmp_path / "mini.yaml").write_text(yaml.safe_dump(cfg))
+    assert cli_main(["run", str(tmp_path / "mini.yaml"), "--out", str(tmp_path / "out"), "--executor", "ray"]) == 0
+    data = results(tmp_path / "out", "mini")
+    assert (tmp_path / "out" / "mini" / "baseline_topk" / "tiny-block" / "depth.safetensors").is_file()
+    for variant in ("int4_all", "int4_hybrid"):
+        mine = data["cells"][f"tiny-block/{variant}/quality"]["value"]
+        theirs = local_mini["cells"][f"tiny-block/{variant}/quality"]["value"]
+        assert mine["kl_source"] == "exact, from the saved baseline"
+        for key in ("kl_mean", "kl_p99", "same_top_p", "ppl", "base_ppl", "bpb", "depth_js_mean"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-7), (variant, key)
 
 
 def test_a_killed_worker_is_retried_once_and_its_cells_are_kept(tmp_path, ray_address, local_mini):

@@ -127,3 +127,34 @@ def test_layerwise_gptq_gives_the_same_weights_as_one_run(one_thread):
                      {("int4", 32, True): ["model.layers.0.attn.q_proj"]}]
     assert gptq_layer_groups({("int4", None, True): ["proj_in", "model.layers.0.x"]}) == [
         {("int4", None, True): ["proj_in", "model.layers.0.x"]}]
+
+
+def test_memory_worker_reports_its_own_peak_not_the_parents():
+    """`bench memory` runs each measurement in a child process; Linux carries the parent's ru_maxrss into a
+    forked-then-exec'd child, so the child's peak must come from its own VmHWM."""
+    import subprocess
+    import sys
+
+    ballast = bytearray(1200 * 2**20)  # the parent's RSS: +1200 MiB, touched
+    for i in range(0, len(ballast), 4096):
+        ballast[i] = 1
+    code = "from attnres_quant.bench.memory import _peak_rss_bytes; print(_peak_rss_bytes())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert int(out.stdout.strip()) < 700 * 2**20  # the child imports torch: ~230 MiB
+    del ballast
+
+
+@pytest.mark.parametrize("bits,group,symmetric", [("int4", 32, True), ("int4", None, False), ("int8", 16, True)])
+def test_rtn_in_place_by_row_blocks_is_bit_identical(bits, group, symmetric):
+    """RTN writes a weight a block of rows at a time (bounded temporaries); groups never cross a row,
+    so every block size gives the whole-tensor result bit for bit (2-D and expert-stacked 3-D)."""
+    from attnres_quant.quant.rtn import fake_quantize_weight, fake_quantize_weight_
+
+    torch.manual_seed(0)
+    for shape in [(301, 64), (3, 50, 32)]:
+        w = (torch.randn(shape) * torch.rand(shape[-1])).to(torch.bfloat16)
+        whole = fake_quantize_weight(w, bits, group, symmetric)
+        for chunk in (64, 1000, 4096, w.numel()):
+            got = w.clone()
+            fake_quantize_weight_(got, bits, group, symmetric, chunk_elements=chunk)
+            assert torch.equal(got, whole), (shape, chunk)

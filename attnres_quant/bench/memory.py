@@ -1,8 +1,9 @@
 """``bench memory``: time and peak memory of one variant per method, at several model sizes.
 
-Each (size, method) runs in its own subprocess, so its peak RSS (``ru_maxrss``) is its own: the
-subprocess imports the libraries, loads a random-init AttnRes checkpoint (bf16 safetensors written
-once per size into a scratch folder), and quantizes it the way the study pipeline does -- in place on
+Each (size, method) runs in its own subprocess, so its peak RSS (``VmHWM``) is its own: the
+subprocess imports the libraries (GPTQ: llm-compressor too), loads a random-init AttnRes checkpoint
+(bf16 safetensors written once per size into a scratch folder) and reads every weight once (the
+file is memory-mapped lazily), and quantizes it the way the study pipeline does -- in place on
 a fresh load (``quantize(..., inplace=True)``). Phase ``baseline`` only loads (its RSS after loading is
 "the baseline's resident bytes"); ``rtn_copy`` is the pipeline's old way (a deep copy of a resident
 baseline) for comparison. Figures: ``peak_over_baseline`` = peak RSS / baseline RSS (whole process) and
@@ -36,16 +37,24 @@ _VARIANTS = {
 }
 
 
-def _rss_bytes() -> int:
+def _status_bytes(field: str) -> int:
     with open("/proc/self/status", encoding="utf-8") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
 
 
+def _rss_bytes() -> int:
+    return _status_bytes("VmRSS")
+
+
 def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    """This process's own high-water RSS. Not ``ru_maxrss``: Linux carries the parent's high-water mark
+    into a forked-then-exec'd child, so every worker would report the driver's peak (the driver built
+    the random checkpoint: 1389 MiB at 200M, whatever the worker did)."""
+    hwm = _status_bytes("VmHWM")
+    return hwm or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def write_checkpoint(size: str, folder: Path, seed: int = 0) -> Path:
@@ -69,17 +78,35 @@ def write_checkpoint(size: str, folder: Path, seed: int = 0) -> Path:
     return out
 
 
-def worker(path: str, method: str, calib_samples: int, calib_len: int) -> dict:
-    """One measurement, in this (fresh) process: load, then quantize with ``method``."""
+def worker(path: str, method: str, calib_samples: int, calib_len: int, warmup: str | None = None) -> dict:
+    """One measurement, in this (fresh) process: load, then quantize with ``method``.
+
+    ``warmup``: a tiny checkpoint of the same family loaded (GPTQ: and quantized) and freed first, so that
+    everything loading and the method import (transformers, accelerate, ... ~280 MiB; llm-compressor's
+    oneshot ~220 MiB more) is in ``rss_imports``, not in the model's share.
+    """
+    import gc
+
     import torch
 
     from ..loading import load_model
     from ..quant import Variant, quantize
 
+    if warmup:  # the method's own libraries count as libraries (R), not as model memory: llm-compressor
+        # imports ~220 MiB more inside its first oneshot call, so GPTQ warms up on the tiny model too
+        warmup_model, _ = load_model(warmup, dtype="bfloat16", device="cpu")
+        if method == "gptq":
+            quantize(warmup_model, Variant(**_VARIANTS[method]), calibration=torch.randint(3, 320, (1, 16)),
+                     inplace=True)
+        del warmup_model
+        gc.collect()
     torch.manual_seed(0)
     rss_imports = _rss_bytes()
     t0 = time.perf_counter()
     model, _ = load_model(path, dtype="bfloat16", device="cpu")
+    with torch.no_grad():  # safetensors maps the file lazily: read every weight once, as a study's first
+        for p in model.parameters():  # forward pass does, so that "loaded" means resident
+            p.sum()
     load_s = time.perf_counter() - t0
     params = sum(p.numel() for p in model.parameters())
     out = {"method": method, "params": params, "param_bytes": sum(p.numel() * p.element_size()
@@ -97,8 +124,10 @@ def worker(path: str, method: str, calib_samples: int, calib_len: int) -> dict:
     return out
 
 
-def _run_worker(path: Path, method: str, calib_samples: int, calib_len: int, timeout: int) -> dict:
-    cmd = [sys.executable, "-m", "attnres_quant.bench.memory", str(path), method, str(calib_samples), str(calib_len)]
+def _run_worker(path: Path, method: str, calib_samples: int, calib_len: int, timeout: int,
+                warmup: Path | None = None) -> dict:
+    cmd = [sys.executable, "-m", "attnres_quant.bench.memory", str(path), method, str(calib_samples), str(calib_len),
+           *([str(warmup)] if warmup else [])]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
                                                                       os.environ.get("PYTHONPATH")]))}
     t0 = time.perf_counter()
@@ -143,11 +172,12 @@ def run_memory(*, sizes=("3M", "30M", "200M"), methods=("baseline", "rtn", "gptq
     rows = []
     with tempfile.TemporaryDirectory(prefix="aq-bench-memory-") as tmp:
         root = Path(folder) if folder else Path(tmp)
+        warmup = write_checkpoint("3M", root / "warmup", seed=1)
         for size in sizes:
             path = write_checkpoint(size, root)
             base = None
             for method in ("baseline", *[m for m in methods if m != "baseline"]):
-                r = _run_worker(path, method, calib_samples, calib_len, timeout)
+                r = _run_worker(path, method, calib_samples, calib_len, timeout, warmup)
                 r["size"] = size
                 if method == "baseline":
                     base = r
@@ -185,4 +215,5 @@ def memory_table(r: dict) -> str:
 
 
 if __name__ == "__main__":  # the per-measurement subprocess
-    print(json.dumps(worker(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
+    print(json.dumps(worker(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]),
+                            sys.argv[5] if len(sys.argv) > 5 else None)))

@@ -329,7 +329,12 @@ class BaselineTopK:
             z = base_logits[s:s + POS_CHUNK]
             t = targets[s:s + POS_CHUNK]
             lse, _ = lse_and_argmax(z, vocab_chunk)
-            values, ids = torch.topk(z, k, dim=-1)  # sorted, descending
+            values, ids = torch.topk(z, k, dim=-1)  # sorted, descending; ties in no stated order
+            # Ties (common in bf16 logits) ordered by token id, so column 0 is the first index of the maximum,
+            # the baseline top token a resident baseline's argmax gives (same_top_p, top_dp agree exactly).
+            ids, by_id = ids.sort(dim=-1)
+            values, order = values.gather(1, by_id).sort(dim=-1, descending=True, stable=True)
+            ids = ids.gather(1, order)
             rows = slice(start + s, start + s + z.shape[0])
             self.arrays["ids"][rows] = ids.cpu().numpy().astype(np.int32)
             logp = values.double() - lse[:, None]

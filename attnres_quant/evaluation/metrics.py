@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
@@ -179,33 +180,56 @@ def _predicted(windows, batch_size: int):
             offset += w[:, c:].numel()
 
 
+DEPTH_FILE = "depth.safetensors"
+
+
 @torch.no_grad()
-def save_baseline_topk(baseline_model, tokenizer, text_ids=None, path=None, *, k: int = 64, text: str | None = None,
-                       seq_len: int | None = None, batch_size: int = 4, max_tokens: int | None = None):
+def save_baseline_topk(baseline_model, tokenizer, text_ids=None, path=None, *, k: int | None = 64,
+                       text: str | None = None, seq_len: int | None = None, batch_size: int = 4,
+                       max_tokens: int | None = None, depth: bool = True):
     """Run the baseline once over the quality text and save its top-k log-probs (``kl.BaselineTopK``) at ``path``.
 
-    Same text, windows and arguments as :func:`quality`, which then takes ``base_topk=path`` instead of
-    the baseline model.
+    ``k`` None (or >= vocabulary): every log-prob, so the KL read back is exact. With ``depth`` and an AttnRes
+    baseline, its depth-softmax weights at every position are saved beside them (``depth.safetensors``,
+    float32), so :func:`quality` computes the depth JS from the file as well and the baseline need not be
+    in memory at all. Same text, windows and arguments as :func:`quality`, which then takes
+    ``base_topk=path`` instead of the baseline model.
     """
-    from .kl import BaselineTopK
+    from safetensors.torch import save_file
 
-    from .kl import tokens_sha256
+    from .kl import BaselineTopK, tokens_sha256
 
     ids, _ = _prepare(tokenizer, text_ids, text, max_tokens)
     window = _seq_len([baseline_model], seq_len)
     wins = _windows(ids, window, _prefix_token(tokenizer))
     n_tokens = sum(len(w) - c for w, c in wins)
+    use_depth = depth and has_depth(baseline_model)
     writer = None
+    depth_rows: dict[str, torch.Tensor] = {}
     for w, c, offset in _predicted(wins, batch_size):
-        logits, _ = _forward(baseline_model, w, False)
+        logits, deps = _forward(baseline_model, w, use_depth)
         if writer is None:
-            writer = BaselineTopK.create(path, n_tokens, k, logits.shape[-1])
+            vocab = logits.shape[-1]
+            writer = BaselineTopK.create(path, n_tokens, vocab if k is None else k, vocab)
+        n = w.shape[1] - c
         for r in range(w.shape[0]):
-            n = w.shape[1] - c
             writer.write(offset + r * n, w[r, c:], logits[r, c - 1:-1])
-    writer.meta.update(text_ids_sha256=tokens_sha256(ids), seq_len=window)  # what `baseline_topk` reuse checks
+            for j, d in enumerate(deps or ()):  # keyed by the row's first predicted token: batch-size independent
+                depth_rows[f"{offset + r * n}.{j}"] = d[r].float().cpu().contiguous()
+    if depth_rows:
+        save_file(depth_rows, str(Path(path) / DEPTH_FILE))
+    writer.meta.update(text_ids_sha256=tokens_sha256(ids), seq_len=window,  # what `baseline_topk` reuse checks
+                       depth=bool(depth_rows))
     writer.close()
     return BaselineTopK.open(path)
+
+
+def _saved_depth(base_topk):
+    """The saved baseline's depth weights (a safetensors handle), or None when it has none."""
+    from safetensors import safe_open
+
+    f = Path(base_topk.path) / DEPTH_FILE
+    return safe_open(str(f), framework="pt") if base_topk.meta.get("depth") and f.is_file() else None
 
 
 @torch.no_grad()
@@ -216,8 +240,8 @@ def quality(baseline_model, variant_model, tokenizer, text_ids=None, *, text: st
 
     ``text_ids``: token ids (list or tensor) or a string; default: the HumanEval fixed text.
     ``base_topk``: a saved baseline (``kl.BaselineTopK`` or its folder, from :func:`save_baseline_topk`):
-    KL etc. come from it (top-k approximation of KL, see ``kl``), and ``baseline_model`` is only run for
-    the depth JS (pass None to skip it).
+    KL etc. come from it (top-k approximation of KL, see ``kl``; exact when it holds every log-prob), and
+    ``baseline_model`` (may be None) is only run for the depth JS when the file has no saved depth weights.
     """
     from .kl import BaselineTopK, KLAccumulator
 
@@ -228,14 +252,21 @@ def quality(baseline_model, variant_model, tokenizer, text_ids=None, *, text: st
         base_topk = BaselineTopK.open(base_topk)
     if base_topk is not None:
         base_topk.check_tokens([t for w, c in wins for t in w[c:]], "quality(base_topk=...)")
-    use_depth = depth and baseline_model is not None and has_depth(baseline_model) and has_depth(variant_model)
+    saved_depth = _saved_depth(base_topk) if (base_topk is not None and baseline_model is None) else None
+    use_depth = depth and has_depth(variant_model) and (saved_depth is not None or (
+        baseline_model is not None and has_depth(baseline_model)))
     acc = KLAccumulator()
     js_sum: list[float] | None = None
     js_count = 0
     for w, c, offset in _predicted(wins, batch_size):
         lv_logits, dv = _forward(variant_model, w, use_depth)
-        lb_logits, db = _forward(baseline_model, w, use_depth) if (base_topk is None or use_depth) else (None, None)
         n = w.shape[1] - c
+        if base_topk is None or (use_depth and saved_depth is None):
+            lb_logits, db = _forward(baseline_model, w, use_depth)
+        else:
+            lb_logits = None
+            db = _stack_saved_depth(saved_depth, [offset + r * n for r in range(w.shape[0])], len(dv)) \
+                if use_depth else None
         for r in range(w.shape[0]):  # row by row; the accumulator chunks positions and vocabulary
             targets = w[r, c:]
             if base_topk is None:
@@ -258,10 +289,17 @@ def quality(baseline_model, variant_model, tokenizer, text_ids=None, *, text: st
         "tokens": count, "bytes": n_bytes,
         "bpb": bits_per_byte(nll_v, n_bytes), "base_bpb": bits_per_byte(nll_b, n_bytes),
         "bpb_delta": bits_per_byte(nll_v - nll_b, n_bytes),
-        "kl_source": "exact" if base_topk is None else f"top-{base_topk.meta['k']} of the saved baseline",
+        "kl_source": "exact" if base_topk is None else (
+            "exact, from the saved baseline" if base_topk.meta["k"] >= base_topk.meta["vocab_size"]
+            else f"top-{base_topk.meta['k']} of the saved baseline"),
         "depth_js": js, "depth_js_mean": (sum(js) / len(js)) if js else None,
         "depth_js_max": max(js) if js else None,
     }
+
+
+def _stack_saved_depth(saved, starts: list[int], points: int) -> list[torch.Tensor]:
+    """The saved baseline's depth weights of these rows, per mixing point, as [rows, T, sources]."""
+    return [torch.stack([saved.get_tensor(f"{s}.{j}") for s in starts]) for j in range(points)]
 
 
 def task_flips(base: dict, var: dict) -> dict[str, tuple[int, int]]:

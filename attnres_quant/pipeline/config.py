@@ -164,8 +164,17 @@ class QualitySettings(Strict):
                                       "docs/evaluation.md 'Data sources'")
     max_tokens: int = Field(default=4096, ge=16, description="tokens of fixed text for bpb/KL/JS")
     seq_len: int = Field(default=512, ge=16)
-    kl_top_k: int | None = Field(default=None, ge=1, description="save the baseline's top-k log-probs once and "
-                                 "compute every variant's KL against them (top-k approximation; None = exact)")
+    kl_top_k: int | Literal["all"] | None = Field(
+        default=None, description="save the baseline's top-k log-probs (and depth weights) once and score every "
+        "variant against the file, so the baseline is not resident while variants run; 'all' saves every "
+        "log-prob (exact KL, 8 bytes x vocabulary per token on disk); None = the baseline stays resident (exact)")
+
+    @field_validator("kl_top_k")
+    @classmethod
+    def _top_k_positive(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError("kl_top_k must be a positive number of log-probs, 'all', or null")
+        return v
 
 
 class BenchSettings(Strict):

@@ -121,6 +121,7 @@ class CellSink:
         self.outbox: list[tuple] = []
         self.attempts: dict[str, int] = {}
         self.delivered: dict[str, dict[str, str]] = {}
+        self.data: list[dict] = []  # meta.data records (which text a model's calibration / quality used)
 
     def begin(self, unit_key: str) -> tuple[int, dict[str, str]]:
         """A task attempt starts: its attempt number and the cells earlier attempts delivered."""
@@ -131,9 +132,13 @@ class CellSink:
         self.outbox.append(cell)
         self.delivered.setdefault(unit_key, {})["/".join(cell[:3])] = cell[4]
 
-    def drain(self) -> tuple[list[tuple], dict[str, int]]:
+    def put_data(self, data: dict) -> None:
+        self.data.append(data)
+
+    def drain(self) -> tuple[list[tuple], dict[str, int], list[dict]]:
         out, self.outbox = self.outbox, []
-        return out, dict(self.attempts)
+        data, self.data = self.data, []
+        return out, dict(self.attempts), data
 
 
 class RelayStore:
@@ -146,12 +151,14 @@ class RelayStore:
         self.status = dict(snapshot)           # "model/variant/cell" -> "ok" | "failed"
         self.sink, self.unit_key, self.attempt = sink, unit_key, attempt
         self.kill_after_first_cell = kill_after_first_cell
-        # results.json's meta (e.g. meta.data: which calibration / quality text a model used) is the
-        # driver's; a task's records stay local (known gap: not relayed under --executor ray).
+        # results.json's meta is the driver's; a task only adds meta.data records (which calibration /
+        # quality text a model used), relayed on save() like cells.
         self.meta: dict = {}
 
     def save(self) -> None:
-        """Cells are written by the driver as they arrive; nothing to flush here."""
+        """Cells are written by the driver as they arrive; meta.data records are sent to it here."""
+        if self.meta.get("data"):
+            ray.get(self.sink.put_data.remote(self.meta["data"]))
 
     def done(self, model: str, variant: str, cell: str) -> bool:
         return self.status.get(f"{model}/{variant}/{cell}") == "ok"
@@ -193,6 +200,12 @@ def run_unit_task(job: dict, snapshot: dict[str, str], sink) -> dict:
         runner.run_baseline(store, unit.label, unit.spec, config, baseline, tokenizer, text_ids,
                             unit.pending_variants)
     else:
+        if not runner.baseline_needed_by_variants(config, [unit.variant]):
+            try:  # the baseline task saved its log-probs: the quality step reads them, one copy resident
+                runner.baseline_topk(store, unit.label, None, tokenizer, config, text_ids, window_model=baseline)
+                baseline = None
+            except UserError:
+                pass  # not saved (e.g. a resumed study whose file was removed): keep it resident, save it here
         runner.run_variant(store, unit.label, unit.variant, config, baseline, tokenizer, text_ids, None,
                            job["source"], spec=unit.spec, device=job["device"])
     return {"attempt": attempt, "host": socket.gethostname(), "pid": os.getpid()}
@@ -312,7 +325,12 @@ class RayExecutor:
 
     def _deliver(self, store, sink) -> None:
         """Write the cells the tasks sent since the last call (each one an atomic results.json write)."""
-        cells, attempts = ray.get(sink.drain.remote())
+        cells, attempts, data = ray.get(sink.drain.remote())
+        for records in data:  # meta.data.<model>.<role>, merged as the local runner writes it
+            for label, roles in records.items():
+                store.meta.setdefault("data", {}).setdefault(label, {}).update(roles)
+        if data:
+            store.save()
         for model, variant, cell, value, status, extra in cells:
             entry = store.get(model, variant, cell)
             if entry is not None and entry.get("status") == "ok":

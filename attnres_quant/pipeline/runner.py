@@ -6,10 +6,11 @@ baseline, evaluate it, then each variant on a fresh copy -> report.
 
 Memory: a variant is quantized *in place* on a fresh load of the baseline from disk (never a deep copy
 of a resident baseline) and freed before the next one. The resident baseline is dropped after its own
-cells unless the quality step needs it: ``evaluation.quality`` runs the baseline and the variant side by
-side for KL / top-1 agreement / depth JS, so with ``quality.enabled`` the baseline stays resident while
-variants run (two copies, as before); without it one model copy is resident at a time. See
-docs/benchmarks.md ("Memory") for the peak-memory model.
+cells unless the quality step needs it: by default ``evaluation.quality`` runs the baseline and the
+variant side by side for KL / top-1 agreement / depth JS, so the baseline stays resident while variants
+run. With ``quality.kl_top_k`` (a number, or ``all`` for every log-prob: exact) the baseline's log-probs
+and depth weights are saved to disk once, right after its own cells, and the baseline is freed: one
+model copy is resident at a time. See docs/benchmarks.md ("Memory") for the peak-memory model.
 
 Every finished (model, variant, cell) is written to results.json at once, so
 ``--resume`` continues an interrupted run without redoing finished cells, and
@@ -337,7 +338,8 @@ def run_quality(store, label, vname, baseline, model, tokenizer, config, text_id
     if not store.done(label, vname, CELL_QUALITY):
         _step(label, vname, "quality metrics")
         t0 = time.perf_counter()
-        base_topk = None if is_baseline else baseline_topk(store, label, baseline, tokenizer, config, text_ids)
+        base_topk = None if is_baseline else baseline_topk(store, label, baseline, tokenizer, config, text_ids,
+                                                           window_model=model)
         q = quality(baseline, model, tokenizer, text_ids.flatten().tolist(), seq_len=config.quality.seq_len,
                     base_topk=base_topk)
         if not math.isfinite(q.get("bpb", float("nan"))):
@@ -349,8 +351,11 @@ def run_quality(store, label, vname, baseline, model, tokenizer, config, text_id
         store.put(label, vname, CELL_DEPTH, mean_depth_weights(model, text_ids[:, : config.quality.seq_len]))
 
 
-def baseline_topk(store, label, baseline, tokenizer, config, text_ids):
-    """The saved top-k baseline of this model (written once, on first use) when `quality.kl_top_k` is set."""
+def baseline_topk(store, label, baseline, tokenizer, config, text_ids, window_model=None):
+    """The saved top-k baseline of this model (written once, on first use) when `quality.kl_top_k` is set.
+
+    ``baseline`` None: the file must already be there (a variant after its baseline freed itself);
+    ``window_model`` (same architecture) then decides the window length the file is checked against."""
     from ..evaluation.kl import BaselineTopK, tokens_sha256
     from ..evaluation.metrics import effective_seq_len, save_baseline_topk
 
@@ -362,13 +367,20 @@ def baseline_topk(store, label, baseline, tokenizer, config, text_ids):
     try:  # reuse only a file of this text, window length and k (a new run into the same folder may differ)
         saved = BaselineTopK.open(path)
         meta = saved.meta
-        if (meta.get("k") == min(k, meta.get("vocab_size", k)) and meta.get("text_ids_sha256") == tokens_sha256(ids)
-                and meta.get("seq_len") == effective_seq_len([baseline], config.quality.seq_len)):
+        vocab = meta.get("vocab_size")
+        if (meta.get("k") == (vocab if k == "all" else min(k, vocab or k))
+                and meta.get("text_ids_sha256") == tokens_sha256(ids)
+                and meta.get("seq_len") == effective_seq_len([baseline, window_model], config.quality.seq_len)):
             return saved
     except UserError:
         pass
-    _log(f"  {label}: saving the baseline's top-{k} log-probs to {path}")
-    return save_baseline_topk(baseline, tokenizer, ids, path, k=k, seq_len=config.quality.seq_len)
+    if baseline is None:  # the baseline task saves it before any variant runs; a variant cannot rebuild it
+        raise UserError(f"the saved baseline log-probs of {label!r} at {str(path)!r} are missing or were written "
+                        "for another quality text, window or kl_top_k", str(path),
+                        "run the study again with --resume: the baseline step saves them before its variants")
+    _log(f"  {label}: saving the baseline's {'log-probs' if k == 'all' else f'top-{k} log-probs'} to {path}")
+    return save_baseline_topk(baseline, tokenizer, ids, path, k=None if k == "all" else k,
+                              seq_len=config.quality.seq_len)
 
 
 def run_latency(store, label, vname, model, config, simulated, kernel, served=None) -> None:
@@ -564,6 +576,8 @@ def run_baseline(store: ResultStore, label: str, spec, config: StudyConfig, base
         run_tasks(store, label, base_name, baseline, tokenizer, config, eval_settings(config), served)
         if config.quality.enabled:
             run_quality(store, label, base_name, baseline, baseline, tokenizer, config, text_ids, is_baseline=True)
+            if config.quality.kl_top_k and variants:  # saved now, so that variants need not hold the baseline
+                baseline_topk(store, label, baseline, tokenizer, config, text_ids)
         run_latency(store, label, base_name, baseline, config, simulated=False, kernel=f"dense-{config.dtype}",
                     served=served)
         return True
@@ -667,7 +681,9 @@ def run_model(store: ResultStore, spec, config: StudyConfig, variants, device: s
         store.put(label, base_name, "model", describe(spec, baseline))
     if base_pending and not run_baseline(store, label, spec, config, baseline, tokenizer, text_ids, pending):
         return
-    if not baseline_needed_by_variants(config):
+    if config.quality.enabled and config.quality.kl_top_k and pending:  # resumed after the baseline: reuse or save
+        baseline_topk(store, label, baseline, tokenizer, config, text_ids)
+    if not baseline_needed_by_variants(config, pending):
         del baseline  # each variant loads its own copy: one model resident at a time
         gc.collect()
         _empty_device_cache()
@@ -677,10 +693,14 @@ def run_model(store: ResultStore, spec, config: StudyConfig, variants, device: s
                                   spec=spec, device=device)
 
 
-def baseline_needed_by_variants(config: StudyConfig) -> bool:
-    """True when a variant's cells read the resident baseline: today only the quality step
-    (evaluation.quality computes KL / agreement / depth JS from both models' forward passes)."""
-    return bool(config.quality.enabled)
+def baseline_needed_by_variants(config: StudyConfig, variants=()) -> bool:
+    """True when a variant's cells read the resident baseline: the quality step without a saved baseline
+    (``quality.kl_top_k`` unset: KL / agreement / depth JS from both models' forward passes), and a variant
+    served by vLLM (its export quantizes from the baseline)."""
+    from .. import vllm_backend
+
+    quality_reads_it = bool(config.quality.enabled) and not config.quality.kl_top_k
+    return quality_reads_it or any(vllm_backend.backend_of(config, v) == "vllm" for v in variants)
 
 
 def describe(spec, model) -> dict:

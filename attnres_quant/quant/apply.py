@@ -15,7 +15,7 @@ from .plan import Plan, resolve_plan
 from .formats import add_activation_quantizer as add_format_activation_quantizer
 from .formats import fake_quantize_weight as fmt_fake_quantize_weight
 from .policy import FLOAT_WEIGHTS, FP_FORMATS, QUANT_ACTIVATIONS, Variant
-from .rtn import add_activation_quantizer, fake_quantize_weight
+from .rtn import add_activation_quantizer, fake_quantize_weight_
 
 _FLOAT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -272,9 +272,8 @@ def quantize(model: nn.Module, variant: Variant, calibration=None, *, source: st
             elif r.method == "rtn" and r.precision in FP_FORMATS:  # quant/formats.py (compressed-tensors' arithmetic)
                 w.data.copy_(fmt_fake_quantize_weight(w.data, r.precision, r.resolved.group_size,
                                                       global_amax=nv_amax.get(r.part.name)))
-            elif r.method == "rtn":
-                w.data.copy_(fake_quantize_weight(w.data, r.precision, r.resolved.group_size,
-                                                  bool(r.resolved.symmetric)))
+            elif r.method == "rtn":  # in place, a block of rows at a time: bounded float32 temporaries
+                fake_quantize_weight_(w.data, r.precision, r.resolved.group_size, bool(r.resolved.symmetric))
             if r.method in ("cast", "rtn") and method in ("bnb", "torchao"):
                 simulated_parts.append(f"{r.name}={r.precision}")
 

@@ -58,6 +58,26 @@ def fake_quantize_weight(w: torch.Tensor, bits: str, group_size: int | None = No
     return fake_quant_groups(xg, scale, zp, bits).reshape(w.shape).to(w.dtype)
 
 
+# Rows quantized per step by fake_quantize_weight_: float32 temporaries of ~1M weights (~12 MiB) rather
+# than of the whole tensor (an lm_head of 32k x 4k would need ~1.5 GiB of them).
+INPLACE_CHUNK_ELEMENTS = 1 << 20
+
+
+@torch.no_grad()
+def fake_quantize_weight_(w: torch.Tensor, bits: str, group_size: int | None = None, symmetric: bool = True,
+                          chunk_elements: int = INPLACE_CHUNK_ELEMENTS) -> None:
+    """:func:`fake_quantize_weight` written into ``w`` a block of rows at a time. Groups never cross a
+    row, so the result is bit-identical to the whole-tensor call; only the temporaries shrink."""
+    if w.dim() < 2 or not w.is_contiguous() or w.numel() <= chunk_elements:
+        w.copy_(fake_quantize_weight(w, bits, group_size, symmetric))
+        return
+    rows = w.view(-1, w.shape[-1])
+    step = max(1, chunk_elements // rows.shape[1])
+    for start in range(0, rows.shape[0], step):
+        block = rows[start:start + step]
+        block.copy_(fake_quantize_weight(block, bits, group_size, symmetric))
+
+
 def fake_quantize_per_token(x: torch.Tensor, bits: str, symmetric: bool = True) -> torch.Tensor:
     """Dynamic per-token (last dim) quantize-dequantize of an activation; returns x's dtype."""
     xf = x.float()
