@@ -200,3 +200,29 @@ def test_searched_policies_apply_exactly_the_chosen_formats_to_the_named_weights
     assert {"q4_k", "baseline"} <= chosen_levels
     report = (out / "mini-search.md").read_text()
     assert "Searched at each hand-written policy's bits" in report and "q8_head_down" in report
+
+
+def test_noise_floor_is_not_paid_for_with_bits():
+    from attnres_quant.quant.allocate import noise_floor, predicted_kl
+
+    # Three units: at q8_0 each measures the floor (6e-5) plus a small excess; bf16 (baseline) measures 0.
+    def unit(name, excess):
+        return Unit(name, {"select": name}, [Option("q4", {}, 450, 0.01), Option("q8_0", {}, 850, 6e-5 + excess),
+                                             Option("baseline", {}, 1600, 0.0)])
+    units = [unit("a", 0.0), unit("b", 2e-5), unit("c", 1e-6)]
+    floor = noise_floor(units)
+    assert floor == pytest.approx(6e-5)
+    target = (3 * 850 + 750) / 300  # every unit at q8_0 and room for one at bf16
+    plain = allocate(units, 300, 0, target_bits=target)
+    assert "baseline" in {o.level for o in plain.choice.values()}  # pays 750 bits to remove a floor
+    aware = allocate(units, 300, 0, target_bits=target, floor=floor)
+    # Above the floor only b's excess is worth bits; the chosen options carry their measured KL.
+    assert {n: o.level for n, o in aware.choice.items()} == {"a": "q8_0", "b": "baseline", "c": "q8_0"}
+    assert aware.choice["a"].kl == pytest.approx(6e-5)
+    assert aware.predicted_kl == pytest.approx(floor + 1e-6) == predicted_kl(
+        {"a": Option("q8_0", {}, 0, 0.0), "b": Option("baseline", {}, 0, 0.0), "c": Option("q8_0", {}, 0, 1e-6)},
+        floor)
+    assert aware.avg_bits <= target
+    # A budget that holds every unit at bf16 keeps the model as it is: no floor at all.
+    full = allocate(units, 300, 0, target_bits=16, floor=floor)
+    assert {o.level for o in full.choice.values()} == {"baseline"} and full.predicted_kl == 0

@@ -265,12 +265,14 @@ class SearchRun:
         the budget is not ``required``: a hand-written policy below the cheapest levels)."""
         from .. import safe_yaml
         from ..quant import parse_variant
-        from ..quant.allocate import allocate
+        from ..quant.allocate import allocate, noise_floor
         from .runner import _log
 
         label, store = self.ctx.label, self.store
+        floor = noise_floor(self.units)
         try:
-            alloc = allocate(self.units, self.n_weights, self.fixed, target_bits=target_bits, max_kl=max_kl)
+            alloc = allocate(self.units, self.n_weights, self.fixed, target_bits=target_bits, max_kl=max_kl,
+                             floor=floor)
         except ValueError as exc:
             if not required:
                 _log(f"{label}: no searched policy at {target_bits:.3f} bits/weight ({exc})")
@@ -296,6 +298,7 @@ class SearchRun:
         summary = {
             "policy": name, "target_bits": target_bits, "max_kl": max_kl, "levels": self.options["levels"],
             "n_units": len(self.units), "predicted_kl": alloc.predicted_kl, "predicted_bits": alloc.avg_bits,
+            "noise_floor": floor,
             "choice": {u: o.level for u, o in alloc.choice.items()}, "kept": kept_above_cheapest(alloc, self.units),
             "steps": alloc.steps, "variant": policy, "yaml": yaml_path.as_posix()}
         if matched is not None:
