@@ -170,9 +170,9 @@ def matched_rows(view, model: str) -> list[dict]:
             hb, hk, hs = measured(hand)
             sb, sk, ss = measured(pname)
             ok = all(_finite(x) for x in (hb, hk, sb, sk))
-            rows.append({"hand-written policy": hand, "bits": _f(hb, 3), "KL ± s.e.": f"{_f(hk, 5)} ± {_f(hs, 5)}",
+            rows.append({"hand-written policy": hand, "bits": _f(hb, 3), "KL ± s.e.": f"{_f(hk, 6)} ± {_f(hs, 6)}",
                          "searched at its bits": pname, "searched bits": _f(sb, 3),
-                         "searched KL ± s.e.": f"{_f(sk, 5)} ± {_f(ss, 5)}",
+                         "searched KL ± s.e.": f"{_f(sk, 6)} ± {_f(ss, 6)}",
                          "searched ≤ hand-written (KL and bits)": "—" if not ok else
                          "yes" if sk <= hk and sb <= hb + 1e-9 else "**no**",
                          "_sort": hb if _finite(hb) else 99})
