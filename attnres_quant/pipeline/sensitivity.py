@@ -359,7 +359,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("config", help="study config YAML (models, baseline, quality, tasks), "
                                        "e.g. configs/sensitivity.yaml; its variants are not probed")
     parser.add_argument("--target", default="int4", help="precision of every probe (default int4): int4, int8, "
-                        "fp8, mxfp4, nvfp4, ... (the depth softmax is lowered to int8 / fp8 logits)")
+                        "fp8, mxfp4, nvfp4, a llama.cpp type (q4_k, q8_0, ...) (the depth softmax is lowered to "
+                        "int8 / fp8 logits)")
     parser.add_argument("--group-size", type=int_in(1), default=32, metavar="G",
                         help="group size of the target (default 32; 0 is not allowed, use --per-channel)")
     parser.add_argument("--per-channel", action="store_true", help="no groups: one scale per output channel")
