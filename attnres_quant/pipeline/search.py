@@ -1,13 +1,15 @@
 """``python -m attnres_quant search CONFIG --target-bits B`` (or ``--max-kl K``): a mixed-precision policy.
 
 1. Probe every unit (component group; with ``--per-layer`` each layer of it, ``--experts`` each expert) at
-   every level of the ladder (``--levels``, default int4 group 128, int4 group 32, int8 per channel; the
-   baseline is the top level), the depth path included: pseudo-queries and key norms as weights, the depth
-   softmax at int8 / bf16 compute and the depth sources at int4 / int8 storage (``sensitivity.measure_kl``).
+   every level of the ladder (``--levels``, default :data:`DEFAULT_LEVELS`: RTN int4 group 128 / 32, llama.cpp
+   Q4_K / Q5_K / Q6_K / Q8_0, int8 group 32 / per channel; the baseline is the top level), the depth path
+   included: pseudo-queries and key norms as weights, the depth softmax at int8 / bf16 compute and the depth
+   sources at int4 / int8 storage (``sensitivity.measure_kl``).
 2. Allocate (``quant.allocate``): least predicted KL within the bit budget (bits per weight as the plan counts
-   them), or fewest bits within the KL budget.
+   them, damage above the probes' noise floor), or fewest bits within the KL budget.
 3. Verify: quantize the chosen policy and measure it the same way, beside the config's own variants and those
-   of every ``--compare`` config (the hand-written policies), on the same text.
+   of every ``--compare`` config (the hand-written policies), on the same text; with ``--match-compared`` also
+   search and verify at each hand-written policy's bits.
 4. Write the policy as a ready study config (``run`` loads it) and render the report
    (``<out>/<config name>-search.md``: search summary and comparison, sensitivity ranking, Pareto plot).
 """
