@@ -144,7 +144,7 @@ def test_awq_method_plan_rows_and_depth_path(model, ids):
 
 # ------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("d, match", [
-    ({"method": "rtn", "default": {"weight": "q4_k"}}, "method: gguf"),
+    ({"method": "rtn", "default": {"weight": "q4_k", "group_size": 32}}, "block layout is fixed"),  # rtn takes q4_k
     ({"method": "gptq", "rules": [{"select": "attn.q", "weight": "Q8_0"}]}, "method: gguf"),
     ({"method": "gguf", "default": {"weight": "int4"}}, "llama.cpp types"),
     ({"method": "gguf", "rules": [{"select": "attn.q", "weight": "int8"}]}, "q8_0 instead of int8"),

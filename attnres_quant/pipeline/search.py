@@ -1,13 +1,15 @@
 """``python -m attnres_quant search CONFIG --target-bits B`` (or ``--max-kl K``): a mixed-precision policy.
 
 1. Probe every unit (component group; with ``--per-layer`` each layer of it, ``--experts`` each expert) at
-   every level of the ladder (``--levels``, default int4 group 128, int4 group 32, int8 per channel; the
-   baseline is the top level), the depth path included: pseudo-queries and key norms as weights, the depth
-   softmax at int8 / bf16 compute and the depth sources at int4 / int8 storage (``sensitivity.measure_kl``).
+   every level of the ladder (``--levels``, default :data:`DEFAULT_LEVELS`: RTN int4 group 128 / 32, llama.cpp
+   Q4_K / Q5_K / Q6_K / Q8_0, int8 group 32 / per channel; the baseline is the top level), the depth path
+   included: pseudo-queries and key norms as weights, the depth softmax at int8 / bf16 compute and the depth
+   sources at int4 / int8 storage (``sensitivity.measure_kl``).
 2. Allocate (``quant.allocate``): least predicted KL within the bit budget (bits per weight as the plan counts
-   them), or fewest bits within the KL budget.
+   them, damage above the probes' noise floor), or fewest bits within the KL budget.
 3. Verify: quantize the chosen policy and measure it the same way, beside the config's own variants and those
-   of every ``--compare`` config (the hand-written policies), on the same text.
+   of every ``--compare`` config (the hand-written policies), on the same text; with ``--match-compared`` also
+   search and verify at each hand-written policy's bits.
 4. Write the policy as a ready study config (``run`` loads it) and render the report
    (``<out>/<config name>-search.md``: search summary and comparison, sensitivity ranking, Pareto plot).
 """
@@ -24,7 +26,10 @@ from ..errors import UserError
 from .runner import DEFAULT_OUT
 from .sensitivity import build_probes, level_name, open_probe_store, parse_level, select_model, unit_bits
 
-DEFAULT_LEVELS = "int4:128,int4:32,int8"
+# int4 per group of 128 / 32 (RTN, bf16 scales), the llama.cpp K-quants and Q8_0 (llama-quantize's mixes are
+# made of them; rows that do not fit a K-quant's super-block take llama.cpp's fallback, and a level whose plan is
+# another level's on a unit is probed once), int8 per group of 32 and per channel.
+DEFAULT_LEVELS = "int4:128,int4:32,q4_k,q5_k,q6_k,q8_0,int8:32,int8"
 
 
 def _positive_float(text: str) -> float:
@@ -53,6 +58,9 @@ def add_arguments(parser) -> None:
                         help="search only these components (globs); the others stay at the baseline")
     parser.add_argument("--compare", action="append", default=[], metavar="CONFIG",
                         help="also measure the variants of this config (repeatable), e.g. configs/deployment.yaml")
+    parser.add_argument("--match-compared", action="store_true",
+                        help="also search at the bits per weight of every compared (hand-written) policy and "
+                             "verify each: the report's matched-budget table (searched-<bits>bpw policies)")
     parser.add_argument("--model", default=None, help="the model to search (default: the config's first)")
     parser.add_argument("--name", default=None, help="name of the policy (default searched-<B>bpw / searched-kl<K>)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -223,47 +231,98 @@ def main(args) -> int:
                 _log(f"{spec.label}: probe {i + 1}/{len(probe_vs)} {variant.name}")
             ctx.measure(variant)
         units, n_weights, fixed = build_units(store, spec.label, records, ctx.baseline, source)
-        try:
-            alloc = allocate(units, n_weights, fixed, target_bits=args.target_bits, max_kl=args.max_kl)
-        except ValueError as exc:
-            raise UserError(f"no policy fits: {exc}", "command line (--target-bits)",
-                            "raise --target-bits, or add a cheaper level to --levels (e.g. int4:128 or int4 "
-                            "per channel, `int4`)") from None
-        policy = policy_variant(name, alloc, units)
-        if name in earlier and earlier[name].get("variant") != policy:  # same name, another policy: measure anew
-            for key in [k for k in store.cells if k.startswith(f"{spec.label}/{name}/")]:
-                del store.cells[key]
-        _log(f"{spec.label}: policy {name}: {alloc.avg_bits:.3f} bits/weight, predicted KL "
-             f"{alloc.predicted_kl:.5f}; verifying")
-        ctx.measure(parse_variant(policy, source=f"{source} (searched policy)"))
+        run = SearchRun(store, ctx, units, n_weights, fixed, raw, spec_index, study_dir, args, source, options)
+        summary = run.policy(name, args.target_bits, args.max_kl, required=True)
         for variant in compared:
             if not ctx.cells_done(variant.name):
                 _log(f"{spec.label}: hand-written policy {variant.name}")
             ctx.measure(variant)
-        kept = kept_above_cheapest(alloc, units)
-        yaml_path = study_dir / f"{name}.yaml"
-        budget = (f"target {args.target_bits} bits/weight" if args.target_bits is not None
-                  else f"KL budget {args.max_kl}")
-        from .. import safe_yaml
-
-        original = safe_yaml.read_file(Path(args.config), "study config") or {}
-        write_policy_yaml(yaml_path, raw, spec_index, policy, f"{budget}, {alloc.avg_bits:.3f} bits/weight",
-                          original.get("tasks") if isinstance(original, dict) else None)
-        summary = {
-            "policy": name, "target_bits": args.target_bits, "max_kl": args.max_kl, "levels": options["levels"],
-            "n_units": len(units), "predicted_kl": alloc.predicted_kl, "predicted_bits": alloc.avg_bits,
-            "choice": {u: o.level for u, o in alloc.choice.items()}, "kept": kept, "steps": alloc.steps,
-            "compared": [v.name for v in compared], "notes": notes, "variant": policy,
-            "yaml": yaml_path.as_posix()}
+        if args.match_compared:
+            for target, names in matched_targets(ctx.baseline, compared, source).items():
+                run.policy(f"searched-{target:.3f}bpw", target, None, matched=names)
+        summary["compared"], summary["notes"] = [v.name for v in compared], notes
         store.meta["search"]["models"] = {spec.label: summary}
         store.meta["search"]["policies"][spec.label][name] = summary
         store.save()
         from ..report.render import render_report
 
         report = render_report(study_dir / "results.json", Path(args.out) / f"{study_dir.name}.md")
-    print_summary(store, spec.label, name, compared, args.target_bits)
-    _log(f"policy: {yaml_path}; report: {report}")
+    print_summary(store, spec.label, name, compared, args.target_bits, run.matched)
+    _log(f"policy: {summary['yaml']}; report: {report}")
     return 0
+
+
+class SearchRun:
+    """Allocate, verify and write policies of one searched model (the main budget and, with --match-compared,
+    one per hand-written policy's bits), all from the same measured units."""
+
+    def __init__(self, store, ctx, units, n_weights, fixed, raw, spec_index, study_dir, args, source, options):
+        self.store, self.ctx, self.units, self.n_weights, self.fixed = store, ctx, units, n_weights, fixed
+        self.raw, self.spec_index, self.study_dir, self.args, self.source = raw, spec_index, study_dir, args, source
+        self.options = options
+        self.matched: dict[str, list[str]] = {}  # searched policy -> hand-written policies at its bits
+
+    def policy(self, name: str, target_bits, max_kl, *, required: bool = False, matched: list[str] | None = None):
+        """Allocate at the budget, measure the policy, write its YAML; the summary (None when nothing fits and
+        the budget is not ``required``: a hand-written policy below the cheapest levels)."""
+        from .. import safe_yaml
+        from ..quant import parse_variant
+        from ..quant.allocate import allocate, noise_floor
+        from .runner import _log
+
+        label, store = self.ctx.label, self.store
+        floor = noise_floor(self.units)
+        try:
+            alloc = allocate(self.units, self.n_weights, self.fixed, target_bits=target_bits, max_kl=max_kl,
+                             floor=floor)
+        except ValueError as exc:
+            if not required:
+                _log(f"{label}: no searched policy at {target_bits:.3f} bits/weight ({exc})")
+                return None
+            raise UserError(f"no policy fits: {exc}", "command line (--target-bits)",
+                            "raise --target-bits, or add a cheaper level to --levels (e.g. int4:128 or int4 "
+                            "per channel, `int4`)") from None
+        policy = policy_variant(name, alloc, self.units)
+        policies = store.meta["search"]["policies"][label]
+        if name in policies and policies[name].get("variant") != policy:  # same name, another policy: anew
+            for key in [k for k in store.cells if k.startswith(f"{label}/{name}/")]:
+                del store.cells[key]
+        if name not in store.meta["variants"]:
+            store.meta["variants"].append(name)
+        _log(f"{label}: policy {name}: {alloc.avg_bits:.3f} bits/weight, predicted KL {alloc.predicted_kl:.5f}; "
+             "verifying")
+        self.ctx.measure(parse_variant(policy, source=f"{self.source} (searched policy)"))
+        yaml_path = self.study_dir / f"{name}.yaml"
+        budget = f"target {target_bits:g} bits/weight" if target_bits is not None else f"KL budget {max_kl}"
+        original = safe_yaml.read_file(Path(self.args.config), "study config") or {}
+        write_policy_yaml(yaml_path, self.raw, self.spec_index, policy, f"{budget}, {alloc.avg_bits:.3f} bits/weight",
+                          original.get("tasks") if isinstance(original, dict) else None)
+        summary = {
+            "policy": name, "target_bits": target_bits, "max_kl": max_kl, "levels": self.options["levels"],
+            "n_units": len(self.units), "predicted_kl": alloc.predicted_kl, "predicted_bits": alloc.avg_bits,
+            "noise_floor": floor,
+            "choice": {u: o.level for u, o in alloc.choice.items()}, "kept": kept_above_cheapest(alloc, self.units),
+            "steps": alloc.steps, "variant": policy, "yaml": yaml_path.as_posix()}
+        if matched is not None:
+            summary["matched"] = matched
+            self.matched[name] = matched
+        policies[name] = summary
+        store.save()
+        return summary
+
+
+def matched_targets(model, compared, source: str) -> dict[float, list[str]]:
+    """{bits per weight: [hand-written policies]}: the plan's bits of each compared policy on the searched model
+    (``Plan.summary()``, the count every policy and every probe is given), policies within 0.0005 bits of each
+    other sharing the smallest of their counts."""
+    from ..quant import resolve_plan
+
+    by_bits = sorted((resolve_plan(model, v, source=source).summary()["avg_bits"], v.name) for v in compared)
+    groups: dict[float, list[str]] = {}
+    for bits, vname in by_bits:
+        near = [b for b in groups if abs(b - bits) < 5e-4]
+        groups.setdefault(near[0] if near else bits, []).append(vname)
+    return groups
 
 
 def kept_above_cheapest(alloc, units) -> dict[str, str]:
@@ -277,7 +336,7 @@ def kept_above_cheapest(alloc, units) -> dict[str, str]:
     return kept
 
 
-def print_summary(store, label: str, name: str, compared, target_bits) -> None:
+def print_summary(store, label: str, name: str, compared, target_bits, matched=None) -> None:
     def row(v):
         q = (store.get(label, v, "quality") or {}).get("value") or {}
         p = (store.get(label, v, "plan") or {}).get("value") or {}
@@ -289,10 +348,17 @@ def print_summary(store, label: str, name: str, compared, target_bits) -> None:
         return
     meets = "meets" if target_bits is None or bits <= target_bits + 1e-9 else "DOES NOT meet"
     print(f"\n{name}: {bits:.3f} bits/weight ({meets} the budget), measured KL {kl:.5f} ± {sem:.5f}")
+    at_bits = {h: p for p, hs in (matched or {}).items() for h in hs}
     for v in compared:
         b, k, s = row(v.name)
         if b is None or k is None:
             print(f"  {v.name:<40} failed")
             continue
-        print(f"  {v.name:<40} {b:7.3f} bits  KL {k:.5f} ± {s:.5f}  searched KL <= this: "
-              f"{'yes' if kl <= k else 'no'}")
+        line = (f"  {v.name:<40} {b:7.3f} bits  KL {k:.5f} ± {s:.5f}  {name} KL <= this: "
+                f"{'yes' if kl <= k else 'no'}")
+        if v.name in at_bits:
+            mb, mk, _ = row(at_bits[v.name])
+            if mb is not None and mk is not None:
+                line += (f"; {at_bits[v.name]} ({mb:.3f} bits) KL {mk:.5f}: "
+                         f"{'<=' if mk <= k and mb <= b + 1e-9 else 'NOT <='}")
+        print(line)

@@ -135,13 +135,20 @@ def probe_units(parts, *, per_layer: bool = False, experts: bool = False) -> lis
 
 
 def parse_level(text: str) -> dict:
-    """``int4:32`` -> {weight: int4, group_size: 32}; ``int8`` -> per-channel int8 (precision fields of a rule)."""
-    from ..quant.policy import WEIGHT_PRECISIONS
+    """``int4:32`` -> {weight: int4, group_size: 32}; ``int8`` -> per-channel int8; ``Q4_K`` / ``q8_0`` -> a
+    llama.cpp type (fixed blocks, no group) -- the precision fields of a rule (method rtn takes them all)."""
+    from ..quant.policy import GGUF_WEIGHTS, WEIGHT_PRECISIONS
 
     prec, _, group = text.strip().partition(":")
+    if prec.lower() in GGUF_WEIGHTS:
+        prec = prec.lower()
     if prec not in WEIGHT_PRECISIONS:
         raise UserError(f"unknown weight precision {prec!r} in level {text!r}", "command line",
-                        "write PRECISION or PRECISION:GROUP, e.g. int4:32, int4:128, int8, fp8")
+                        "write PRECISION or PRECISION:GROUP, e.g. int4:32, int4:128, int8, int8:32, fp8, or a "
+                        "llama.cpp type: q4_k, q5_k, q6_k, q8_0, q4_0, q4_1, q5_0, q5_1")
+    if group and prec in GGUF_WEIGHTS:
+        raise UserError(f"level {text!r}: a llama.cpp type has fixed blocks, no group size", "command line",
+                        f"write {prec} alone (q4_0/q8_0 blocks of 32, K-quants super-blocks of 256)")
     fields = {"weight": prec}
     if group:
         if not group.isdigit() or int(group) < 1:
@@ -290,15 +297,35 @@ def build_probes(skeleton, weight_levels: list[dict], *, per_layer: bool, expert
         if not units:
             raise UserError(f"--components {','.join(components)} selects no probed part of the model", source,
                             "name components the model has (`plan` lists them), e.g. attn.q,mlp.down,depth.*")
-    records, variants = {}, []
+    records, variants = {}, {}
     for unit in units:
+        seen: dict[tuple, tuple[str, bool]] = {}  # what the plan does to the unit's rows -> (probe, via fallback)
         for fields in unit_levels(unit, weight_levels, ladders):
             raw = probe_variant(unit, fields)
+            variant = parse_variant(raw, source=f"{source} (probe {raw['name']})")
+            effect, fallback = unit_effect(skeleton, variant, source)
+            if effect in seen:  # e.g. q6_k on rows of 128 is llama.cpp's fallback q8_0: one probe, named q8_0
+                if fallback or not seen[effect][1]:
+                    continue
+                del records[seen[effect][0]], variants[seen[effect][0]]
+            seen[effect] = (raw["name"], fallback)
             records[raw["name"]] = {"unit": unit.name, "component": unit.component, "layer": unit.layer,
                                     "expert": unit.expert, "level": level_name(fields), "fields": fields,
                                     "free": unit.free}
-            variants.append(parse_variant(raw, source=f"{source} (probe {raw['name']})"))
-    return records, variants
+            variants[raw["name"]] = variant
+    return records, list(variants.values())
+
+
+def unit_effect(skeleton, variant, source: str) -> tuple[tuple, bool]:
+    """(row, method, precision, granularity) of every row a probe changes, as its plan resolves on the model,
+    and whether a llama.cpp fallback made any of them: two levels with the same effect on a unit are one probe
+    (the fallbacks make e.g. Q6_K on rows of 128 the same tensor as Q8_0)."""
+    from ..quant import resolve_plan
+
+    plan = resolve_plan(skeleton, variant, source=source)
+    rows = [r for r in plan.rows if r.rule != "baseline" and r.method != "keep"]
+    return (tuple((r.name, r.method, r.precision, r.granularity.split(", fallback from")[0]) for r in rows),
+            any(getattr(r, "fallback", None) for r in rows))
 
 
 def open_probe_store(config, raw, args, source: str, device: str, folder_suffix: str, options: dict, variants):
@@ -332,7 +359,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("config", help="study config YAML (models, baseline, quality, tasks), "
                                        "e.g. configs/sensitivity.yaml; its variants are not probed")
     parser.add_argument("--target", default="int4", help="precision of every probe (default int4): int4, int8, "
-                        "fp8, mxfp4, nvfp4, ... (the depth softmax is lowered to int8 / fp8 logits)")
+                        "fp8, mxfp4, nvfp4, a llama.cpp type (q4_k, q8_0, ...) (the depth softmax is lowered to "
+                        "int8 / fp8 logits)")
     parser.add_argument("--group-size", type=int_in(1), default=32, metavar="G",
                         help="group size of the target (default 32; 0 is not allowed, use --per-channel)")
     parser.add_argument("--per-channel", action="store_true", help="no groups: one scale per output channel")

@@ -257,7 +257,8 @@ def _default_ok(variant: Variant, part: Part, fields: list[str], default: Precis
     if part.component in DEFAULT_EXCLUDED or part.component in keep:
         return []
     d = default if default is not None else variant.default
-    if variant.method == "gguf" and part.kind == "weight" and ggml_n_dims(part.shape) < 2:
+    if (variant.method == "gguf" or d.weight in GGUF_WEIGHTS) and part.kind == "weight" and \
+            ggml_n_dims(part.shape) < 2:
         # llama.cpp quantizes only tensors with ggml_n_dims >= 2: norms, key norms and the [1, d]
         # pseudo-queries (ggml ne = [d, 1]) keep their stored type.
         fields = [f for f in fields if f not in WEIGHT_FIELDS]
@@ -449,7 +450,7 @@ def resolve_plan(model: nn.Module, variant: Variant, source: str = "config") -> 
                          "are balanced, into v_proj/up_proj rows: those rows say keep/awq but change exactly in "
                          "fp32 (rounded once to the model dtype); the depth path (depth.query/key_norm) is never "
                          "rescaled")
-    if method == "gguf":
+    if any(r.method == "gguf" for r in rows):
         notes += _gguf_notes(rows)
     plan = Plan(variant, rows, notes, dtype_name(_model_dtype(model)))
     return plan
@@ -512,6 +513,8 @@ def _method_for(method: str, part: Part, res: Resolved, baseline: str, awq_compo
         return "keep"
     if w in FLOAT_WEIGHTS:
         return "cast"
+    if w in GGUF_WEIGHTS:  # method gguf, or a llama.cpp row of an rtn variant (policy.weight_capability)
+        return "gguf"
     if method == "gptq":
         return "gptq" if part.is_linear else "rtn"
     if method == "awq":  # AWQ's targets: the family's awq_components (attention / MLP projections); RTN for the rest

@@ -32,7 +32,7 @@ from ..errors import UserError
 from .components import COMPUTE_COMPONENTS, LINEAR_COMPONENTS, known_components
 
 FLOAT_WEIGHTS = ("bf16", "fp16", "fp32")
-# llama.cpp quant types (method gguf only); written lower-case in the plan, upper-case accepted.
+# llama.cpp quant types (method gguf, or rows of an rtn variant); written lower-case in the plan, upper-case accepted.
 GGUF_WEIGHTS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")
 # Deployment floating formats (quant/formats.py; method rtn, simulated).
 FP_FORMATS = ("fp8", "fp8_tensor", "fp8_block", "mxfp8", "mxfp4", "nvfp4")
@@ -62,7 +62,7 @@ ACT_FIELDS = ("activation", "activation_scheme")
 class Precision(BaseModel):
     """Precision fields; an unset field inherits (default -> earlier rules -> baseline).
 
-    weight            bf16 | fp16 | fp32 | int8 | int4 | nf4 | fp4 | GGUF type (method gguf: q8_0, q4_0, q4_1,
+    weight            bf16 | fp16 | fp32 | int8 | int4 | nf4 | fp4 | GGUF type (gguf, rtn: q8_0, q4_0, q4_1,
                       q5_0, q5_1, q4_k, q5_k, q6_k; upper-case accepted) | floating formats (method rtn):
                       fp8 (E4M3 per-channel, or per-group with group_size), fp8_tensor, fp8_block (group_size x
                       group_size blocks, default 128), mxfp8, mxfp4 (g32 E8M0), nvfp4 (g16 E4M3 + fp32 global)
@@ -207,8 +207,9 @@ def weight_capability(method: str, component: str) -> tuple[str, ...]:
     linear = component in LINEAR_COMPONENTS
     if method == "none":
         return FLOAT_WEIGHTS
-    if method == "rtn":  # the floating formats are simulated by rtn only (quant/formats.py)
-        return FLOAT_WEIGHTS + ("int8", "int4") + FP_FORMATS
+    if method == "rtn":  # the floating formats are simulated by rtn only (quant/formats.py); the llama.cpp types
+        # are data-free quantizers too, so an rtn variant may mix them with int/fp rows (search's policies do)
+        return FLOAT_WEIGHTS + ("int8", "int4") + FP_FORMATS + GGUF_WEIGHTS
     if method in ("gptq", "awq"):  # awq: AWQ for attn/mlp projections, RTN for the other parts
         return FLOAT_WEIGHTS + ("int8", "int4")
     if method == "gguf":  # every weight tensor (1-D ones only when a rule names them; see plan.py)
@@ -239,8 +240,8 @@ def method_fix(method: str, precision: str, component: str) -> str:
         return (f"{precision} (a floating deployment format) is simulated by `method: rtn` (and fp8 per-row runs on "
                 "torchao's float8 kernels, `method: torchao`); use rtn for this variant, or int4/int8 with gptq/awq")
     if precision in GGUF_WEIGHTS:
-        return (f"{precision.upper()} is a llama.cpp (GGUF) type: use `method: gguf` for GGUF types, or int4/int8 "
-                f"with rtn/gptq/awq")
+        return (f"{precision.upper()} is a llama.cpp (GGUF) type: use `method: gguf` (or `rtn`, which mixes GGUF "
+                f"types with int/fp rows) for GGUF types, or int4/int8 with gptq/awq")
     if method == "gguf":
         return ("`method: gguf` takes llama.cpp types (" + ", ".join(GGUF_WEIGHTS) + ", upper-case accepted) or a "
                 "float (bf16/fp16/fp32); e.g. q4_0 or q4_k instead of int4, q8_0 instead of int8; or use "
@@ -272,8 +273,8 @@ def check_variant(variant: Variant, source: str = "config") -> None:
                         "use `method: rtn` or `gptq` (simulated activations) or torchao with int8 weights; "
                         "awq and gguf are weight-only")
     check_options(variant, where0)
-    if variant.method == "gguf":
-        for label, prec in [("default", d)] + [(r.label(i), r) for i, r in enumerate(variant.rules)]:
+    for label, prec in [("default", d)] + [(r.label(i), r) for i, r in enumerate(variant.rules)]:
+        if variant.method == "gguf" or prec.weight in GGUF_WEIGHTS:  # rtn: only where the same place sets a GGUF type
             bad = [f for f in ("group_size", "symmetric") if f in prec.model_fields_set]
             if bad:
                 raise UserError(f"`{bad[0]}` does not apply to GGUF types (their block layout is fixed: 32 "

@@ -141,7 +141,8 @@ def search_section(view, model: str) -> list[str]:
                                                          or "nothing"), ""]
     rows = []
     searched_kl = q.get("kl_mean")
-    others = [p for p in searched_policies(view, model) if p != name]
+    policies = searched_policies(view, model)
+    others = [p for p in policies if p != name and not (policies[p] or {}).get("matched")]
     for v in [name] + others + list(s.get("compared") or []):
         qv = view.cell(model, v, "quality") or {}
         pv = view.cell(model, v, "plan") or {}
@@ -154,7 +155,42 @@ def search_section(view, model: str) -> list[str]:
                      _finite(searched_kl) else ("yes" if searched_kl <= qv["kl_mean"] else "**no**")})
     rows[1:] = sorted(rows[1:], key=lambda r: float(r["avg bits/weight"]) if r["avg bits/weight"] != "—" else 99)
     lines += [_table(rows), "", "_All policies quantized and measured in this run (same text, same KL code)._", ""]
-    return lines
+    return lines + matched_section(view, model)
+
+
+def matched_rows(view, model: str) -> list[dict]:
+    """Per hand-written policy: its bits and KL, and the policy searched at its bits (``--match-compared``)."""
+    def measured(v):
+        q, p = view.cell(model, v, "quality") or {}, view.cell(model, v, "plan") or {}
+        return p.get("avg_bits"), q.get("kl_mean"), q.get("kl_sem")
+
+    rows = []
+    for pname, summary in searched_policies(view, model).items():
+        for hand in (summary or {}).get("matched") or []:
+            hb, hk, hs = measured(hand)
+            sb, sk, ss = measured(pname)
+            ok = all(_finite(x) for x in (hb, hk, sb, sk))
+            rows.append({"hand-written policy": hand, "bits": _f(hb, 3), "KL ± s.e.": f"{_f(hk, 6)} ± {_f(hs, 6)}",
+                         "searched at its bits": pname, "searched bits": _f(sb, 3),
+                         "searched KL ± s.e.": f"{_f(sk, 6)} ± {_f(ss, 6)}",
+                         "searched ≤ hand-written (KL and bits)": "—" if not ok else
+                         "yes" if sk <= hk and sb <= hb + 1e-9 else "**no**",
+                         "_sort": hb if _finite(hb) else 99})
+    rows.sort(key=lambda r: (r.pop("_sort"), r["hand-written policy"]))
+    return rows
+
+
+def matched_section(view, model: str) -> list[str]:
+    from .render import _table
+
+    rows = matched_rows(view, model)
+    if not rows:
+        return []
+    wins = sum(r["searched ≤ hand-written (KL and bits)"] == "yes" for r in rows)
+    return [f"#### Searched at each hand-written policy's bits — {model}", "", _table(rows), "",
+            f"_`search --match-compared`: one search per hand-written policy's bits per weight (the plan's count, "
+            f"the same for every policy), each verified by a real measurement on the same text; the searched "
+            f"policy is at or below the hand-written one in KL and bits for {wins} of {len(rows)}._", ""]
 
 
 def _f(x, digits):
@@ -242,11 +278,16 @@ def plot_pareto(view, out_dir: Path) -> list[tuple[str, str]]:
         front = _frontier(policies)
         ax.plot([p[1] for p in front], [p[2] for p in front], color="tab:blue", lw=0.8, alpha=0.5,
                 label="Pareto frontier")
+        main = search_meta(view, model).get("policy")
+        labelled = False
         for name, x, y, e in policies:
-            if name in searched:
-                ax.errorbar([x], [y], yerr=[e], fmt="*", color="tab:red", ms=14, capsize=2,
-                            label=f"searched: {name}")
-                ax.annotate(name, (x, y), fontsize=7, color="tab:red", xytext=(5, -9), textcoords="offset points")
+            if name in searched:  # the main budget's policy named; the others (other budgets) one legend entry
+                is_main = name == main
+                ax.errorbar([x], [y], yerr=[e], fmt="*", color="tab:red", ms=14 if is_main else 9, capsize=2,
+                            label=f"searched: {name}" if is_main else None if labelled else "searched (other budgets)")
+                labelled = labelled or not is_main
+                if is_main:
+                    ax.annotate(name, (x, y), fontsize=7, color="tab:red", xytext=(5, -9), textcoords="offset points")
         ax.set_yscale("log")
         _spread_labels(ax, [(name, x, y) for name, x, y, _ in others], fontsize=6)
         ax.set_xlabel("average bits per weight (plan, incl. scales)")
