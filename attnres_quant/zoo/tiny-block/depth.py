@@ -92,9 +92,6 @@ class Phase1State:
     # completed sources, [B, T, n] fp32 (a strided view): the depth weights of the completed
     # sources up to the merge's per-token factor (DepthMixer.merge(..., with_weights=True)).
     probs: torch.Tensor | None = None
-    # Default precision only: acc * inv_sum, the softmax mix of the completed sources alone ([B, T, D],
-    # a strided view), computed once per block for all its queries (see DepthMixer.merge).
-    mix: torch.Tensor | None = None
 
 
 class DepthMixer(nn.Module):
@@ -150,8 +147,9 @@ class DepthMixer(nn.Module):
         :func:`naive_mix` returns.
         """
         if partial is None:
-            if state.mix is not None:
-                return (state.mix, state.probs * state.inv_sum) if with_weights else state.mix
+            if state.inv_sum is not None:
+                mix = state.acc * state.inv_sum
+                return (mix, state.probs * state.inv_sum) if with_weights else mix
             total = state.sum_exp.unsqueeze(-1)
             mix = state.acc / total
             return (mix, state.probs / total) if with_weights else mix
@@ -167,19 +165,16 @@ class DepthMixer(nn.Module):
             # prepare_logits is the identity (two no-op casts per sub-layer skipped: in a decode step
             # the depth path is dominated by per-op dispatch, not arithmetic).
             # Perf: the softmax over [completed..., partial] is
-            #   mix = A (1 - p) + partial p = A + p (partial - A),  p = sigmoid(logit - lse),
-            # with A = acc / sum_exp (state.mix, once per block in phase 1) and p the partial sum's
-            # weight: the online-softmax merge in four ops (two full-size passes).  In a decode step
-            # the depth path's cost is its op count (every small op runs on caches the GEMMs have
-            # just flushed: docs/benchmarks.md, issue 22), so the merge is kept to as few as possible.
+            #   mix = (acc / sum_exp) * (1 - p) + partial * p,  p = sigmoid(logit - lse)
+            # the partial sum's weight: the same online-softmax merge in a handful of per-token
+            # ops and two full-size passes (one multiply, one fused multiply-add); 1 - p is taken
+            # as sigmoid(lse - logit) for accuracy.
             d = logit.sub_(state.lse)
             p_partial = torch.sigmoid(d)
-            mix = torch.addcmul(state.mix, pf - state.mix, p_partial)
+            coef = torch.sigmoid(d.neg_()) * state.inv_sum
+            mix = torch.mul(pf, p_partial).addcmul_(state.acc, coef)
             if not with_weights:
                 return mix
-            # The completed sources' weights p_s (1 - p) / sum_exp, 1 - p as sigmoid(lse - logit)
-            # for accuracy.
-            coef = torch.sigmoid(d.neg_()) * state.inv_sum
             return mix, torch.cat([state.probs * coef, p_partial], dim=-1)
         # Tile 2 of the low-precision semantics (module docstring), same expressions as
         # naive_mix's _tiled_weights.
@@ -270,8 +265,7 @@ def phase1(mixers: list[DepthMixer], logits: torch.Tensor, sources: torch.Tensor
         total = e.sum(dim=0)
         w = e.permute(1, 2, 3, 0)  # [B, T, q, n]
         lse = (mx + torch.log(total)).split(1, dim=-1)  # q x [B, T, 1]
-        inv_all = torch.reciprocal(total)  # [B, T, q]
-        inv_sum = inv_all.split(1, dim=-1)
+        inv_sum = torch.reciprocal(total).split(1, dim=-1)
         maxes, sums = mx.unbind(-1), total.unbind(-1)
     else:
         maxes, sums, ws = [], [], []
@@ -282,12 +276,8 @@ def phase1(mixers: list[DepthMixer], logits: torch.Tensor, sources: torch.Tensor
             sums.append(total)
             ws.append(p)
         w = torch.stack(ws, dim=-1).permute(1, 2, 3, 0)
-    acc_all = torch.bmm(w.reshape(b * t, q, n), sources.reshape(b * t, n, d)).view(b, t, q, d)
-    acc = acc_all.unbind(2)
-    # Default precision: every query's normalised mix of the completed sources in one op.
-    mixes = None if inv_sum is None else (acc_all * inv_all.unsqueeze(-1)).unbind(2)
+    acc = torch.bmm(w.reshape(b * t, q, n), sources.reshape(b * t, n, d)).view(b, t, q, d).unbind(2)
     probs = w.unbind(2)  # q x [B, T, n]
     return [Phase1State(maxes[i], sums[i], acc[i],
-                        None if lse is None else lse[i], None if inv_sum is None else inv_sum[i], probs[i],
-                        None if mixes is None else mixes[i])
+                        None if lse is None else lse[i], None if inv_sum is None else inv_sum[i], probs[i])
             for i in range(q)]
