@@ -159,14 +159,17 @@ class DepthMixer(nn.Module):
         # w . RMSNorm(partial; g) with g folded into the query: [B, T, 1].  (Written as
         # inverse_rms(partial) * (partial @ w g) it would skip a [B, T, D] temporary, but it rounds
         # differently: fp32 logits moved by up to 1e-5 relative; kept bit-identical instead.)
-        logit = self.prepare_logits(F.rms_norm(pf, (pf.shape[-1],), eps=self.eps) @ query)
+        logit = F.rms_norm(pf, (pf.shape[-1],), eps=self.eps) @ query
         if state.lse is not None:
+            # phase1 sets lse only when every mixer of the block has the default precision, where
+            # prepare_logits is the identity (two no-op casts per sub-layer skipped: in a decode step
+            # the depth path is dominated by per-op dispatch, not arithmetic).
             # Perf: the softmax over [completed..., partial] is
             #   mix = (acc / sum_exp) * (1 - p) + partial * p,  p = sigmoid(logit - lse)
             # the partial sum's weight: the same online-softmax merge in a handful of per-token
             # ops and two full-size passes (one multiply, one fused multiply-add); 1 - p is taken
             # as sigmoid(lse - logit) for accuracy.
-            d = logit - state.lse
+            d = logit.sub_(state.lse)
             p_partial = torch.sigmoid(d)
             coef = torch.sigmoid(d.neg_()) * state.inv_sum
             mix = torch.mul(pf, p_partial).addcmul_(state.acc, coef)
@@ -175,7 +178,7 @@ class DepthMixer(nn.Module):
             return mix, torch.cat([state.probs * coef, p_partial], dim=-1)
         # Tile 2 of the low-precision semantics (module docstring), same expressions as
         # naive_mix's _tiled_weights.
-        logit = logit.squeeze(-1)
+        logit = self.prepare_logits(logit).squeeze(-1)
         a, b, den = _merge_coefficients(self, state.max, state.sum_exp, logit)
         # Perf: (acc * a + pf * b) / den as two passes over [B, T, D] (one
         # multiply, one fused multiply-add) with the 1/den folded into the
