@@ -10,29 +10,15 @@ import torch
 import yaml
 
 from attnres_quant.cli import main as cli_main
-from attnres_quant.model import AttnResConfig, AttnResForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    from attnres_quant.evaluation.testing import tiny_tokenizer
+    from attnres_quant.evaluation.testing import write_tiny_attnres
 
-    out = tmp_path_factory.mktemp("ckpt") / "tiny-block"
-    tok = tiny_tokenizer(vocab_size=320)
-    torch.manual_seed(0)
-    cfg = AttnResConfig(hidden_size=64, num_hidden_layers=2, num_heads=4, num_kv_heads=2, vocab_size=len(tok),
-                        intermediate_size=128, attnres_block_size=2, initializer_range=0.2,
-                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    model = AttnResForCausalLM(cfg)
-    with torch.no_grad():  # learned-looking, non-uniform depth attention
-        for name, p in model.named_parameters():
-            if "res_proj" in name:
-                p.normal_(0, 0.5)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return write_tiny_attnres(tmp_path_factory.mktemp("ckpt") / "tiny-block", intermediate_size=128)
 
 
 def study(tmp_path, ckpt, **over):

@@ -13,7 +13,6 @@ import yaml
 
 from attnres_quant.cli import main as cli_main
 from attnres_quant.errors import UserError
-from attnres_quant.model import AttnResConfig, AttnResForCausalLM
 from attnres_quant.quant import parse_variant, quantize, resolve_plan
 from attnres_quant.quant.allocate import Option, Unit, allocate
 
@@ -22,22 +21,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from attnres_quant.evaluation.testing import tiny_tokenizer
+    from attnres_quant.evaluation.testing import write_tiny_attnres
 
-    out = tmp_path_factory.mktemp("ckpt") / "tiny-block"
-    tok = tiny_tokenizer(vocab_size=320)
-    torch.manual_seed(0)
-    cfg = AttnResConfig(hidden_size=64, num_hidden_layers=2, num_heads=4, num_kv_heads=2, vocab_size=len(tok),
-                        intermediate_size=256, attnres_block_size=2, initializer_range=0.2,
-                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    model = AttnResForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "res_proj" in name:
-                p.normal_(0, 0.5)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return write_tiny_attnres(tmp_path_factory.mktemp("ckpt") / "tiny-block", intermediate_size=256)
 
 
 @pytest.fixture(scope="module")

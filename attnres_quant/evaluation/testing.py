@@ -29,6 +29,28 @@ def tiny_tokenizer(vocab_size: int = 320, extra_text: str = ""):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
+def write_tiny_attnres(out: Path, intermediate_size: int = 128) -> Path:
+    """A random 2-layer AttnRes checkpoint (hidden 64, block size 2) with learned-looking, non-uniform
+    depth attention (pseudo-queries drawn at std 0.5) and the tiny tokenizer, saved at ``out``."""
+    import torch
+
+    from attnres_quant.model import AttnResConfig, AttnResForCausalLM
+
+    tok = tiny_tokenizer(vocab_size=320)
+    torch.manual_seed(0)
+    cfg = AttnResConfig(hidden_size=64, num_hidden_layers=2, num_heads=4, num_kv_heads=2, vocab_size=len(tok),
+                        intermediate_size=intermediate_size, attnres_block_size=2, initializer_range=0.2,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = AttnResForCausalLM(cfg)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "res_proj" in name:
+                param.normal_(0, 0.5)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 def scripted_lm(choose: Callable[[dict], int] | None = None, generate: Callable[[dict, str], str] | None = None):
     """An lm-eval ``LM`` whose answers are scripted from the document.
 
