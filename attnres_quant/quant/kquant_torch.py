@@ -13,7 +13,7 @@ The torch code runs the rounding on GPUs (every op is one kernel over all sub-bl
 where eager torch runs one memory pass per op and is slower than numpy, :func:`quantize_blocks` and
 :func:`roundtrip_blocks` take the codes from the numba kernels of :mod:`.kquant_cpu` (same algorithm,
 fused and SIMD across sub-blocks, ~45x the numpy oracle). Both paths equal the numpy implementation kept
-as the test oracle (:mod:`.kquant_reference`) byte for byte; packing and dequantization are shared.
+as the test oracle (:mod:`.kquant_reference`) byte for byte; both pack with the oracle's byte layout (:func:`pack`).
 
 Sub-block data is laid out ``[k, n]`` (element index first, one column per sub-block) so each step of
 a sequential sum is one contiguous vector op over all sub-blocks at once.
@@ -222,7 +222,7 @@ def encode(blocks: torch.Tensor, qtype: str) -> dict:
     raise ValueError(f"not a K-quant type: {qtype!r}")
 
 
-# ------------------------------------------------------------------ dequantize and pack
+# ------------------------------------------------------------------ dequantize and pack (shared layout)
 def dequantize(codes: dict, qtype: str) -> torch.Tensor:
     """Our codes -> float32 [nb, 256] with llama.cpp's (and gguf's) dequantization formulas."""
     L = codes["L"]
@@ -237,41 +237,17 @@ def dequantize(codes: dict, qtype: str) -> torch.Tensor:
     return (d[..., None] * q - dm[..., None]).reshape(nb, QK_K)
 
 
-def _fp16_bytes(h: torch.Tensor) -> torch.Tensor:
-    return h.contiguous().reshape(-1, 1).view(torch.uint8)  # [nb, 2], little-endian like GGUF
-
-
-def _pack_scales_k4(sc: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Eight 6-bit scales and mins -> 12 bytes (llama.cpp's get_scale_min_k4 layout)."""
-    return torch.cat([sc[:, 0:4] | ((sc[:, 4:8] >> 4) << 6),
-                      m[:, 0:4] | ((m[:, 4:8] >> 4) << 6),
-                      (sc[:, 4:8] & 0xF) | ((m[:, 4:8] & 0xF) << 4)], dim=1)
-
-
 def pack(codes: dict, qtype: str) -> torch.Tensor:
-    """Codes -> GGUF blocks [nb, type_size] uint8 (Q4_K 144, Q5_K 176, Q6_K 210 bytes)."""
-    L = codes["L"]
-    nb = L.shape[0]
-    if qtype == "Q6_K":
-        Lh = L.reshape(nb, 2, 4, 32)  # [half, quarter, lane] -> element 128*h + 32*q + l
-        lo = Lh & 0xF
-        hi = Lh >> 4
-        ql = torch.cat([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], dim=2)
-        qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
-        return torch.cat([ql.reshape(nb, 128), qh.reshape(nb, 64), codes["sc"].view(torch.uint8),
-                          _fp16_bytes(codes["d"])], dim=1)
-    head = torch.cat([_fp16_bytes(codes["d"]), _fp16_bytes(codes["dmin"]),
-                      _pack_scales_k4(codes["sc"], codes["m"])], dim=1)
-    Lc = L.reshape(nb, 4, 2, 32)  # [chunk of 64, half, lane]
-    ql = ((Lc[:, :, 0] & 0xF) | ((Lc[:, :, 1] & 0xF) << 4)).reshape(nb, 128)
-    if qtype == "Q4_K":
-        return torch.cat([head, ql], dim=1)
-    bits = (Lc >> 4) & 1  # fifth bit, [nb, 4, 2, 32]; goes to bit 2*chunk + half of qh
-    qh = torch.zeros((nb, 32), dtype=torch.uint8, device=L.device)
-    for c in range(4):
-        for h in range(2):
-            qh |= bits[:, c, h] << (2 * c + h)
-    return torch.cat([head, qh, ql], dim=1)
+    """Codes -> GGUF blocks [nb, type_size] uint8 (Q4_K 144, Q5_K 176, Q6_K 210 bytes), on the codes' device.
+
+    The byte layout is :mod:`.kquant_reference`'s (checked against the ``gguf`` package's dequantizer):
+    packing is a cheap reshuffle of bytes that end up on the host in a GGUF file anyway, so one layout
+    serves both encoders (on CPU the numpy views cost no copy)."""
+    from .kquant_reference import _kq_pack
+
+    device = codes["L"].device
+    packed = _kq_pack({k: v.cpu().numpy() for k, v in codes.items()}, qtype)
+    return torch.from_numpy(packed).to(device)
 
 
 # ------------------------------------------------------------------------------ entry points
