@@ -681,8 +681,8 @@ def run_model(store: ResultStore, spec, config: StudyConfig, variants, device: s
         store.put(label, base_name, "model", describe(spec, baseline))
     if base_pending and not run_baseline(store, label, spec, config, baseline, tokenizer, text_ids, pending):
         return
-    if config.quality.enabled and config.quality.kl_top_k and pending:  # resumed after the baseline: reuse or save
-        baseline_topk(store, label, baseline, tokenizer, config, text_ids)
+    if config.quality.enabled and config.quality.kl_top_k and pending and not base_pending:
+        baseline_topk(store, label, baseline, tokenizer, config, text_ids)  # resumed after run_baseline saved it
     if not baseline_needed_by_variants(config, pending):
         del baseline  # each variant loads its own copy: one model resident at a time
         gc.collect()
